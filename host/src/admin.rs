@@ -1,0 +1,129 @@
+//! The agent's HTTP endpoint: Prometheus metrics and health checks.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::agent::AgentState;
+use crate::stats::DropReason;
+
+/// Serves the admin endpoint until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+/// Binds the admin listener (done before anything else so a port clash fails fast).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no subnet file written yet\n")
+    }
+}
+
+async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&s))
+}
+
+/// The Prometheus text exposition of the agent's state.
+pub fn render(s: &AgentState) -> String {
+    let mut o = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric("weft_ready", "gauge", "1 once the subnet file is written.", &one(u64::from(s.ready.load(Ordering::Relaxed))));
+    metric(
+        "weft_store_connected",
+        "gauge",
+        "1 while the lease store answers.",
+        &one(u64::from(s.store_health.connected.load(Ordering::Relaxed))),
+    );
+    metric(
+        "weft_store_watch_restarts_total",
+        "counter",
+        "Times the lease watch was re-established after breaking.",
+        &one(s.store_health.watch_restarts.load(Ordering::Relaxed)),
+    );
+    metric(
+        "weft_lease_acquisitions_total",
+        "counter",
+        "Times this node acquired its lease (1 at start; more means it was lost and re-acquired).",
+        &one(s.acquisitions.load(Ordering::Relaxed)),
+    );
+    metric(
+        "weft_lease_renewals_total",
+        "counter",
+        "Successful renewals of this node's lease.",
+        &one(s.renewals.load(Ordering::Relaxed)),
+    );
+    metric("weft_leases", "gauge", "Leases known in the cluster.", &one(s.leases_known.load(Ordering::Relaxed) as u64));
+    let routes = s.backend.routes();
+    metric("weft_routes", "gauge", "Remote subnets the data path routes.", &one(routes.len() as u64));
+    if let Some(own) = s.own_lease() {
+        metric(
+            "weft_node_info",
+            "gauge",
+            "This node's lease.",
+            &[(
+                format!(
+                    "{{subnet=\"{}\",public_ip=\"{}\",backend=\"{}\"}}",
+                    own.subnet,
+                    own.attrs.public_ip,
+                    s.backend.kind()
+                ),
+                1,
+            )],
+        );
+    }
+    let st = s.backend.stats();
+    metric("weft_dataplane_tx_packets_total", "counter", "Packets sent to peers.", &one(st.tx_packets.load(Ordering::Relaxed)));
+    metric("weft_dataplane_tx_bytes_total", "counter", "Inner bytes sent to peers.", &one(st.tx_bytes.load(Ordering::Relaxed)));
+    metric(
+        "weft_dataplane_rx_packets_total",
+        "counter",
+        "Packets received from peers and delivered.",
+        &one(st.rx_packets.load(Ordering::Relaxed)),
+    );
+    metric(
+        "weft_dataplane_rx_bytes_total",
+        "counter",
+        "Inner bytes received from peers and delivered.",
+        &one(st.rx_bytes.load(Ordering::Relaxed)),
+    );
+    metric(
+        "weft_dataplane_icmp_errors_sent_total",
+        "counter",
+        "ICMP errors generated (net unreachable, time exceeded).",
+        &one(st.icmp_sent.load(Ordering::Relaxed)),
+    );
+    let drops: Vec<(String, u64)> = DropReason::ALL
+        .iter()
+        .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r)))
+        .collect();
+    metric("weft_dataplane_dropped_packets_total", "counter", "Packets dropped, by reason.", &drops);
+    o
+}

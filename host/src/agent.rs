@@ -1,0 +1,298 @@
+//! One node's agent: lease a subnet, bring the data path up, follow the other nodes' leases,
+//! keep the lease alive, and publish `subnet.env` once ready.
+//!
+//! Shutdown leaves the lease in the store (a restart adopts it by PublicIP) and the subnet file
+//! in place (CNI DEL still needs it); the TUN device is not persistent, so the kernel removes it
+//! and its routes when the process exits. A restarted agent therefore starts from a clean data
+//! path and the same subnet, with no state to reconcile.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ipnet::Ipv4Net;
+use tokio::sync::Notify;
+
+use crate::backend::{self, Backend, BackendError, NodeEnv};
+use crate::config::{ConfigError, NetworkConfig};
+use crate::iface::{self, IfaceError};
+use crate::lease::keeper::{AcquireError, LeaseKeeper};
+use crate::lease::watch::{follow, StoreHealth};
+use crate::lease::{Lease, LeaseAttrs, LeaseEvent, StoreError};
+use crate::store::StoreOptions;
+use crate::subnet_file::SubnetEnv;
+
+/// Everything `weft agent` is told.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Where leases live.
+    pub store: StoreOptions,
+    /// Underlay interface (else discovered).
+    pub iface: Option<String>,
+    /// Address peers reach this node at (else the interface's).
+    pub public_ip: Option<Ipv4Addr>,
+    /// Where `subnet.env` goes.
+    pub subnet_file: PathBuf,
+    /// Renew this long before expiry.
+    pub renew_margin: Duration,
+    /// Lease time to live.
+    pub lease_ttl: Duration,
+    /// Network config to initialise a store that has none.
+    pub net_config: Option<PathBuf>,
+    /// Admin endpoint address.
+    pub admin_listen: SocketAddr,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Iface(#[from] IfaceError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Acquire(#[from] AcquireError),
+    #[error("the store has no network config at its config key and no --net-config was given")]
+    NoNetworkConfig,
+    #[error("cannot read --net-config {path}: {source}")]
+    NetConfigFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on --admin-listen {addr}: {source}")]
+    AdminListen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot write the subnet file {path}: {source}")]
+    SubnetFile { path: PathBuf, source: std::io::Error },
+}
+
+/// State shared between the agent's tasks and its admin endpoint.
+pub struct AgentState {
+    /// True once the subnet file is written.
+    pub ready: AtomicBool,
+    /// The data path.
+    pub backend: Arc<dyn Backend>,
+    /// Lease store health.
+    pub store_health: Arc<StoreHealth>,
+    /// Leases known in the cluster.
+    pub leases_known: AtomicUsize,
+    /// Times this node acquired its lease.
+    pub acquisitions: AtomicU64,
+    /// Successful renewals.
+    pub renewals: AtomicU64,
+    own: Mutex<Option<Lease>>,
+}
+
+impl AgentState {
+    /// This node's current lease.
+    pub fn own_lease(&self) -> Option<Lease> {
+        self.own.lock().ok().and_then(|g| g.clone())
+    }
+
+    fn set_own(&self, l: Lease) {
+        if let Ok(mut g) = self.own.lock() {
+            *g = Some(l);
+        }
+    }
+
+    fn own_subnet(&self) -> Option<Ipv4Net> {
+        self.own_lease().map(|l| l.subnet)
+    }
+}
+
+async fn load_network_config(
+    store: &dyn crate::lease::LeaseStore,
+    net_config: Option<&PathBuf>,
+) -> Result<NetworkConfig, AgentError> {
+    if let Some(path) = net_config {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentError::NetConfigFile {
+            path: path.clone(),
+            source,
+        })?;
+        // Validate before writing: a bad file must never become the cluster's config.
+        NetworkConfig::parse(&text)?;
+        if store.init_network_config(&text).await? {
+            tracing::info!(path = %path.display(), "initialised the store's network config");
+        }
+    }
+    let raw = store.network_config().await?.ok_or(AgentError::NoNetworkConfig)?;
+    let config = NetworkConfig::parse(&raw)?;
+    Ok(config)
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let admin = crate::admin::bind(opts.admin_listen)
+        .await
+        .map_err(|source| AgentError::AdminListen {
+            addr: opts.admin_listen,
+            source,
+        })?;
+    let underlay = iface::discover(opts.iface.as_deref(), opts.public_ip)?;
+    tracing::info!(iface = %underlay.iface, public_ip = %underlay.addr, mtu = underlay.mtu, "underlay");
+
+    let store = opts.store.open().await?;
+    tracing::info!(store = %store.describe(), "lease store open");
+    let config = load_network_config(store.as_ref(), opts.net_config.as_ref()).await?;
+    tracing::info!(network = %config.network, subnet_len = config.subnet_len, backend = %config.backend.kind, "network config");
+
+    let node = NodeEnv {
+        iface: underlay.iface.clone(),
+        iface_mtu: underlay.mtu,
+        public_ip: underlay.addr,
+    };
+    let backend = backend::create(&config, &node)?;
+    let attrs = LeaseAttrs::new(underlay.addr, backend.kind(), backend.backend_data());
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        config.clone(),
+        attrs,
+        opts.lease_ttl,
+        opts.renew_margin,
+    ));
+
+    let previous = SubnetEnv::read(&opts.subnet_file).map(|e| e.subnet);
+    let lease = keeper.acquire(previous).await?;
+    let health = Arc::new(StoreHealth::default());
+    health.connected.store(true, Ordering::Relaxed);
+    let state = Arc::new(AgentState {
+        ready: AtomicBool::new(false),
+        backend: backend.clone(),
+        store_health: health.clone(),
+        leases_known: AtomicUsize::new(0),
+        acquisitions: AtomicU64::new(1),
+        renewals: AtomicU64::new(0),
+        own: Mutex::new(Some(lease.clone())),
+    });
+    ensure_ip_forwarding();
+    backend.start(&lease)?;
+
+    let admin_state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::admin::serve(admin, admin_state).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+
+    // Follow the cluster's leases. Losing our own lease wakes the keeper task.
+    let lost = Arc::new(Notify::new());
+    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
+    {
+        let state = state.clone();
+        let lost = lost.clone();
+        let backend = backend.clone();
+        let our_ip = underlay.addr;
+        tokio::spawn(follow(store.clone(), health.clone(), move |table, ev| {
+            let Some(own) = state.own_subnet() else { return };
+            match &ev {
+                LeaseEvent::Removed(net) if *net == own => {
+                    tracing::warn!(subnet = %net, "this node's lease vanished from the store; re-acquiring");
+                    lost.notify_one();
+                }
+                LeaseEvent::Upserted(l) if l.subnet == own && l.attrs.public_ip != our_ip => {
+                    tracing::error!(subnet = %l.subnet, other = %l.attrs.public_ip, "another node took this node's subnet; re-acquiring");
+                    lost.notify_one();
+                }
+                LeaseEvent::Upserted(l) if l.subnet != own => {
+                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "route added");
+                }
+                LeaseEvent::Removed(net) => tracing::info!(subnet = %net, "route removed"),
+                _ => {}
+            }
+            state.leases_known.store(table.len(), Ordering::Relaxed);
+            backend.sync_routes(own, table);
+            let _ = synced_tx.send(true);
+        }));
+    }
+    // Ready means peers are routable: wait for the first listing to reach the data path.
+    let _ = tokio::time::timeout(Duration::from_secs(10), synced_rx.wait_for(|s| *s)).await;
+
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: lease.subnet,
+        mtu: backend.mtu(),
+        ip_masq: false,
+    };
+    env.write(&opts.subnet_file).map_err(|source| AgentError::SubnetFile {
+        path: opts.subnet_file.clone(),
+        source,
+    })?;
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(subnet = %lease.subnet, file = %opts.subnet_file.display(), "node ready");
+
+    let keep = tokio::spawn(keep_lease(keeper, state.clone(), lost, opts.subnet_file.clone(), env));
+    shutdown.await;
+    keep.abort();
+    tracing::info!("shutting down: the lease stays for a restart to adopt; the TUN device goes with the process");
+    Ok(())
+}
+
+/// Renews the lease before it expires and re-acquires it if it is lost; never gives up.
+async fn keep_lease(keeper: Arc<LeaseKeeper>, state: Arc<AgentState>, lost: Arc<Notify>, subnet_file: PathBuf, mut env: SubnetEnv) {
+    let retry = Duration::from_secs(10);
+    loop {
+        let Some(current) = state.own_lease() else { return };
+        let wait = keeper
+            .renew_at(&current)
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let reacquire = tokio::select! {
+            () = tokio::time::sleep(wait) => match keeper.renew(&current).await {
+                Ok(Some(l)) => {
+                    tracing::debug!(subnet = %l.subnet, "lease renewed");
+                    state.renewals.fetch_add(1, Ordering::Relaxed);
+                    state.set_own(l);
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    tokio::time::sleep(retry).await;
+                    false
+                }
+            },
+            () = lost.notified() => true,
+        };
+        if !reacquire {
+            continue;
+        }
+        loop {
+            match keeper.acquire(Some(current.subnet)).await {
+                Ok(l) => {
+                    state.acquisitions.fetch_add(1, Ordering::Relaxed);
+                    if l.subnet != current.subnet {
+                        tracing::error!(old = %current.subnet, new = %l.subnet,
+                            "this node's subnet changed: pods keep old addresses until re-created");
+                        env.subnet = l.subnet;
+                        if let Err(e) = env.write(&subnet_file) {
+                            tracing::error!(error = %e, "cannot rewrite the subnet file");
+                        }
+                    } else {
+                        tracing::info!(subnet = %l.subnet, "re-acquired the same subnet");
+                    }
+                    state.set_own(l);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-acquiring the lease failed; retrying");
+                    tokio::time::sleep(retry).await;
+                }
+            }
+        }
+    }
+}
+
+/// Forwarding between the overlay device and the pod bridge needs IPv4 forwarding on; it is
+/// per network namespace and off by default, so the agent turns it on for its node.
+fn ensure_ip_forwarding() {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    match std::fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => {}
+        _ => match std::fs::write(path, "1\n") {
+            Ok(()) => tracing::info!("enabled IPv4 forwarding"),
+            Err(e) => tracing::warn!(error = %e, "IPv4 forwarding is off and could not be enabled; pods will not be reachable"),
+        },
+    }
+}

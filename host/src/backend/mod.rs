@@ -1,0 +1,77 @@
+//! Backends: how packets for remote subnets reach the nodes that lease them. Each backend
+//! registers by the name used in the network config's `Backend.Type`.
+
+pub mod route;
+pub mod udp;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+
+use crate::config::NetworkConfig;
+use crate::lease::watch::LeaseTable;
+use crate::lease::Lease;
+use crate::stats::DataplaneStats;
+
+/// What a backend needs to know about the node it runs on.
+#[derive(Debug, Clone)]
+pub struct NodeEnv {
+    /// The underlay interface.
+    pub iface: String,
+    /// MTU of the underlay interface.
+    pub iface_mtu: u32,
+    /// The address peers reach this node at.
+    pub public_ip: Ipv4Addr,
+}
+
+/// Errors from a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend {0:?} is not available in this build of weft (available: udp)")]
+    Unknown(String),
+    #[error("invalid backend config: {0}")]
+    Config(String),
+    #[error("missing /dev/net/tun: load the tun module (modprobe tun) or give the container the device")]
+    NoTun,
+    #[error("cannot create TUN device {name}: {source}")]
+    Tun { name: String, source: std::io::Error },
+    #[error("cannot open UDP socket on port {port}: {source}")]
+    Socket { port: u16, source: std::io::Error },
+    #[error("underlay MTU {iface_mtu} of {iface} is too small for the overlay (needs more than {overhead})")]
+    MtuTooSmall { iface: String, iface_mtu: u32, overhead: u32 },
+    #[error("cannot start the data path: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A data path for the overlay.
+pub trait Backend: Send + Sync {
+    /// The backend's name, as written in leases' `BackendType`.
+    fn kind(&self) -> &'static str;
+
+    /// The `BackendData` this node publishes in its lease.
+    fn backend_data(&self) -> serde_json::Value;
+
+    /// The MTU pods must use (FLANNEL_MTU).
+    fn mtu(&self) -> u32;
+
+    /// Brings the data path up for the node holding `own`.
+    fn start(&self, own: &Lease) -> Result<(), BackendError>;
+
+    /// Makes the data path follow the lease table: routes for every lease but `own`.
+    fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable);
+
+    /// Current routes, as (remote subnet, PublicIP).
+    fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)>;
+
+    /// The data path's counters.
+    fn stats(&self) -> Arc<DataplaneStats>;
+}
+
+/// Creates the backend the network config asks for.
+pub fn create(config: &NetworkConfig, node: &NodeEnv) -> Result<Arc<dyn Backend>, BackendError> {
+    match config.backend.kind.as_str() {
+        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node)?)),
+        other => Err(BackendError::Unknown(other.to_string())),
+    }
+}

@@ -1,0 +1,146 @@
+//! The overlay routing table: which node (PublicIP) owns which subnet, built from leases.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::lease::Lease;
+
+/// How an inner source address relates to the node a datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceCheck {
+    /// The sender holds a lease and the source lies in one of its subnets.
+    Owned,
+    /// The datagram came from an address that holds no lease.
+    UnknownPeer,
+    /// The sender holds a lease, but not on the source address.
+    Spoofed,
+}
+
+/// Remote subnets and their owners. Every subnet of one Network has the same length, so a
+/// lookup is a mask and a hash probe.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    network: Ipv4Net,
+    mask: u32,
+    own: Option<Ipv4Net>,
+    by_subnet: HashMap<u32, Ipv4Addr>,
+    by_peer: HashMap<Ipv4Addr, Vec<Ipv4Net>>,
+}
+
+impl RouteTable {
+    /// An empty table for `network` split into `/subnet_len` subnets; `own` is never routed.
+    pub fn new(network: Ipv4Net, subnet_len: u8, own: Option<Ipv4Net>) -> Self {
+        RouteTable {
+            network,
+            mask: if subnet_len == 0 { 0 } else { u32::MAX << (32 - u32::from(subnet_len)) },
+            own,
+            by_subnet: HashMap::new(),
+            by_peer: HashMap::new(),
+        }
+    }
+
+    /// A table holding every lease except our own and those outside the network.
+    pub fn from_leases<'a>(
+        network: Ipv4Net,
+        subnet_len: u8,
+        own: Option<Ipv4Net>,
+        leases: impl IntoIterator<Item = &'a Lease>,
+    ) -> Self {
+        let mut t = RouteTable::new(network, subnet_len, own);
+        for l in leases {
+            t.insert(l.subnet, l.attrs.public_ip);
+        }
+        t
+    }
+
+    /// Adds a route to `subnet` via the node at `public_ip`.
+    pub fn insert(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+        if Some(subnet) == self.own || !self.network.contains(&subnet) || u32::from(subnet.netmask()) != self.mask {
+            return;
+        }
+        self.by_subnet.insert(u32::from(subnet.network()), public_ip);
+        self.by_peer.entry(public_ip).or_default().push(subnet);
+    }
+
+    /// The PublicIP of the node owning `dst`, if any.
+    #[inline]
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.by_subnet.get(&(u32::from(dst) & self.mask)).copied()
+    }
+
+    /// Whether `src` is a legitimate inner source for a datagram sent by `peer`.
+    #[inline]
+    pub fn check_source(&self, peer: Ipv4Addr, src: Ipv4Addr) -> SourceCheck {
+        match self.by_peer.get(&peer) {
+            None => SourceCheck::UnknownPeer,
+            Some(nets) if nets.iter().any(|n| n.contains(&src)) => SourceCheck::Owned,
+            Some(_) => SourceCheck::Spoofed,
+        }
+    }
+
+    /// The cluster network.
+    pub fn network(&self) -> Ipv4Net {
+        self.network
+    }
+
+    /// Number of remote subnets routed.
+    pub fn len(&self) -> usize {
+        self.by_subnet.len()
+    }
+
+    /// True when no remote subnet is routed.
+    pub fn is_empty(&self) -> bool {
+        self.by_subnet.is_empty()
+    }
+
+    /// Every route, as (subnet, PublicIP), sorted by subnet.
+    pub fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        let mut v: Vec<_> = self
+            .by_peer
+            .iter()
+            .flat_map(|(ip, nets)| nets.iter().map(move |n| (*n, *ip)))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn table() -> RouteTable {
+        let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, Some("10.244.1.0/24".parse().unwrap()));
+        t.insert("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
+        t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
+        t.insert("10.244.3.0/24".parse().unwrap(), a("198.18.0.3"));
+        t.insert("10.9.3.0/24".parse().unwrap(), a("198.18.0.4"));
+        t
+    }
+
+    #[test]
+    fn lookup_masks_the_destination() {
+        let t = table();
+        assert_eq!(t.lookup(a("10.244.2.77")), Some(a("198.18.0.2")));
+        assert_eq!(t.lookup(a("10.244.3.1")), Some(a("198.18.0.3")));
+        assert_eq!(t.lookup(a("10.244.1.5")), None, "own subnet is never routed");
+        assert_eq!(t.lookup(a("10.244.4.5")), None);
+        assert_eq!(t.lookup(a("10.9.3.1")), None, "outside the network");
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn source_check_distinguishes_strangers_from_spoofers() {
+        let t = table();
+        assert_eq!(t.check_source(a("198.18.0.2"), a("10.244.2.9")), SourceCheck::Owned);
+        assert_eq!(t.check_source(a("198.18.0.2"), a("10.244.3.9")), SourceCheck::Spoofed);
+        assert_eq!(t.check_source(a("198.18.0.2"), a("8.8.8.8")), SourceCheck::Spoofed);
+        assert_eq!(t.check_source(a("198.18.0.99"), a("10.244.2.9")), SourceCheck::UnknownPeer);
+    }
+}

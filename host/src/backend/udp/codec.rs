@@ -1,0 +1,158 @@
+//! The `udp` backend's packet logic, sans I/O: flannel's wire format carries the bare inner
+//! IPv4 packet as the UDP payload, so "encapsulation" is a route lookup plus a TTL decrement.
+
+use std::net::Ipv4Addr;
+
+use crate::backend::route::{RouteTable, SourceCheck};
+use crate::packet::{self, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, ICMP_TIME_EXCEEDED};
+use crate::stats::DropReason;
+
+/// What to do with a packet read from the TUN device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send the first `len` bytes of the (TTL-decremented) buffer to this node's PublicIP.
+    Send { peer: Ipv4Addr, len: usize },
+    /// Write this ICMP error back into the TUN device, and count the drop.
+    Reply(Vec<u8>, DropReason),
+    /// Drop silently (but counted).
+    Drop(DropReason),
+}
+
+/// What to do with a datagram received from the underlay.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// Write the first `len` bytes of the (TTL-decremented) buffer into the TUN device.
+    Deliver { len: usize },
+    /// Drop (and count).
+    Drop(DropReason),
+}
+
+/// Decides where a packet from the TUN device goes. `router` is the address ICMP errors
+/// come from (the node's own TUN address).
+pub fn outbound(routes: &RouteTable, router: Ipv4Addr, buf: &mut [u8]) -> Outbound {
+    let meta = match packet::parse_ipv4(buf) {
+        Ok(m) => m,
+        Err(_) => return Outbound::Drop(DropReason::Malformed),
+    };
+    let Some(peer) = routes.lookup(meta.dst) else {
+        return match packet::icmp_error(&buf[..meta.total_len], router, ICMP_DEST_UNREACH, ICMP_NET_UNREACH) {
+            Some(icmp) => Outbound::Reply(icmp, DropReason::NoRoute),
+            None => Outbound::Drop(DropReason::NoRoute),
+        };
+    };
+    if !packet::decrement_ttl(buf) {
+        return match packet::icmp_error(&buf[..meta.total_len], router, ICMP_TIME_EXCEEDED, 0) {
+            Some(icmp) => Outbound::Reply(icmp, DropReason::TtlExpired),
+            None => Outbound::Drop(DropReason::TtlExpired),
+        };
+    }
+    Outbound::Send {
+        peer,
+        len: meta.total_len,
+    }
+}
+
+/// Decides whether a datagram from `from` may enter this node: the sender must hold a lease
+/// and the inner source must lie in the sender's subnet.
+pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8]) -> Inbound {
+    let meta = match packet::parse_ipv4(buf) {
+        Ok(m) => m,
+        Err(_) => return Inbound::Drop(DropReason::Malformed),
+    };
+    match routes.check_source(from, meta.src) {
+        SourceCheck::Owned => {}
+        SourceCheck::UnknownPeer => return Inbound::Drop(DropReason::UnknownPeer),
+        SourceCheck::Spoofed => return Inbound::Drop(DropReason::SpoofedSource),
+    }
+    if !routes.network().contains(&meta.dst) {
+        return Inbound::Drop(DropReason::OutsideNetwork);
+    }
+    if !packet::decrement_ttl(buf) {
+        return Inbound::Drop(DropReason::TtlExpired);
+    }
+    Inbound::Deliver { len: meta.total_len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{build_udp, parse_ipv4};
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn routes() -> RouteTable {
+        let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, Some("10.244.1.0/24".parse().unwrap()));
+        t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
+        t
+    }
+
+    const ROUTER: &str = "10.244.1.0";
+
+    #[test]
+    fn outbound_routes_and_decrements_ttl() {
+        let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 64, b"payload");
+        let out = outbound(&routes(), a(ROUTER), &mut p);
+        assert_eq!(out, Outbound::Send { peer: a("198.18.0.2"), len: p.len() });
+        assert_eq!(parse_ipv4(&p).unwrap().ttl, 63);
+    }
+
+    #[test]
+    fn outbound_trailing_bytes_are_not_sent() {
+        let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 64, b"payload");
+        let len = p.len();
+        p.extend_from_slice(&[0xaa; 16]);
+        assert_eq!(outbound(&routes(), a(ROUTER), &mut p), Outbound::Send { peer: a("198.18.0.2"), len });
+    }
+
+    #[test]
+    fn outbound_unroutable_gets_net_unreachable() {
+        let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.9.7"), 80, 64, b"payload");
+        match outbound(&routes(), a(ROUTER), &mut p) {
+            Outbound::Reply(icmp, DropReason::NoRoute) => {
+                let m = parse_ipv4(&icmp).unwrap();
+                assert_eq!(m.dst, a("10.244.1.5"));
+                assert_eq!(m.src, a(ROUTER));
+                assert_eq!((icmp[20], icmp[21]), (3, 0));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn outbound_dying_ttl_gets_time_exceeded() {
+        let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 1, b"payload");
+        match outbound(&routes(), a(ROUTER), &mut p) {
+            Outbound::Reply(icmp, DropReason::TtlExpired) => assert_eq!(icmp[20], 11),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn outbound_garbage_is_malformed() {
+        let mut junk = vec![0x45u8; 7];
+        assert_eq!(outbound(&routes(), a(ROUTER), &mut junk), Outbound::Drop(DropReason::Malformed));
+    }
+
+    #[test]
+    fn inbound_accepts_the_owner_and_decrements_ttl() {
+        let mut p = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"reply");
+        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut p), Inbound::Deliver { len: p.len() });
+        assert_eq!(parse_ipv4(&p).unwrap().ttl, 62);
+    }
+
+    #[test]
+    fn inbound_anti_spoofing() {
+        let mut spoofed = build_udp(a("10.244.3.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
+        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut spoofed), Inbound::Drop(DropReason::SpoofedSource));
+        let mut stranger = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
+        assert_eq!(inbound(&routes(), a("198.18.0.77"), &mut stranger), Inbound::Drop(DropReason::UnknownPeer));
+        let mut outside = build_udp(a("10.244.2.7"), 80, a("1.1.1.1"), 5000, 63, b"evil");
+        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut outside), Inbound::Drop(DropReason::OutsideNetwork));
+        let mut junk = b"definitely not an ip packet".to_vec();
+        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut junk), Inbound::Drop(DropReason::Malformed));
+        let mut dying = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 1, b"x");
+        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut dying), Inbound::Drop(DropReason::TtlExpired));
+    }
+}

@@ -1,0 +1,158 @@
+//! Reachability probes run inside namespaces: ICMP echo and checked TCP transfers.
+
+use std::io::{Read, Write};
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::netns::enter_and_run;
+use super::LabError;
+use crate::packet::checksum;
+
+/// Sends ICMP echo requests from namespace `ns` to `dst` until one is answered or `timeout`
+/// passes; returns the round-trip time.
+pub fn ping(ns: &str, dst: Ipv4Addr, timeout: Duration) -> Result<Duration, LabError> {
+    enter_and_run(ns, move || ping_here(dst, timeout))?
+}
+
+fn ping_here(dst: Ipv4Addr, timeout: Duration) -> Result<Duration, LabError> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let id = (std::process::id() as u16) ^ (rand::random::<u16>());
+    let deadline = Instant::now() + timeout;
+    let mut seq: u16 = 0;
+    while Instant::now() < deadline {
+        seq = seq.wrapping_add(1);
+        let mut req = [0u8; 16];
+        req[0] = 8;
+        req[4..6].copy_from_slice(&id.to_be_bytes());
+        req[6..8].copy_from_slice(&seq.to_be_bytes());
+        req[8..16].copy_from_slice(b"weftping");
+        let c = checksum(&req);
+        req[2..4].copy_from_slice(&c.to_be_bytes());
+        let sent = Instant::now();
+        let to = SocketAddr::V4(SocketAddrV4::new(dst, 0));
+        if sock.send_to(&req, &to.into()).is_err() {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let wait_until = (sent + Duration::from_millis(500)).min(deadline);
+        while Instant::now() < wait_until {
+            let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+            let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
+            // SAFETY: recv_from initialised the first n bytes.
+            let pkt: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let Ok(meta) = crate::packet::parse_ipv4(&pkt) else { continue };
+            let icmp = &pkt[meta.header_len..];
+            if meta.src == dst
+                && icmp.len() >= 8
+                && icmp[0] == 0
+                && icmp[4..6] == id.to_be_bytes()
+                && icmp[6..8] == seq.to_be_bytes()
+            {
+                return Ok(sent.elapsed());
+            }
+        }
+    }
+    Err(LabError::Probe(format!("no echo reply from {dst} within {timeout:?}")))
+}
+
+/// The byte at offset `i` of a checked transfer: a pattern no stuck or reordered stream matches.
+fn pattern(i: u64) -> u8 {
+    let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8 ^ (i as u8)
+}
+
+/// Sends `bytes` over TCP from namespace `client_ns` to `server_ip` in `server_ns` and checks
+/// every byte that arrives; returns the elapsed time.
+pub fn tcp_transfer(
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    client_ns: &str,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<Duration, LabError> {
+    let (port_tx, port_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
+    let sns = server_ns.to_string();
+    let server = std::thread::spawn(move || -> Result<u64, LabError> {
+        enter_and_run(&sns, move || -> Result<u64, LabError> {
+            let l = match TcpListener::bind((server_ip, 0)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = port_tx.send(Err(e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            let _ = port_tx.send(Ok(l.local_addr()?.port()));
+            l.set_nonblocking(false)?;
+            let (mut s, _) = l.accept()?;
+            s.set_read_timeout(Some(timeout))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off: u64 = 0;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                for (k, b) in buf[..n].iter().enumerate() {
+                    if *b != pattern(off + k as u64) {
+                        return Err(LabError::Probe(format!("corrupted byte at offset {}", off + k as u64)));
+                    }
+                }
+                off += n as u64;
+            }
+            s.write_all(&off.to_be_bytes())?;
+            Ok(off)
+        })?
+    });
+    let port = port_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| LabError::Probe("server never started".into()))?
+        .map_err(LabError::Probe)?;
+    let started = Instant::now();
+    let cns = client_ns.to_string();
+    let client = enter_and_run(&cns, move || -> Result<u64, LabError> {
+        let addr = SocketAddr::V4(SocketAddrV4::new(server_ip, port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off: u64 = 0;
+        while off < bytes {
+            let n = (bytes - off).min(buf.len() as u64) as usize;
+            for (k, b) in buf[..n].iter_mut().enumerate() {
+                *b = pattern(off + k as u64);
+            }
+            s.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut ack = [0u8; 8];
+        s.read_exact(&mut ack)?;
+        Ok(u64::from_be_bytes(ack))
+    })?;
+    let received = server
+        .join()
+        .map_err(|_| LabError::Probe("server thread panicked".into()))??;
+    let acked = client?;
+    if received != bytes || acked != bytes {
+        return Err(LabError::Probe(format!(
+            "sent {bytes} bytes, server received {received}, acknowledged {acked}"
+        )));
+    }
+    Ok(started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pattern;
+
+    #[test]
+    fn pattern_is_not_periodic_in_small_blocks() {
+        let a: Vec<u8> = (0..4096).map(pattern).collect();
+        let b: Vec<u8> = (4096..8192).map(pattern).collect();
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,14 @@
+//! Weft: a flannel-compatible overlay network agent.
+
+pub mod admin;
+pub mod agent;
+pub mod backend;
+pub mod config;
+pub mod iface;
+pub mod lab;
+pub mod lease;
+pub mod packet;
+pub mod stats;
+pub mod store;
+pub mod subnet;
+pub mod subnet_file;

@@ -1,0 +1,276 @@
+//! IPv4 header parsing, TTL handling and ICMP error construction over plain byte buffers.
+
+use std::net::Ipv4Addr;
+
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// ICMP type "destination unreachable".
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP code "net unreachable".
+pub const ICMP_NET_UNREACH: u8 = 0;
+/// ICMP type "time exceeded".
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// Why a buffer is not a usable IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("shorter than an IPv4 header")]
+    TooShort,
+    #[error("not IPv4 (version {0})")]
+    NotIpv4(u8),
+    #[error("bad IPv4 header length")]
+    BadHeaderLength,
+    #[error("IPv4 total length disagrees with the buffer")]
+    BadTotalLength,
+    #[error("bad IPv4 header checksum")]
+    BadChecksum,
+}
+
+/// The fields of an IPv4 header the data path needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Meta {
+    /// Header length in bytes.
+    pub header_len: usize,
+    /// Total length from the header (never more than the buffer).
+    pub total_len: usize,
+    /// Time to live.
+    pub ttl: u8,
+    /// Protocol number.
+    pub protocol: u8,
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// True for a non-first fragment (no L4 header inside).
+    pub later_fragment: bool,
+}
+
+/// The Internet checksum (RFC 1071) of `data`, folded and complemented.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Parses and checks the IPv4 header at the start of `buf`.
+pub fn parse_ipv4(buf: &[u8]) -> Result<Ipv4Meta, PacketError> {
+    if buf.len() < 20 {
+        return Err(PacketError::TooShort);
+    }
+    let version = buf[0] >> 4;
+    if version != 4 {
+        return Err(PacketError::NotIpv4(version));
+    }
+    let header_len = usize::from(buf[0] & 0x0f) * 4;
+    if header_len < 20 || header_len > buf.len() {
+        return Err(PacketError::BadHeaderLength);
+    }
+    let total_len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+    if total_len < header_len || total_len > buf.len() {
+        return Err(PacketError::BadTotalLength);
+    }
+    if checksum(&buf[..header_len]) != 0 {
+        return Err(PacketError::BadChecksum);
+    }
+    let frag = u16::from_be_bytes([buf[6], buf[7]]);
+    Ok(Ipv4Meta {
+        header_len,
+        total_len,
+        ttl: buf[8],
+        protocol: buf[9],
+        src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
+        dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
+        later_fragment: frag & 0x1fff != 0,
+    })
+}
+
+/// Decrements the TTL of a parsed packet in place, patching the header checksum
+/// incrementally (RFC 1624). Returns false, leaving the packet untouched, when the TTL
+/// would reach zero: the packet must not be forwarded.
+pub fn decrement_ttl(buf: &mut [u8]) -> bool {
+    if buf.len() < 20 || buf[8] <= 1 {
+        return false;
+    }
+    let old = u16::from_be_bytes([buf[8], buf[9]]);
+    buf[8] -= 1;
+    let new = u16::from_be_bytes([buf[8], buf[9]]);
+    let hc = u16::from_be_bytes([buf[10], buf[11]]);
+    let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let out = !(sum as u16);
+    buf[10..12].copy_from_slice(&out.to_be_bytes());
+    true
+}
+
+/// Whether an ICMP error may be sent about this packet (RFC 1812 4.3.2.7): never about an
+/// ICMP error, a non-first fragment, or a packet from a broadcast, multicast or unspecified source.
+fn may_answer(pkt: &[u8], meta: &Ipv4Meta) -> bool {
+    if meta.later_fragment || meta.src.is_unspecified() || meta.src.is_broadcast() || meta.src.is_multicast() {
+        return false;
+    }
+    if meta.protocol == PROTO_ICMP {
+        let Some(&icmp_type) = pkt.get(meta.header_len) else {
+            return false;
+        };
+        // Only queries (echo, timestamp, ...) may be answered with errors.
+        return matches!(icmp_type, 0 | 8 | 13 | 14);
+    }
+    true
+}
+
+/// Builds an ICMP error (`icmp_type`/`code`) from `from` about `pkt`, addressed to its source,
+/// quoting its header and first 8 payload bytes. `None` when the rules forbid an answer.
+pub fn icmp_error(pkt: &[u8], from: Ipv4Addr, icmp_type: u8, code: u8) -> Option<Vec<u8>> {
+    let meta = parse_ipv4(pkt).ok()?;
+    if !may_answer(pkt, &meta) {
+        return None;
+    }
+    let quoted = &pkt[..(meta.header_len + 8).min(meta.total_len)];
+    let total = 20 + 8 + quoted.len();
+    let mut out = vec![0u8; total];
+    out[0] = 0x45;
+    out[2..4].copy_from_slice(&u16::try_from(total).ok()?.to_be_bytes());
+    out[8] = 64;
+    out[9] = PROTO_ICMP;
+    out[12..16].copy_from_slice(&from.octets());
+    out[16..20].copy_from_slice(&meta.src.octets());
+    let hc = checksum(&out[..20]);
+    out[10..12].copy_from_slice(&hc.to_be_bytes());
+    out[20] = icmp_type;
+    out[21] = code;
+    out[28..].copy_from_slice(quoted);
+    let ic = checksum(&out[20..]);
+    out[22..24].copy_from_slice(&ic.to_be_bytes());
+    Some(out)
+}
+
+/// Builds a minimal IPv4 packet (for tests and probes) with a correct header checksum.
+pub fn build_ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = ttl;
+    p[9] = protocol;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+/// Builds an IPv4/UDP packet with a correct UDP checksum (for tests and probes).
+pub fn build_udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8, data: &[u8]) -> Vec<u8> {
+    let ulen = 8 + data.len();
+    let mut udp = vec![0u8; ulen];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
+    udp[4..6].copy_from_slice(&(ulen as u16).to_be_bytes());
+    udp[8..].copy_from_slice(data);
+    let mut pseudo = Vec::with_capacity(12 + ulen);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(ulen as u16).to_be_bytes());
+    pseudo.extend_from_slice(&udp);
+    let c = match checksum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    build_ipv4(src, dst, 17, ttl, &udp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_a_valid_packet() {
+        let p = build_udp(a("10.244.1.2"), 1000, a("10.244.2.3"), 2000, 64, b"hello");
+        let m = parse_ipv4(&p).unwrap();
+        assert_eq!(m.src, a("10.244.1.2"));
+        assert_eq!(m.dst, a("10.244.2.3"));
+        assert_eq!(m.protocol, 17);
+        assert_eq!(m.total_len, 33);
+        assert_eq!(m.ttl, 64);
+    }
+
+    #[test]
+    fn rejects_malformed_packets() {
+        let good = build_udp(a("10.0.0.1"), 1, a("10.0.0.2"), 2, 64, b"xyz");
+        assert_eq!(parse_ipv4(&good[..10]), Err(PacketError::TooShort));
+        let mut v6 = good.clone();
+        v6[0] = 0x60;
+        assert_eq!(parse_ipv4(&v6), Err(PacketError::NotIpv4(6)));
+        let mut ihl = good.clone();
+        ihl[0] = 0x44;
+        assert_eq!(parse_ipv4(&ihl), Err(PacketError::BadHeaderLength));
+        let mut long = good.clone();
+        long[2..4].copy_from_slice(&500u16.to_be_bytes());
+        assert!(parse_ipv4(&long).is_err());
+        let mut bad = good.clone();
+        bad[15] ^= 1;
+        assert_eq!(parse_ipv4(&bad), Err(PacketError::BadChecksum));
+        assert!(parse_ipv4(&[]).is_err());
+    }
+
+    #[test]
+    fn padded_buffers_are_fine() {
+        let mut p = build_udp(a("10.0.0.1"), 1, a("10.0.0.2"), 2, 64, b"xyz");
+        p.extend_from_slice(&[0; 20]);
+        assert_eq!(parse_ipv4(&p).unwrap().total_len, 31);
+    }
+
+    #[test]
+    fn ttl_decrement_keeps_the_checksum_valid() {
+        for ttl in [2u8, 64, 128, 255] {
+            let mut p = build_udp(a("10.1.2.3"), 9, a("10.3.2.1"), 9, ttl, b"data");
+            assert!(decrement_ttl(&mut p));
+            let m = parse_ipv4(&p).unwrap();
+            assert_eq!(m.ttl, ttl - 1);
+        }
+        let mut dying = build_udp(a("10.1.2.3"), 9, a("10.3.2.1"), 9, 1, b"data");
+        let before = dying.clone();
+        assert!(!decrement_ttl(&mut dying));
+        assert_eq!(dying, before);
+    }
+
+    #[test]
+    fn icmp_unreachable_quotes_the_packet() {
+        let p = build_udp(a("10.244.1.2"), 1234, a("10.244.99.9"), 53, 63, b"0123456789");
+        let e = icmp_error(&p, a("10.244.1.0"), ICMP_DEST_UNREACH, ICMP_NET_UNREACH).unwrap();
+        let m = parse_ipv4(&e).unwrap();
+        assert_eq!(m.protocol, PROTO_ICMP);
+        assert_eq!(m.src, a("10.244.1.0"));
+        assert_eq!(m.dst, a("10.244.1.2"));
+        assert_eq!(e[20], ICMP_DEST_UNREACH);
+        assert_eq!(e[21], ICMP_NET_UNREACH);
+        assert_eq!(checksum(&e[20..]), 0);
+        assert_eq!(&e[28..], &p[..28]);
+    }
+
+    #[test]
+    fn no_icmp_error_about_an_icmp_error() {
+        let err = build_ipv4(a("10.0.0.1"), a("10.0.0.2"), PROTO_ICMP, 64, &[3, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(icmp_error(&err, a("10.0.0.9"), ICMP_DEST_UNREACH, 0).is_none());
+        let echo = build_ipv4(a("10.0.0.1"), a("10.0.0.2"), PROTO_ICMP, 64, &[8, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(icmp_error(&echo, a("10.0.0.9"), ICMP_DEST_UNREACH, 0).is_some());
+    }
+}

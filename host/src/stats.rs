@@ -1,0 +1,92 @@
+//! Data path counters, lock-free, shared between the I/O threads and the metrics endpoint.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why the data path dropped a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Not a well-formed IPv4 packet.
+    Malformed = 0,
+    /// A datagram from an address that holds no lease.
+    UnknownPeer = 1,
+    /// A datagram whose inner source is outside the sender's subnets.
+    SpoofedSource = 2,
+    /// No lease covers the destination.
+    NoRoute = 3,
+    /// TTL ran out.
+    TtlExpired = 4,
+    /// A datagram whose inner destination is outside the cluster network.
+    OutsideNetwork = 5,
+    /// A send or write failed (socket buffer full, device gone).
+    IoError = 6,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Malformed,
+        DropReason::UnknownPeer,
+        DropReason::SpoofedSource,
+        DropReason::NoRoute,
+        DropReason::TtlExpired,
+        DropReason::OutsideNetwork,
+        DropReason::IoError,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NoRoute => "no_route",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::OutsideNetwork => "outside_network",
+            DropReason::IoError => "io_error",
+        }
+    }
+}
+
+/// Packet and byte counters of one backend.
+#[derive(Debug, Default)]
+pub struct DataplaneStats {
+    /// Packets sent to peers.
+    pub tx_packets: AtomicU64,
+    /// Bytes sent to peers (inner packet bytes).
+    pub tx_bytes: AtomicU64,
+    /// Packets received from peers and delivered.
+    pub rx_packets: AtomicU64,
+    /// Bytes received from peers and delivered.
+    pub rx_bytes: AtomicU64,
+    /// ICMP errors generated.
+    pub icmp_sent: AtomicU64,
+    drops: [AtomicU64; 7],
+}
+
+impl DataplaneStats {
+    /// Counts one dropped packet.
+    #[inline]
+    pub fn dropped(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Dropped packets for one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts a packet sent to a peer.
+    #[inline]
+    pub fn sent(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a packet delivered from a peer.
+    #[inline]
+    pub fn received(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
