@@ -37,7 +37,10 @@ async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no subnet file written yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no subnet file written yet\n",
+        )
     }
 }
 
@@ -55,7 +58,12 @@ pub fn render(s: &AgentState) -> String {
         }
     };
     let one = |v: u64| vec![(String::new(), v)];
-    metric("weft_ready", "gauge", "1 once the subnet file is written.", &one(u64::from(s.ready.load(Ordering::Relaxed))));
+    metric(
+        "weft_ready",
+        "gauge",
+        "1 once the subnet file is written.",
+        &one(u64::from(s.ready.load(Ordering::Relaxed))),
+    );
     metric(
         "weft_store_connected",
         "gauge",
@@ -80,9 +88,19 @@ pub fn render(s: &AgentState) -> String {
         "Successful renewals of this node's lease.",
         &one(s.renewals.load(Ordering::Relaxed)),
     );
-    metric("weft_leases", "gauge", "Leases known in the cluster.", &one(s.leases_known.load(Ordering::Relaxed) as u64));
+    metric(
+        "weft_leases",
+        "gauge",
+        "Leases known in the cluster.",
+        &one(s.leases_known.load(Ordering::Relaxed) as u64),
+    );
     let routes = s.backend.routes();
-    metric("weft_routes", "gauge", "Remote subnets the data path routes.", &one(routes.len() as u64));
+    metric(
+        "weft_routes",
+        "gauge",
+        "Remote subnets the data path routes.",
+        &one(routes.len() as u64),
+    );
     if let Some(own) = s.own_lease() {
         metric(
             "weft_node_info",
@@ -100,8 +118,18 @@ pub fn render(s: &AgentState) -> String {
         );
     }
     let st = s.backend.stats();
-    metric("weft_dataplane_tx_packets_total", "counter", "Packets sent to peers.", &one(st.tx_packets.load(Ordering::Relaxed)));
-    metric("weft_dataplane_tx_bytes_total", "counter", "Inner bytes sent to peers.", &one(st.tx_bytes.load(Ordering::Relaxed)));
+    metric(
+        "weft_dataplane_tx_packets_total",
+        "counter",
+        "Packets sent to peers.",
+        &one(st.tx_packets.load(Ordering::Relaxed)),
+    );
+    metric(
+        "weft_dataplane_tx_bytes_total",
+        "counter",
+        "Inner bytes sent to peers.",
+        &one(st.tx_bytes.load(Ordering::Relaxed)),
+    );
     metric(
         "weft_dataplane_rx_packets_total",
         "counter",
@@ -124,6 +152,11 @@ pub fn render(s: &AgentState) -> String {
         .iter()
         .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r)))
         .collect();
-    metric("weft_dataplane_dropped_packets_total", "counter", "Packets dropped, by reason.", &drops);
+    metric(
+        "weft_dataplane_dropped_packets_total",
+        "counter",
+        "Packets dropped, by reason.",
+        &drops,
+    );
     o
 }

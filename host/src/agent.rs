@@ -230,7 +230,13 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
 }
 
 /// Renews the lease before it expires and re-acquires it if it is lost; never gives up.
-async fn keep_lease(keeper: Arc<LeaseKeeper>, state: Arc<AgentState>, lost: Arc<Notify>, subnet_file: PathBuf, mut env: SubnetEnv) {
+async fn keep_lease(
+    keeper: Arc<LeaseKeeper>,
+    state: Arc<AgentState>,
+    lost: Arc<Notify>,
+    subnet_file: PathBuf,
+    mut env: SubnetEnv,
+) {
     let retry = Duration::from_secs(10);
     loop {
         let Some(current) = state.own_lease() else { return };
@@ -292,7 +298,9 @@ fn ensure_ip_forwarding() {
         Ok(v) if v.trim() == "1" => {}
         _ => match std::fs::write(path, "1\n") {
             Ok(()) => tracing::info!("enabled IPv4 forwarding"),
-            Err(e) => tracing::warn!(error = %e, "IPv4 forwarding is off and could not be enabled; pods will not be reachable"),
+            Err(e) => {
+                tracing::warn!(error = %e, "IPv4 forwarding is off and could not be enabled; pods will not be reachable")
+            }
         },
     }
 }

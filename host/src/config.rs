@@ -39,10 +39,7 @@ pub enum ConfigError {
     #[error("invalid network config: SubnetMin {min} is above SubnetMax {max}")]
     MinAboveMax { min: Ipv4Addr, max: Ipv4Addr },
     #[error("invalid network config: {field} must be {what}")]
-    BadField {
-        field: &'static str,
-        what: &'static str,
-    },
+    BadField { field: &'static str, what: &'static str },
     #[error("invalid network config: IPv6 (EnableIPv6) is not supported yet")]
     Ipv6Unsupported,
     #[error("invalid network config: EnableIPv4 is false and IPv6 is not supported, so there is nothing to run")]
@@ -119,7 +116,10 @@ fn bool_field(m: &Map<String, Value>, key: &str, field: &'static str, default: b
     match m.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ConfigError::BadField { field, what: "true or false" }),
+        Some(_) => Err(ConfigError::BadField {
+            field,
+            what: "true or false",
+        }),
     }
 }
 
@@ -296,7 +296,10 @@ mod tests {
         let e = parse(r#"{"Network":"10.244.0.0/33"}"#).unwrap_err();
         assert!(matches!(e, ConfigError::BadAddress { field: "Network", .. }));
         assert!(e.to_string().contains("10.244.0.0/33"), "{e}");
-        assert!(matches!(parse(r#"{"Network":"banana"}"#), Err(ConfigError::BadAddress { .. })));
+        assert!(matches!(
+            parse(r#"{"Network":"banana"}"#),
+            Err(ConfigError::BadAddress { .. })
+        ));
         assert_eq!(parse(r#"{"SubnetLen":24}"#).unwrap_err(), ConfigError::MissingNetwork);
         assert!(matches!(parse("[1,2]"), Err(ConfigError::Json(_))));
         assert!(matches!(parse("{not json"), Err(ConfigError::Json(_))));
@@ -304,7 +307,10 @@ mod tests {
 
     #[test]
     fn network_smaller_than_slash_28_is_refused() {
-        assert!(matches!(parse(r#"{"Network":"10.0.0.0/29"}"#), Err(ConfigError::NetworkTooSmall(_))));
+        assert!(matches!(
+            parse(r#"{"Network":"10.0.0.0/29"}"#),
+            Err(ConfigError::NetworkTooSmall(_))
+        ));
     }
 
     #[test]
@@ -326,7 +332,9 @@ mod tests {
                 max: Ipv4Addr::new(10, 244, 3, 0)
             }
         );
-        assert!(e.to_string().contains("SubnetMin 10.244.9.0 is above SubnetMax 10.244.3.0"));
+        assert!(e
+            .to_string()
+            .contains("SubnetMin 10.244.9.0 is above SubnetMax 10.244.3.0"));
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub enum IfaceError {
     NoSuchInterface(String),
     #[error("no interface holds --public-ip {0}")]
     NoInterfaceForIp(Ipv4Addr),
-    #[error("no usable interface: no default route and no up, non-loopback interface with an IPv4 address; pass --iface")]
+    #[error(
+        "no usable interface: no default route and no up, non-loopback interface with an IPv4 address; pass --iface"
+    )]
     NothingUsable,
     #[error("cannot list interfaces: {0}")]
     Sys(#[from] nix::Error),
@@ -108,6 +110,9 @@ mod tests {
     fn unknown_interface_is_named_in_the_error() {
         let e = discover(Some("nope-does-not-exist"), None).unwrap_err();
         assert!(e.to_string().contains("nope-does-not-exist"));
-        assert!(matches!(discover(None, Some(Ipv4Addr::new(203, 0, 113, 77))), Err(IfaceError::NoInterfaceForIp(_))));
+        assert!(matches!(
+            discover(None, Some(Ipv4Addr::new(203, 0, 113, 77))),
+            Err(IfaceError::NoInterfaceForIp(_))
+        ));
     }
 }

@@ -42,7 +42,7 @@ impl SubnetRange {
     /// Whether `net` is one of this range's subnets.
     pub fn contains(&self, net: &Ipv4Net) -> bool {
         let a = u32::from(net.network());
-        net.prefix_len() == self.len && a >= self.min && a <= self.max && (a - self.min) % self.step() == 0
+        net.prefix_len() == self.len && a >= self.min && a <= self.max && (a - self.min).is_multiple_of(self.step())
     }
 
     /// The subnets in ascending order.
@@ -98,7 +98,15 @@ mod tests {
     fn range_iterates_aligned_subnets() {
         let r = SubnetRange::new(24, "10.244.1.0".parse().unwrap(), "10.244.4.0".parse().unwrap());
         let all: Vec<_> = r.iter().collect();
-        assert_eq!(all, vec![net("10.244.1.0/24"), net("10.244.2.0/24"), net("10.244.3.0/24"), net("10.244.4.0/24")]);
+        assert_eq!(
+            all,
+            vec![
+                net("10.244.1.0/24"),
+                net("10.244.2.0/24"),
+                net("10.244.3.0/24"),
+                net("10.244.4.0/24")
+            ]
+        );
         assert_eq!(r.len(), 4);
         assert!(r.contains(&net("10.244.3.0/24")));
         assert!(!r.contains(&net("10.244.5.0/24")));

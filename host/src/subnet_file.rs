@@ -65,9 +65,15 @@ impl SubnetEnv {
 
     /// Writes the file atomically: readers see the old file or the new one, never a torn one.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         {
             let mut f = std::fs::File::create(&tmp)?;
@@ -105,7 +111,11 @@ mod tests {
         let p = dir.path().join("run/flannel/subnet.env");
         env().write(&p).unwrap();
         assert_eq!(SubnetEnv::read(&p), Some(env()));
-        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1, "temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
     }
 
     #[test]

@@ -1,1 +1,351 @@
+//! Test harness: clusters of namespaces with agents, an etcd server on the underlay, and
+//! helpers to prove traffic across them. Everything made here is removed on drop, also when
+//! a test panics.
 
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use weft::lab::cluster::metric_value;
+use weft::lab::cluster::{run_checked, Cluster, ClusterSpec, LabStore};
+use weft::lab::probe;
+
+/// Default network config of test clusters.
+pub const NET_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+/// The `weft` binary under test: `$WEFT_BIN`, else the workspace's release build, else debug.
+pub fn weft_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WEFT_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("weft");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no weft binary: run `cargo build --release -p weft` first or set WEFT_BIN");
+}
+
+/// Fails the test unless it runs as root: these tests build network namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "integration tests need root (network namespaces); run them as root"
+    );
+}
+
+/// A namespace prefix no other test (or test run) uses at the same time.
+pub fn unique_prefix(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "wt{}{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed),
+        tag
+    )
+}
+
+/// Which store a test cluster uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded SQLite store.
+    Embedded,
+    /// etcd, started by the harness on the underlay.
+    Etcd,
+}
+
+/// A test cluster: the lab, its temp dir, and etcd if used. Field order is drop order.
+pub struct TestCluster {
+    /// The namespaces and agents.
+    pub lab: Cluster,
+    /// etcd, when the store is etcd.
+    pub etcd: Option<Etcd>,
+    /// Keeps the directory alive as long as the cluster.
+    pub tmp: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Builds `nodes` nodes on `store` with `NET_CONFIG`; starts nothing but etcd.
+    pub fn new(tag: &str, store: StoreKind, nodes: usize) -> TestCluster {
+        Self::with_config(tag, store, nodes, NET_CONFIG, &[])
+    }
+
+    /// Builds with a given network config and extra agent arguments.
+    pub fn with_config(
+        tag: &str,
+        store: StoreKind,
+        nodes: usize,
+        net_config: &str,
+        agent_args: &[&str],
+    ) -> TestCluster {
+        require_root();
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let prefix = unique_prefix(tag);
+        let lab_store = match store {
+            StoreKind::Embedded => LabStore::Embedded(tmp.path().join("store.db")),
+            // Filled in once etcd has an address.
+            StoreKind::Etcd => LabStore::Etcd {
+                endpoints: String::new(),
+                prefix: "/coreos.com/network".into(),
+            },
+        };
+        let spec = ClusterSpec {
+            prefix,
+            dir: tmp.path().join("lab"),
+            weft_bin: weft_bin(),
+            store: lab_store,
+            net_config: net_config.to_string(),
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut lab = Cluster::build(spec, nodes).expect("build lab");
+        let etcd = match store {
+            StoreKind::Embedded => None,
+            StoreKind::Etcd => {
+                let (ns, addr) = lab.add_host("etcd").expect("etcd host");
+                let e = Etcd::start(ns, addr, tmp.path().join("etcd"));
+                lab.spec.store = LabStore::Etcd {
+                    endpoints: e.endpoint(),
+                    prefix: "/coreos.com/network".into(),
+                };
+                Some(e)
+            }
+        };
+        TestCluster { lab, etcd, tmp }
+    }
+
+    /// Starts every agent, waits for readiness and gives each node `pods` pods.
+    pub fn up(&mut self, pods: usize) {
+        if let Err(e) = self.lab.up(pods, Duration::from_secs(40)) {
+            panic!("cluster did not come up: {e}");
+        }
+    }
+
+    /// The namespace and address of pod `p` on node `n` (both 1-based).
+    pub fn pod(&self, n: usize, p: usize) -> (String, Ipv4Addr) {
+        let pod = &self.lab.nodes[n - 1].pods[p - 1];
+        (pod.ns.name().to_string(), pod.ip)
+    }
+
+    /// Node `n`'s subnet.
+    pub fn subnet(&self, n: usize) -> ipnet::Ipv4Net {
+        self.lab.nodes[n - 1].subnet.expect("node has a subnet")
+    }
+
+    /// A metric of node `n`, panicking with the agent log if it cannot be read.
+    pub fn metric(&self, n: usize, series: &str) -> f64 {
+        match self.lab.metric(n, series) {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "metric {series} of node {n}: {e}\n{}",
+                self.lab.nodes[n - 1].log_tail(30)
+            ),
+        }
+    }
+
+    /// Lists leases as `weft lease ls` prints them, from inside the etcd host or directly.
+    pub fn lease_lines(&self) -> Vec<String> {
+        let out = self.weft_lease(&["ls"]).expect("weft lease ls");
+        out.lines().skip(1).map(str::to_string).collect()
+    }
+
+    /// Runs `weft lease <args>` against this cluster's store.
+    pub fn weft_lease(&self, args: &[&str]) -> Result<String, String> {
+        let mut cmd = match &self.etcd {
+            Some(e) => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    &e.ns,
+                    &weft_bin().display().to_string(),
+                    "lease",
+                    "--etcd-endpoints",
+                    &e.endpoint(),
+                ]);
+                c
+            }
+            None => {
+                let mut c = Command::new(weft_bin());
+                let LabStore::Embedded(p) = &self.lab.spec.store else {
+                    unreachable!()
+                };
+                c.args(["lease", "--store", &p.display().to_string()]);
+                c
+            }
+        };
+        cmd.args(args);
+        run_checked(&mut cmd).map_err(|e| e.to_string())
+    }
+
+    /// Deletes the lease on `subnet` from the store, as an operator would.
+    pub fn delete_lease(&self, subnet: ipnet::Ipv4Net) {
+        match &self.etcd {
+            Some(e) => {
+                let key = format!(
+                    "/coreos.com/network/subnets/{}-{}",
+                    subnet.network(),
+                    subnet.prefix_len()
+                );
+                let out = e.etcdctl(&["del", &key]).expect("etcdctl del");
+                assert_eq!(out.trim(), "1", "etcdctl del {key} deleted {out}");
+            }
+            None => {
+                self.weft_lease(&["rm", &subnet.to_string()]).expect("weft lease rm");
+            }
+        }
+    }
+}
+
+/// Pings `dst` from namespace `ns` with the system's `ping`; true if any reply came back.
+pub fn ping(ns: &str, dst: Ipv4Addr) -> bool {
+    ping_output(ns, dst).0
+}
+
+/// Pings `dst` from `ns` (3 tries, 2 s each): (success, ping's output).
+pub fn ping_output(ns: &str, dst: Ipv4Addr) -> (bool, String) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-n",
+            &dst.to_string(),
+        ])
+        .output()
+        .expect("run ping (is iputils-ping installed?)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Sends `bytes` checked bytes over TCP from pod namespace `from` to `to_ip` in `to`.
+pub fn tcp_transfer(from: &str, to: &str, to_ip: Ipv4Addr, bytes: u64) -> Duration {
+    match probe::tcp_transfer(to, to_ip, from, bytes, Duration::from_secs(30)) {
+        Ok(d) => d,
+        Err(e) => panic!("TCP transfer {from} -> {to_ip} failed: {e}"),
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes; returns whether it became true.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f()
+}
+
+/// An etcd server (Debian's `etcd-server`) in its own namespace on the underlay.
+pub struct Etcd {
+    /// Namespace it runs in.
+    pub ns: String,
+    /// Its underlay address.
+    pub addr: Ipv4Addr,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start(ns: String, addr: Ipv4Addr, data_dir: PathBuf) -> Etcd {
+        let mut e = Etcd {
+            ns,
+            addr,
+            data_dir,
+            child: None,
+        };
+        e.resume();
+        e
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:2379", self.addr)
+    }
+
+    /// (Re)starts the server on the same data directory and waits until it is healthy.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "etcd already running");
+        std::fs::create_dir_all(&self.data_dir).expect("etcd data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .expect("etcd log");
+        let url = self.endpoint();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "etcd"])
+            .args([
+                "--name",
+                "weft-test",
+                "--data-dir",
+                &self.data_dir.display().to_string(),
+            ])
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "weft-test=http://127.0.0.1:2380"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (is etcd-server installed?)");
+        self.child = Some(child);
+        let healthy = eventually(Duration::from_secs(20), || {
+            self.etcdctl(&["endpoint", "health"]).is_ok()
+        });
+        assert!(
+            healthy,
+            "etcd did not become healthy: see {}",
+            self.data_dir.with_extension("log").display()
+        );
+    }
+
+    /// Stops the server (SIGKILL: an outage, not a maintenance).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `etcdctl` (v3 API) against this server from inside its namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "etcdctl",
+            "--endpoints",
+            &self.endpoint(),
+            "--command-timeout=3s",
+        ])
+        .args(args)
+        .env("ETCDCTL_API", "3");
+        run_checked(&mut c).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -39,7 +39,11 @@ pub enum BackendError {
     #[error("cannot open UDP socket on port {port}: {source}")]
     Socket { port: u16, source: std::io::Error },
     #[error("underlay MTU {iface_mtu} of {iface} is too small for the overlay (needs more than {overhead})")]
-    MtuTooSmall { iface: String, iface_mtu: u32, overhead: u32 },
+    MtuTooSmall {
+        iface: String,
+        iface_mtu: u32,
+        overhead: u32,
+    },
     #[error("cannot start the data path: {0}")]
     Io(#[from] std::io::Error),
 }

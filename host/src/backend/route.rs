@@ -34,7 +34,11 @@ impl RouteTable {
     pub fn new(network: Ipv4Net, subnet_len: u8, own: Option<Ipv4Net>) -> Self {
         RouteTable {
             network,
-            mask: if subnet_len == 0 { 0 } else { u32::MAX << (32 - u32::from(subnet_len)) },
+            mask: if subnet_len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(subnet_len))
+            },
             own,
             by_subnet: HashMap::new(),
             by_peer: HashMap::new(),
@@ -116,7 +120,11 @@ mod tests {
     }
 
     fn table() -> RouteTable {
-        let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, Some("10.244.1.0/24".parse().unwrap()));
+        let mut t = RouteTable::new(
+            "10.244.0.0/16".parse().unwrap(),
+            24,
+            Some("10.244.1.0/24".parse().unwrap()),
+        );
         t.insert("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
         t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
         t.insert("10.244.3.0/24".parse().unwrap(), a("198.18.0.3"));
@@ -141,6 +149,9 @@ mod tests {
         assert_eq!(t.check_source(a("198.18.0.2"), a("10.244.2.9")), SourceCheck::Owned);
         assert_eq!(t.check_source(a("198.18.0.2"), a("10.244.3.9")), SourceCheck::Spoofed);
         assert_eq!(t.check_source(a("198.18.0.2"), a("8.8.8.8")), SourceCheck::Spoofed);
-        assert_eq!(t.check_source(a("198.18.0.99"), a("10.244.2.9")), SourceCheck::UnknownPeer);
+        assert_eq!(
+            t.check_source(a("198.18.0.99"), a("10.244.2.9")),
+            SourceCheck::UnknownPeer
+        );
     }
 }

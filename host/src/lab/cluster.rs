@@ -170,7 +170,18 @@ impl Cluster {
     /// Plugs a namespace into the switch with `addr`/24 on its `eth0`.
     fn plug(&self, ns: &Netns, port: &str, addr: Ipv4Addr) -> Result<(), LabError> {
         super::netns::ip(&[
-            "link", "add", "eth0", "netns", ns.name(), "type", "veth", "peer", "name", port, "netns", self.switch.name(),
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            self.switch.name(),
         ])?;
         self.switch.ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
@@ -215,11 +226,15 @@ impl Cluster {
     }
 
     fn node(&self, i: usize) -> Result<&Node, LabError> {
-        self.nodes.get(i.wrapping_sub(1)).ok_or_else(|| LabError::Probe(format!("no node {i}")))
+        self.nodes
+            .get(i.wrapping_sub(1))
+            .ok_or_else(|| LabError::Probe(format!("no node {i}")))
     }
 
     fn node_mut(&mut self, i: usize) -> Result<&mut Node, LabError> {
-        self.nodes.get_mut(i.wrapping_sub(1)).ok_or_else(|| LabError::Probe(format!("no node {i}")))
+        self.nodes
+            .get_mut(i.wrapping_sub(1))
+            .ok_or_else(|| LabError::Probe(format!("no node {i}")))
     }
 
     /// The command line that starts node `i`'s agent (without the leading `weft`).
@@ -238,9 +253,12 @@ impl Cluster {
         ];
         match &self.spec.store {
             LabStore::Embedded(p) => args.extend(["--store".into(), p.display().to_string()]),
-            LabStore::Etcd { endpoints, prefix } => {
-                args.extend(["--etcd-endpoints".into(), endpoints.clone(), "--etcd-prefix".into(), prefix.clone()])
-            }
+            LabStore::Etcd { endpoints, prefix } => args.extend([
+                "--etcd-endpoints".into(),
+                endpoints.clone(),
+                "--etcd-prefix".into(),
+                prefix.clone(),
+            ]),
         }
         args.extend(self.spec.agent_args.iter().cloned());
         Ok(args)
@@ -254,18 +272,23 @@ impl Cluster {
         if let Some(a) = n.agent.take() {
             drop(a);
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(n.log_file())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.log_file())?;
         let err = log.try_clone()?;
-        let child = n
-            .ns
-            .command(&bin)
-            .args(&args)
-            .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| LabError::Spawn { cmd: bin.clone(), source })?;
+        let child =
+            n.ns.command(&bin)
+                .args(&args)
+                .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(err)
+                .spawn()
+                .map_err(|source| LabError::Spawn {
+                    cmd: bin.clone(),
+                    source,
+                })?;
         n.agent = Some(AgentProc { child });
         Ok(())
     }
@@ -285,7 +308,10 @@ impl Cluster {
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<Ipv4Net, LabError> {
         let until = Instant::now() + timeout;
         loop {
-            let ready = self.http_get(i, "/readyz").map(|(code, _)| code == 200).unwrap_or(false);
+            let ready = self
+                .http_get(i, "/readyz")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false);
             let n = self.node_mut(i)?;
             if ready {
                 if let Some(env) = SubnetEnv::read(&n.subnet_file()) {
@@ -332,7 +358,18 @@ impl Cluster {
             let pod = Netns::create(&format!("{prefix}-n{i}-p{k}"))?;
             let port = format!("vp{k}");
             super::netns::ip(&[
-                "link", "add", "eth0", "netns", pod.name(), "type", "veth", "peer", "name", &port, "netns", n.ns.name(),
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                pod.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                n.ns.name(),
             ])?;
             n.ns.ip(&["link", "set", &port, "master", "cni0", "mtu", &mtu, "up"])?;
             pod.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
@@ -399,7 +436,10 @@ fn http_get_here(path: &str) -> Result<(u16, String), LabError> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| LabError::Probe(format!("bad HTTP response: {resp:.80}")))?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -422,7 +462,10 @@ impl Drop for Cluster {
 /// Runs a command to completion, for lab helpers that shell out.
 pub fn run_checked(cmd: &mut Command) -> Result<String, LabError> {
     let desc = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| LabError::Spawn { cmd: desc.clone(), source })?;
+    let out = cmd.output().map_err(|source| LabError::Spawn {
+        cmd: desc.clone(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd: desc,

@@ -28,7 +28,9 @@ pub async fn down() -> Result<usize, LabError> {
 
 fn preflight() -> Result<(), LabError> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Err(LabError::Probe("weft demo needs root: it creates network namespaces".into()));
+        return Err(LabError::Probe(
+            "weft demo needs root: it creates network namespaces".into(),
+        ));
     }
     super::netns::ip(&["-V"]).map(|_| ())
 }
@@ -88,8 +90,15 @@ pub async fn run(
     println!("\nTry it by hand (as root, in another terminal):");
     println!("  ip netns exec {} ping -c 3 {}", src.ns.name(), dst.ip);
     println!("  ip netns exec {} ip route", first.ns.name());
-    println!("  ip netns exec {} curl -s 127.0.0.1:{ADMIN_PORT}/metrics", first.ns.name());
-    println!("  {} lease ls --store {}", std::env::current_exe()?.display(), dir.join("store.db").display());
+    println!(
+        "  ip netns exec {} curl -s 127.0.0.1:{ADMIN_PORT}/metrics",
+        first.ns.name()
+    );
+    println!(
+        "  {} lease ls --store {}",
+        std::env::current_exe()?.display(),
+        dir.join("store.db").display()
+    );
     println!("  agent logs: {}/n*/agent.log", dir.display());
     if once {
         println!("\n--once: tearing down");
@@ -124,7 +133,10 @@ fn print_matrix(c: &Cluster) -> bool {
                 continue;
             }
             let (ns, ip) = (ns.clone(), *ip);
-            handles.push(((i, j), std::thread::spawn(move || ping(&ns, ip, Duration::from_secs(5)))));
+            handles.push((
+                (i, j),
+                std::thread::spawn(move || ping(&ns, ip, Duration::from_secs(5))),
+            ));
         }
     }
     let mut results = vec![vec![None; pods.len()]; pods.len()];
@@ -156,7 +168,11 @@ fn print_matrix(c: &Cluster) -> bool {
     println!(
         "\n{}",
         if all {
-            format!("all {} pod pairs reach each other across {} nodes", n * (n - 1), c.nodes.len())
+            format!(
+                "all {} pod pairs reach each other across {} nodes",
+                n * (n - 1),
+                c.nodes.len()
+            )
         } else {
             "SOME PAIRS FAILED: see the agent logs".into()
         }

@@ -13,7 +13,10 @@ pub fn ip(args: &[&str]) -> Result<String, LabError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|source| LabError::Spawn { cmd: cmd.clone(), source })?;
+        .map_err(|source| LabError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd,
@@ -66,7 +69,10 @@ impl Netns {
 /// Runs `f` on a new thread inside the named namespace.
 pub fn enter_and_run<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, LabError> {
     let path = format!("/run/netns/{ns}");
-    let file = File::open(&path).map_err(|source| LabError::Netns { ns: ns.to_string(), source })?;
+    let file = File::open(&path).map_err(|source| LabError::Netns {
+        ns: ns.to_string(),
+        source,
+    })?;
     let name = ns.to_string();
     let handle = std::thread::spawn(move || -> Result<T, LabError> {
         setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| LabError::Netns {

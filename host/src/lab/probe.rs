@@ -44,7 +44,9 @@ fn ping_here(dst: Ipv4Addr, timeout: Duration) -> Result<Duration, LabError> {
             let Ok((n, _)) = sock.recv_from(&mut buf) else { continue };
             // SAFETY: recv_from initialised the first n bytes.
             let pkt: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-            let Ok(meta) = crate::packet::parse_ipv4(&pkt) else { continue };
+            let Ok(meta) = crate::packet::parse_ipv4(&pkt) else {
+                continue;
+            };
             let icmp = &pkt[meta.header_len..];
             if meta.src == dst
                 && icmp.len() >= 8

@@ -97,21 +97,42 @@ mod tests {
     #[test]
     fn reuses_the_lease_with_our_public_ip() {
         let leases = vec![lease("10.244.1.0/24", "1.1.1.1"), lease("10.244.3.0/24", "2.2.2.2")];
-        let c = choose(&range(), &leases, "2.2.2.2".parse().unwrap(), None, &HashSet::new(), &mut rng());
+        let c = choose(
+            &range(),
+            &leases,
+            "2.2.2.2".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng(),
+        );
         assert_eq!(c, Choice::Reuse(leases[1].clone()));
     }
 
     #[test]
     fn ignores_our_lease_outside_the_range() {
         let leases = vec![lease("10.244.9.0/24", "2.2.2.2")];
-        let c = choose(&range(), &leases, "2.2.2.2".parse().unwrap(), None, &HashSet::new(), &mut rng());
+        let c = choose(
+            &range(),
+            &leases,
+            "2.2.2.2".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng(),
+        );
         assert!(matches!(c, Choice::Create(_)));
     }
 
     #[test]
     fn previous_subnet_is_preferred_when_free() {
         let prev = "10.244.4.0/24".parse().unwrap();
-        let c = choose(&range(), &[], "2.2.2.2".parse().unwrap(), Some(prev), &HashSet::new(), &mut rng());
+        let c = choose(
+            &range(),
+            &[],
+            "2.2.2.2".parse().unwrap(),
+            Some(prev),
+            &HashSet::new(),
+            &mut rng(),
+        );
         assert_eq!(c, Choice::Create(prev));
     }
 
@@ -119,7 +140,14 @@ mod tests {
     fn previous_subnet_taken_by_another_falls_back() {
         let leases = vec![lease("10.244.4.0/24", "9.9.9.9")];
         let prev = "10.244.4.0/24".parse().unwrap();
-        let c = choose(&range(), &leases, "2.2.2.2".parse().unwrap(), Some(prev), &HashSet::new(), &mut rng());
+        let c = choose(
+            &range(),
+            &leases,
+            "2.2.2.2".parse().unwrap(),
+            Some(prev),
+            &HashSet::new(),
+            &mut rng(),
+        );
         match c {
             Choice::Create(n) => assert_ne!(n, prev),
             other => panic!("{other:?}"),
@@ -131,16 +159,38 @@ mod tests {
         let leases = vec![lease("10.244.1.0/24", "1.1.1.1"), lease("10.244.2.0/24", "1.1.1.2")];
         let tried: HashSet<Ipv4Net> = ["10.244.3.0/24".parse().unwrap()].into();
         for seed in 0..50 {
-            let c = choose(&range(), &leases, "2.2.2.2".parse().unwrap(), None, &tried, &mut StdRng::seed_from_u64(seed));
+            let c = choose(
+                &range(),
+                &leases,
+                "2.2.2.2".parse().unwrap(),
+                None,
+                &tried,
+                &mut StdRng::seed_from_u64(seed),
+            );
             assert_eq!(c, Choice::Create("10.244.4.0/24".parse().unwrap()));
         }
     }
 
     #[test]
     fn exhausted_when_full() {
-        let leases: Vec<_> = (1..=4).map(|i| lease(&format!("10.244.{i}.0/24"), &format!("1.1.1.{i}"))).collect();
-        let c = choose(&range(), &leases, "2.2.2.2".parse().unwrap(), None, &HashSet::new(), &mut rng());
-        assert_eq!(c, Choice::Exhausted { range_size: 4, leased: 4 });
+        let leases: Vec<_> = (1..=4)
+            .map(|i| lease(&format!("10.244.{i}.0/24"), &format!("1.1.1.{i}")))
+            .collect();
+        let c = choose(
+            &range(),
+            &leases,
+            "2.2.2.2".parse().unwrap(),
+            None,
+            &HashSet::new(),
+            &mut rng(),
+        );
+        assert_eq!(
+            c,
+            Choice::Exhausted {
+                range_size: 4,
+                leased: 4
+            }
+        );
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub struct EmbeddedStore {
 }
 
 fn now_ms() -> i64 {
-    let d = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -72,7 +74,10 @@ impl EmbeddedStore {
                 path: path.clone(),
                 reason: "connection lock poisoned".into(),
             })?;
-            f(&mut guard).map_err(|e| StoreError::Embedded { path, reason: e.to_string() })
+            f(&mut guard).map_err(|e| StoreError::Embedded {
+                path,
+                reason: e.to_string(),
+            })
         })
         .await
         .map_err(|e| StoreError::Embedded {
@@ -177,7 +182,9 @@ impl LeaseStore for EmbeddedStore {
             .with_conn(|c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Deferred)?;
                 let rows: Vec<(String, String, i64, i64)> = tx
-                    .prepare("SELECT subnet, value, expires_ms, revision FROM leases WHERE expires_ms > ?1 ORDER BY subnet")?
+                    .prepare(
+                        "SELECT subnet, value, expires_ms, revision FROM leases WHERE expires_ms > ?1 ORDER BY subnet",
+                    )?
                     .query_map([now_ms()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 let rev = meta_i64(&tx, "revision")?;
@@ -196,7 +203,12 @@ impl LeaseStore for EmbeddedStore {
         Ok(LeaseSnapshot { leases, revision })
     }
 
-    async fn create_lease(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+    async fn create_lease(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
         let key = subnet_key(&subnet);
         let value = serde_json::to_string(attrs).map_err(|e| StoreError::Corrupt {
             key: key.clone(),
@@ -292,7 +304,7 @@ impl LeaseStore for EmbeddedStore {
             loop {
                 ticks = ticks.wrapping_add(1);
                 // Someone must turn expiry into delete events; every watcher sweeps now and then.
-                let sweep = ticks % 5 == 0;
+                let sweep = ticks.is_multiple_of(5);
                 let conn2 = conn.clone();
                 let polled = tokio::task::spawn_blocking(move || poll_events(&conn2, since, sweep)).await;
                 let msg = match polled {
@@ -341,11 +353,11 @@ impl From<rusqlite::Error> for PollError {
 type Polled = Option<(Vec<LeaseEvent>, i64)>;
 
 fn poll_events(conn: &Mutex<Connection>, since: i64, sweep: bool) -> Result<Polled, PollError> {
-    let mut c = conn
-        .lock()
-        .map_err(|_| PollError::Db(rusqlite::Error::InvalidQuery))?;
+    let mut c = conn.lock().map_err(|_| PollError::Db(rusqlite::Error::InvalidQuery))?;
     if sweep {
-        let due: i64 = c.query_row("SELECT COUNT(*) FROM leases WHERE expires_ms <= ?1", [now_ms()], |r| r.get(0))?;
+        let due: i64 = c.query_row("SELECT COUNT(*) FROM leases WHERE expires_ms <= ?1", [now_ms()], |r| {
+            r.get(0)
+        })?;
         if due > 0 {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             sweep_expired(&tx)?;
@@ -408,9 +420,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("s.db")).unwrap();
         let ttl = Duration::from_secs(3600);
-        let a = s.create_lease(net("10.244.1.0/24"), &attrs("1.1.1.1"), ttl).await.unwrap().unwrap();
+        let a = s
+            .create_lease(net("10.244.1.0/24"), &attrs("1.1.1.1"), ttl)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(expires_in(&a) > 3500);
-        assert!(s.create_lease(net("10.244.1.0/24"), &attrs("2.2.2.2"), ttl).await.unwrap().is_none());
+        assert!(s
+            .create_lease(net("10.244.1.0/24"), &attrs("2.2.2.2"), ttl)
+            .await
+            .unwrap()
+            .is_none());
         let b = s.update_lease(&a, &attrs("1.1.1.1"), ttl).await.unwrap().unwrap();
         assert!(b.revision > a.revision);
         // The stale copy loses: somebody (we) rewrote it since.
@@ -430,7 +450,10 @@ mod tests {
         assert_eq!(s.network_config().await.unwrap(), None);
         assert!(s.init_network_config("{\"Network\":\"10.1.0.0/16\"}").await.unwrap());
         assert!(!s.init_network_config("{\"Network\":\"10.2.0.0/16\"}").await.unwrap());
-        assert_eq!(s.network_config().await.unwrap().unwrap(), "{\"Network\":\"10.1.0.0/16\"}");
+        assert_eq!(
+            s.network_config().await.unwrap().unwrap(),
+            "{\"Network\":\"10.1.0.0/16\"}"
+        );
     }
 
     #[tokio::test]
@@ -439,7 +462,10 @@ mod tests {
         let s = EmbeddedStore::open(&dir.path().join("s.db")).unwrap();
         let snap = s.list_leases().await.unwrap();
         let mut w = s.watch_leases(snap.revision).await.unwrap();
-        s.create_lease(net("10.244.2.0/24"), &attrs("1.1.1.1"), Duration::from_millis(300)).await.unwrap().unwrap();
+        s.create_lease(net("10.244.2.0/24"), &attrs("1.1.1.1"), Duration::from_millis(300))
+            .await
+            .unwrap()
+            .unwrap();
         let (ev, _) = w.recv().await.unwrap().unwrap();
         assert!(matches!(&ev[0], LeaseEvent::Upserted(l) if l.subnet == net("10.244.2.0/24")));
         let removed = tokio::time::timeout(Duration::from_secs(5), async {
@@ -464,7 +490,13 @@ mod tests {
             let p = path.clone();
             tasks.push(tokio::spawn(async move {
                 let s = EmbeddedStore::open(&p).unwrap();
-                s.create_lease(net("10.244.9.0/24"), &attrs(&format!("1.1.1.{i}")), Duration::from_secs(60)).await.unwrap()
+                s.create_lease(
+                    net("10.244.9.0/24"),
+                    &attrs(&format!("1.1.1.{i}")),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap()
             }));
         }
         let mut won = 0;
@@ -480,9 +512,14 @@ mod tests {
     async fn unreadable_rows_are_skipped_not_fatal() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("s.db")).unwrap();
-        s.create_lease(net("10.244.1.0/24"), &attrs("1.1.1.1"), Duration::from_secs(60)).await.unwrap();
+        s.create_lease(net("10.244.1.0/24"), &attrs("1.1.1.1"), Duration::from_secs(60))
+            .await
+            .unwrap();
         s.with_conn(|c| {
-            c.execute("INSERT INTO leases VALUES ('10.244.7.0-24', 'not json', 9999999999999, 99)", [])?;
+            c.execute(
+                "INSERT INTO leases VALUES ('10.244.7.0-24', 'not json', 9999999999999, 99)",
+                [],
+            )?;
             Ok(())
         })
         .await

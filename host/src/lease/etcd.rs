@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use ipnet::Ipv4Net;
 
@@ -142,9 +142,10 @@ impl EtcdStore {
             reason: e.to_string(),
         })?;
         let id = self.grant(ttl).await?;
-        let txn = Txn::new()
-            .when(vec![cmp])
-            .and_then(vec![TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)))]);
+        let txn =
+            Txn::new()
+                .when(vec![cmp])
+                .and_then(vec![TxnOp::put(key, value, Some(PutOptions::new().with_lease(id)))]);
         let resp = match self.client.clone().txn(txn).await {
             Ok(r) => r,
             Err(e) => {
@@ -168,8 +169,15 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn network_config(&self) -> Result<Option<String>, StoreError> {
-        let r = self.client.clone().get(self.config_key(), None).await.map_err(unavailable)?;
-        Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
+        let r = self
+            .client
+            .clone()
+            .get(self.config_key(), None)
+            .await
+            .map_err(unavailable)?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).to_string()))
     }
 
     async fn init_network_config(&self, json: &str) -> Result<bool, StoreError> {
@@ -200,16 +208,24 @@ impl LeaseStore for EtcdStore {
         Ok(LeaseSnapshot { leases, revision })
     }
 
-    async fn create_lease(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+    async fn create_lease(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
         let key = self.lease_key(&subnet);
         let cmp = Compare::version(key.clone(), CompareOp::Equal, 0);
-        Ok(self.conditional_put(key, cmp, attrs, ttl).await?.map(|(revision, id)| Lease {
-            subnet,
-            attrs: attrs.clone(),
-            expiration: SystemTime::now() + ttl,
-            revision,
-            ttl_handle: id,
-        }))
+        Ok(self
+            .conditional_put(key, cmp, attrs, ttl)
+            .await?
+            .map(|(revision, id)| Lease {
+                subnet,
+                attrs: attrs.clone(),
+                expiration: SystemTime::now() + ttl,
+                revision,
+                ttl_handle: id,
+            }))
     }
 
     async fn update_lease(&self, prev: &Lease, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, StoreError> {
@@ -278,7 +294,10 @@ impl LeaseStore for EtcdStore {
                 }
                 if resp.canceled() {
                     let _ = tx
-                        .send(Err(unavailable(format!("etcd cancelled the watch: {}", resp.cancel_reason()))))
+                        .send(Err(unavailable(format!(
+                            "etcd cancelled the watch: {}",
+                            resp.cancel_reason()
+                        ))))
                         .await;
                     return;
                 }

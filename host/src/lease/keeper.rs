@@ -73,7 +73,14 @@ impl LeaseKeeper {
             let snap = self.store.list_leases().await?;
             let mut leases = snap.leases;
             for _ in 0..CREATES_PER_LIST {
-                let choice = choose(&range, &leases, self.attrs.public_ip, preferred, &tried, &mut rand::rng());
+                let choice = choose(
+                    &range,
+                    &leases,
+                    self.attrs.public_ip,
+                    preferred,
+                    &tried,
+                    &mut rand::rng(),
+                );
                 match choice {
                     Choice::Reuse(existing) => {
                         match self.store.update_lease(&existing, &self.attrs, self.ttl).await? {

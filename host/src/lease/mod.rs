@@ -25,7 +25,12 @@ pub struct LeaseAttrs {
     #[serde(rename = "PublicIP", alias = "publicIP", alias = "publicip")]
     pub public_ip: Ipv4Addr,
     /// The node's IPv6 underlay address (kept for flannel compatibility; unused by Weft yet).
-    #[serde(rename = "PublicIPv6", alias = "publicIPv6", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "PublicIPv6",
+        alias = "publicIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub public_ipv6: Option<String>,
     /// Name of the backend the node runs (`udp`, `vxlan`, `host-gw`).
     #[serde(rename = "BackendType", alias = "backendType", default)]
@@ -120,8 +125,12 @@ pub trait LeaseStore: Send + Sync {
     async fn list_leases(&self) -> Result<LeaseSnapshot, StoreError>;
 
     /// Creates a lease on a subnet nobody holds; `None` when somebody already does.
-    async fn create_lease(&self, subnet: Ipv4Net, attrs: &LeaseAttrs, ttl: Duration)
-        -> Result<Option<Lease>, StoreError>;
+    async fn create_lease(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError>;
 
     /// Rewrites `prev` with new attributes and a fresh TTL, only if nobody changed it since it
     /// was read; `None` when it changed or vanished. Renewal and adoption both go through here.
@@ -155,7 +164,10 @@ mod tests {
     fn weft_lease_json_has_flannel_field_names() {
         let a = LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, 11), "udp", Value::Null);
         let s = serde_json::to_string(&a).unwrap();
-        assert_eq!(s, r#"{"PublicIP":"198.18.0.11","BackendType":"udp","BackendData":null}"#);
+        assert_eq!(
+            s,
+            r#"{"PublicIP":"198.18.0.11","BackendType":"udp","BackendData":null}"#
+        );
     }
 
     #[test]

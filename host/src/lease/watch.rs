@@ -158,9 +158,15 @@ mod tests {
     #[test]
     fn renewals_are_not_news_but_changes_are() {
         let mut t = LeaseTable::default();
-        assert!(t.apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 1))).is_some());
-        assert!(t.apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 2))).is_none());
-        assert!(t.apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.9", 3))).is_some());
+        assert!(t
+            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 1)))
+            .is_some());
+        assert!(t
+            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 2)))
+            .is_none());
+        assert!(t
+            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.9", 3)))
+            .is_some());
         assert!(t.apply(LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())).is_some());
         assert!(t.apply(LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())).is_none());
     }
@@ -168,12 +174,20 @@ mod tests {
     #[test]
     fn resync_synthesises_the_missed_events() {
         let mut t = LeaseTable::default();
-        t.resync(vec![lease("10.1.1.0/24", "1.1.1.1", 1), lease("10.1.2.0/24", "1.1.1.2", 1)]);
-        let mut ev = t.resync(vec![lease("10.1.2.0/24", "1.1.1.2", 5), lease("10.1.3.0/24", "1.1.1.3", 6)]);
+        t.resync(vec![
+            lease("10.1.1.0/24", "1.1.1.1", 1),
+            lease("10.1.2.0/24", "1.1.1.2", 1),
+        ]);
+        let mut ev = t.resync(vec![
+            lease("10.1.2.0/24", "1.1.1.2", 5),
+            lease("10.1.3.0/24", "1.1.1.3", 6),
+        ]);
         ev.sort_by_key(|e| format!("{e:?}"));
         assert_eq!(ev.len(), 2, "{ev:?}");
         assert!(ev.contains(&LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())));
-        assert!(ev.iter().any(|e| matches!(e, LeaseEvent::Upserted(l) if l.subnet.to_string() == "10.1.3.0/24")));
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, LeaseEvent::Upserted(l) if l.subnet.to_string() == "10.1.3.0/24")));
         assert_eq!(t.len(), 2);
     }
 }

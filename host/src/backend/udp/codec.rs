@@ -27,13 +27,16 @@ pub enum Inbound {
     Drop(DropReason),
 }
 
-/// Decides where a packet from the TUN device goes. `router` is the address ICMP errors
-/// come from (the node's own TUN address).
-pub fn outbound(routes: &RouteTable, router: Ipv4Addr, buf: &mut [u8]) -> Outbound {
+/// Decides where a packet from the TUN device goes.
+pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
     let meta = match packet::parse_ipv4(buf) {
         Ok(m) => m,
         Err(_) => return Outbound::Drop(DropReason::Malformed),
     };
+    // ICMP errors are written back into the TUN device, so they must not come from one of the
+    // node's own addresses (the kernel drops those as martians): they come from the address the
+    // packet was trying to reach, which is what the sender's `ping` then names.
+    let router = meta.dst;
     let Some(peer) = routes.lookup(meta.dst) else {
         return match packet::icmp_error(&buf[..meta.total_len], router, ICMP_DEST_UNREACH, ICMP_NET_UNREACH) {
             Some(icmp) => Outbound::Reply(icmp, DropReason::NoRoute),
@@ -83,18 +86,26 @@ mod tests {
     }
 
     fn routes() -> RouteTable {
-        let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, Some("10.244.1.0/24".parse().unwrap()));
+        let mut t = RouteTable::new(
+            "10.244.0.0/16".parse().unwrap(),
+            24,
+            Some("10.244.1.0/24".parse().unwrap()),
+        );
         t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
         t
     }
 
-    const ROUTER: &str = "10.244.1.0";
-
     #[test]
     fn outbound_routes_and_decrements_ttl() {
         let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 64, b"payload");
-        let out = outbound(&routes(), a(ROUTER), &mut p);
-        assert_eq!(out, Outbound::Send { peer: a("198.18.0.2"), len: p.len() });
+        let out = outbound(&routes(), &mut p);
+        assert_eq!(
+            out,
+            Outbound::Send {
+                peer: a("198.18.0.2"),
+                len: p.len()
+            }
+        );
         assert_eq!(parse_ipv4(&p).unwrap().ttl, 63);
     }
 
@@ -103,17 +114,23 @@ mod tests {
         let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 64, b"payload");
         let len = p.len();
         p.extend_from_slice(&[0xaa; 16]);
-        assert_eq!(outbound(&routes(), a(ROUTER), &mut p), Outbound::Send { peer: a("198.18.0.2"), len });
+        assert_eq!(
+            outbound(&routes(), &mut p),
+            Outbound::Send {
+                peer: a("198.18.0.2"),
+                len
+            }
+        );
     }
 
     #[test]
     fn outbound_unroutable_gets_net_unreachable() {
         let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.9.7"), 80, 64, b"payload");
-        match outbound(&routes(), a(ROUTER), &mut p) {
+        match outbound(&routes(), &mut p) {
             Outbound::Reply(icmp, DropReason::NoRoute) => {
                 let m = parse_ipv4(&icmp).unwrap();
                 assert_eq!(m.dst, a("10.244.1.5"));
-                assert_eq!(m.src, a(ROUTER));
+                assert_eq!(m.src, a("10.244.9.7"), "never a local address of the node");
                 assert_eq!((icmp[20], icmp[21]), (3, 0));
             }
             other => panic!("{other:?}"),
@@ -123,7 +140,7 @@ mod tests {
     #[test]
     fn outbound_dying_ttl_gets_time_exceeded() {
         let mut p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 80, 1, b"payload");
-        match outbound(&routes(), a(ROUTER), &mut p) {
+        match outbound(&routes(), &mut p) {
             Outbound::Reply(icmp, DropReason::TtlExpired) => assert_eq!(icmp[20], 11),
             other => panic!("{other:?}"),
         }
@@ -132,27 +149,45 @@ mod tests {
     #[test]
     fn outbound_garbage_is_malformed() {
         let mut junk = vec![0x45u8; 7];
-        assert_eq!(outbound(&routes(), a(ROUTER), &mut junk), Outbound::Drop(DropReason::Malformed));
+        assert_eq!(outbound(&routes(), &mut junk), Outbound::Drop(DropReason::Malformed));
     }
 
     #[test]
     fn inbound_accepts_the_owner_and_decrements_ttl() {
         let mut p = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"reply");
-        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut p), Inbound::Deliver { len: p.len() });
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut p),
+            Inbound::Deliver { len: p.len() }
+        );
         assert_eq!(parse_ipv4(&p).unwrap().ttl, 62);
     }
 
     #[test]
     fn inbound_anti_spoofing() {
         let mut spoofed = build_udp(a("10.244.3.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
-        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut spoofed), Inbound::Drop(DropReason::SpoofedSource));
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut spoofed),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
         let mut stranger = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
-        assert_eq!(inbound(&routes(), a("198.18.0.77"), &mut stranger), Inbound::Drop(DropReason::UnknownPeer));
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.77"), &mut stranger),
+            Inbound::Drop(DropReason::UnknownPeer)
+        );
         let mut outside = build_udp(a("10.244.2.7"), 80, a("1.1.1.1"), 5000, 63, b"evil");
-        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut outside), Inbound::Drop(DropReason::OutsideNetwork));
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut outside),
+            Inbound::Drop(DropReason::OutsideNetwork)
+        );
         let mut junk = b"definitely not an ip packet".to_vec();
-        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut junk), Inbound::Drop(DropReason::Malformed));
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut junk),
+            Inbound::Drop(DropReason::Malformed)
+        );
         let mut dying = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 1, b"x");
-        assert_eq!(inbound(&routes(), a("198.18.0.2"), &mut dying), Inbound::Drop(DropReason::TtlExpired));
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut dying),
+            Inbound::Drop(DropReason::TtlExpired)
+        );
     }
 }

@@ -52,7 +52,11 @@ struct Running {
 impl UdpBackend {
     /// A backend for `config` on `node`; nothing is opened until [`Backend::start`].
     pub fn new(config: &NetworkConfig, node: &NodeEnv) -> Result<Self, BackendError> {
-        let port = match config.backend.u64_field("Port").map_err(|e| BackendError::Config(e.to_string()))? {
+        let port = match config
+            .backend
+            .u64_field("Port")
+            .map_err(|e| BackendError::Config(e.to_string()))?
+        {
             None => DEFAULT_PORT,
             Some(p) => u16::try_from(p)
                 .ok()
@@ -71,7 +75,11 @@ impl UdpBackend {
             subnet_len: config.subnet_len,
             port,
             mtu: node.iface_mtu - OVERHEAD,
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(config.network, config.subnet_len, None))),
+            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
+                config.network,
+                config.subnet_len,
+                None,
+            ))),
             stats: Arc::new(DataplaneStats::default()),
             running: Mutex::new(None),
         })
@@ -83,7 +91,10 @@ impl UdpBackend {
     }
 
     fn open_socket(&self) -> Result<UdpSocket, BackendError> {
-        let err = |source| BackendError::Socket { port: self.port, source };
+        let err = |source| BackendError::Socket {
+            port: self.port,
+            source,
+        };
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
         // Large buffers absorb bursts while a thread is descheduled; the kernel caps them.
         let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
@@ -131,7 +142,6 @@ impl Backend for UdpBackend {
             socket: socket.clone(),
             routes: self.routes.clone(),
             stats: self.stats.clone(),
-            router,
             port: self.port,
             buf: vec![0u8; MAX_PACKET],
         };
@@ -140,7 +150,6 @@ impl Backend for UdpBackend {
             socket,
             routes: self.routes.clone(),
             stats: self.stats.clone(),
-            router,
             port: self.port,
             buf: vec![0u8; MAX_PACKET],
         };
@@ -177,7 +186,6 @@ struct Worker {
     socket: Arc<UdpSocket>,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
-    router: Ipv4Addr,
     port: u16,
     buf: Vec<u8>,
 }
@@ -193,7 +201,7 @@ impl Worker {
                 }
             };
             let routes = self.routes.load();
-            match codec::outbound(&routes, self.router, &mut self.buf[..n]) {
+            match codec::outbound(&routes, &mut self.buf[..n]) {
                 Outbound::Send { peer, len } => {
                     let dst = SocketAddrV4::new(peer, self.port);
                     match self.socket.send_to(&self.buf[..len], dst) {

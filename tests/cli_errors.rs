@@ -1,0 +1,123 @@
+//! Bad input to the agent ends in one clear line naming the problem, never a panic or a hang.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weft::lab::netns::Netns;
+use weft_tests::*;
+
+/// Runs `weft agent` with `args` inside a throwaway namespace (so nothing touches the host),
+/// optionally hiding `/dev/net/tun`; returns (exit code, last stderr line).
+fn agent_fails(args: &[&str], hide_tun: bool) -> (i32, String) {
+    require_root();
+    let ns = Netns::create(&unique_prefix("err")).expect("netns");
+    let bin = weft_bin().display().to_string();
+    let mut script = String::new();
+    if hide_tun {
+        script.push_str("mount -t tmpfs none /dev/net && ");
+    }
+    script.push_str("exec \"$0\" agent --iface lo --admin-listen 127.0.0.1:0 \"$@\"");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "unshare", "-m", "sh", "-c", &script, &bin])
+        .args(args)
+        .env("WEFT_LOG", "warn")
+        .output()
+        .expect("run weft");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(!stderr.contains("panicked"), "weft panicked:\n{stderr}");
+    (out.status.code().unwrap_or(-1), last)
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).expect("write");
+    p.display().to_string()
+}
+
+#[test]
+fn invalid_network_configs_are_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = dir.path().join("s.db").display().to_string();
+    let cases = [
+        (
+            r#"{"Network":"10.244.0.0/33"}"#,
+            "Network \"10.244.0.0/33\" is not a valid IPv4 CIDR",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetLen":8}"#,
+            "SubnetLen 8 is out of range",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#,
+            "SubnetLen 31 is out of range",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#,
+            "SubnetMin 10.244.9.0 is above SubnetMax 10.244.2.0",
+        ),
+        ("{oops", "invalid network config: not a JSON object"),
+    ];
+    for (cfg, want) in cases {
+        let path = write(&dir, "net.json", cfg);
+        let (code, line) = agent_fails(&["--store", &store, "--net-config", &path], false);
+        assert_eq!(code, 1, "{cfg}: {line}");
+        assert!(line.starts_with("weft: error: "), "{line}");
+        assert!(line.contains(want), "{cfg}: got {line:?}, want {want:?}");
+    }
+    // A bad config never reaches the store: a later good one still initialises it.
+    let (code, line) = agent_fails(&["--store", &store], false);
+    assert_eq!(code, 1);
+    assert!(line.contains("no network config"), "{line}");
+}
+
+#[test]
+fn unreachable_etcd_is_reported() {
+    let started = std::time::Instant::now();
+    let (code, line) = agent_fails(&["--etcd-endpoints", "http://127.0.0.1:9"], false);
+    assert_eq!(code, 1);
+    assert!(line.contains("cannot reach etcd at http://127.0.0.1:9"), "{line}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn missing_dev_net_tun_is_reported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = dir.path().join("s.db").display().to_string();
+    let cfg = write(&dir, "net.json", NET_CONFIG);
+    let sf = dir.path().join("subnet.env").display().to_string();
+    let (code, line) = agent_fails(&["--store", &store, "--net-config", &cfg, "--subnet-file", &sf], true);
+    assert_eq!(code, 1);
+    assert!(line.contains("missing /dev/net/tun"), "{line}");
+    assert!(
+        !std::path::Path::new(&sf).exists(),
+        "subnet file written by an agent that never came up"
+    );
+}
+
+#[test]
+fn no_free_subnet_left_is_reported() {
+    // Exactly one leasable subnet and two nodes.
+    let cfg = r#"{"Network":"10.60.0.0/24","SubnetLen":26,"SubnetMin":"10.60.0.64","SubnetMax":"10.60.0.64"}"#;
+    let mut c = TestCluster::with_config("nf", StoreKind::Embedded, 2, cfg, &[]);
+    c.lab.start_agent(1).expect("start 1");
+    assert_eq!(
+        c.lab.wait_ready(1, Duration::from_secs(30)).expect("ready").to_string(),
+        "10.60.0.64/26"
+    );
+    c.lab.start_agent(2).expect("start 2");
+    let err = c
+        .lab
+        .wait_ready(2, Duration::from_secs(30))
+        .expect_err("node 2 must fail");
+    let text = err.to_string();
+    assert!(text.contains("exited"), "{text}");
+    assert!(
+        text.contains("no free subnet left in 10.60.0.0/24: all 1 subnets from SubnetMin 10.60.0.64 to SubnetMax 10.60.0.64 are leased"),
+        "{text}"
+    );
+}

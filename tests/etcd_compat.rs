@@ -1,0 +1,128 @@
+//! etcd specifics: flannel's layout read and written both ways, and an etcd outage.
+
+use std::time::{Duration, Instant};
+
+use weft_tests::*;
+
+#[test]
+fn etcd_outage_keeps_traffic_and_agents_reconnect_with_the_same_subnets() {
+    let mut c = TestCluster::new("eo", StoreKind::Etcd, 3);
+    c.up(1);
+    let before: Vec<_> = (1..=3).map(|n| c.subnet(n)).collect();
+    let pods: Vec<_> = (1..=3).map(|n| c.pod(n, 1)).collect();
+
+    c.etcd.as_mut().expect("etcd").stop();
+    // For 30 s without etcd, traffic keeps flowing between every pair.
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < Duration::from_secs(30) {
+        for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+            assert!(
+                ping(&pods[a].0, pods[b].1),
+                "traffic stopped during the etcd outage after {:?}",
+                start.elapsed()
+            );
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(rounds >= 5);
+    tcp_transfer(&pods[0].0, &pods[2].0, pods[2].1, 2 << 20);
+    for n in 1..=3 {
+        assert_eq!(
+            c.metric(n, "weft_store_connected"),
+            0.0,
+            "node {n} did not notice the outage"
+        );
+        assert!(
+            c.lab.nodes[n - 1].agent.as_mut().expect("agent").exited().is_none(),
+            "agent {n} exited"
+        );
+    }
+
+    c.etcd.as_mut().expect("etcd").resume();
+    for n in 1..=3 {
+        assert!(
+            eventually(Duration::from_secs(30), || c.metric(n, "weft_store_connected") == 1.0),
+            "node {n} did not reconnect:\n{}",
+            c.lab.nodes[n - 1].log_tail(20)
+        );
+        assert!(c.metric(n, "weft_store_watch_restarts_total") >= 1.0);
+        let env = weft::subnet_file::SubnetEnv::read(&c.lab.nodes[n - 1].subnet_file()).expect("subnet file");
+        assert_eq!(env.subnet, before[n - 1], "node {n} changed subnet");
+    }
+    assert_eq!(c.lease_lines().len(), 3, "{:?}", c.lease_lines());
+    // The watches are live again: a node joining now is routed by every old node.
+    let n4 = c.lab.add_node().expect("node 4");
+    c.up(1);
+    let (_, p4) = c.pod(n4, 1);
+    for (ns, _) in &pods {
+        assert!(
+            eventually(Duration::from_secs(15), || ping(ns, p4)),
+            "{ns} cannot reach the new node"
+        );
+    }
+}
+
+#[test]
+fn flannel_and_weft_read_each_others_leases() {
+    let mut c = TestCluster::new("fc", StoreKind::Etcd, 2);
+    c.up(1);
+    let etcd = c.etcd.as_ref().expect("etcd");
+
+    // Weft's lease is a flannel lease: flannel's key, flannel's JSON, on an etcd lease.
+    let key = format!("/coreos.com/network/subnets/{}-24", c.subnet(1).network());
+    let raw = etcd.etcdctl(&["get", &key, "--print-value-only"]).expect("get");
+    let v: serde_json::Value = serde_json::from_str(raw.trim()).expect("lease JSON");
+    assert_eq!(v["PublicIP"], c.lab.nodes[0].underlay_ip.to_string());
+    assert_eq!(v["BackendType"], "udp");
+    assert!(v.get("BackendData").is_some(), "{v}");
+    let meta = etcd.etcdctl(&["get", &key, "-w", "json"]).expect("get json");
+    let meta: serde_json::Value = serde_json::from_str(meta.trim()).expect("etcdctl json");
+    assert!(
+        meta["kvs"][0]["lease"].as_i64().unwrap_or(0) != 0,
+        "lease key has no TTL: {meta}"
+    );
+    let cfg = etcd
+        .etcdctl(&["get", "/coreos.com/network/config", "--print-value-only"])
+        .expect("config");
+    assert!(cfg.contains("10.244.0.0/16"));
+
+    // A lease written by flannel (byte for byte its format, on an etcd lease) becomes a route.
+    let grant = etcd.etcdctl(&["lease", "grant", "600"]).expect("grant");
+    let id = grant.split_whitespace().nth(1).expect("lease id").to_string();
+    let flannel = r#"{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"udp","BackendData":null}"#;
+    etcd.etcdctl(&[
+        "put",
+        "--lease",
+        &id,
+        "/coreos.com/network/subnets/10.244.250.0-24",
+        flannel,
+    ])
+    .expect("put");
+    for n in 1..=2 {
+        assert!(
+            eventually(Duration::from_secs(10), || c.metric(n, "weft_routes") == 2.0),
+            "node {n} ignored flannel's lease"
+        );
+    }
+    assert!(c
+        .lease_lines()
+        .iter()
+        .any(|l| l.contains("10.244.250.0/24") && l.contains("198.18.0.99")));
+    // Revoking flannel's etcd lease (its TTL running out) removes the route.
+    etcd.etcdctl(&["lease", "revoke", &id]).expect("revoke");
+    for n in 1..=2 {
+        assert!(eventually(Duration::from_secs(10), || c.metric(n, "weft_routes") == 1.0));
+    }
+    // Junk under the prefix is skipped, not fatal.
+    etcd.etcdctl(&["put", "/coreos.com/network/subnets/garbage", "{"])
+        .expect("put junk");
+    etcd.etcdctl(&["put", "/coreos.com/network/subnets/10.244.251.0-24", "not json"])
+        .expect("put junk");
+    std::thread::sleep(Duration::from_secs(1));
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2) = c.pod(2, 1);
+    assert!(ping(&p1, p2));
+    assert_eq!(c.metric(1, "weft_routes"), 1.0);
+}

@@ -1,0 +1,246 @@
+//! Cross-node behaviour of the `udp` backend on both lease stores: reachability, checked
+//! transfers, lease loss, restarts, many joiners, spoofing, and an etcd outage.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use weft::packet::build_udp;
+use weft_tests::*;
+
+/// Every ordered pair of distinct nodes.
+fn pairs(n: usize) -> Vec<(usize, usize)> {
+    (1..=n)
+        .flat_map(|a| (1..=n).filter(move |b| *b != a).map(move |b| (a, b)))
+        .collect()
+}
+
+fn three_nodes_traffic(store: StoreKind) {
+    let mut c = TestCluster::new("tr", store, 3);
+    c.up(2);
+    let subnets: std::collections::HashSet<_> = (1..=3).map(|n| c.subnet(n)).collect();
+    assert_eq!(subnets.len(), 3, "nodes share a subnet: {subnets:?}");
+
+    for (a, b) in pairs(3) {
+        for p in 1..=2 {
+            let (src, _) = c.pod(a, 1);
+            let (_, dst) = c.pod(b, p);
+            let (ok, out) = ping_output(&src, dst);
+            assert!(ok, "ping node {a} -> node {b} pod {p} ({dst}) failed:\n{out}");
+        }
+        // 4 MiB, every byte checked at the far end.
+        let (src, _) = c.pod(a, 1);
+        let (dst_ns, dst_ip) = c.pod(b, 2);
+        tcp_transfer(&src, &dst_ns, dst_ip, 4 << 20);
+    }
+    for n in 1..=3 {
+        assert!(c.metric(n, "weft_dataplane_tx_bytes_total") > 8.0 * 1024.0 * 1024.0);
+        assert!(c.metric(n, "weft_dataplane_rx_bytes_total") > 8.0 * 1024.0 * 1024.0);
+        assert_eq!(c.metric(n, "weft_routes"), 2.0);
+        assert_eq!(
+            c.metric(n, "weft_dataplane_dropped_packets_total{reason=\"spoofed_source\"}"),
+            0.0
+        );
+        // The subnet file is flannel's, complete, and the MTU is the underlay's minus 28.
+        let env = std::fs::read_to_string(c.lab.nodes[n - 1].subnet_file()).expect("subnet.env");
+        let gw = weft::subnet::first_host(&c.subnet(n));
+        assert!(env.contains("FLANNEL_NETWORK=10.244.0.0/16\n"), "{env}");
+        assert!(env.contains(&format!("FLANNEL_SUBNET={gw}/24\n")), "{env}");
+        assert!(env.contains("FLANNEL_MTU=1472\n"), "{env}");
+        assert!(env.contains("FLANNEL_IPMASQ=false\n"), "{env}");
+    }
+    assert_eq!(c.lease_lines().len(), 3, "{:?}", c.lease_lines());
+}
+
+fn lease_removed(store: StoreKind) {
+    let mut c = TestCluster::new("lr", store, 3);
+    c.up(1);
+    let (p1, _) = c.pod(1, 1);
+    let (_, p3ip) = c.pod(3, 1);
+    assert!(ping(&p1, p3ip));
+
+    // A dead node's lease removed: its routes leave every peer, and traffic to it is refused
+    // with ICMP net-unreachable rather than black-holed.
+    c.lab.stop_agent(3, false).expect("kill agent 3");
+    c.delete_lease(c.subnet(3));
+    for n in [1, 2] {
+        assert!(
+            eventually(Duration::from_secs(10), || c.metric(n, "weft_routes") == 1.0),
+            "node {n} still routes the removed subnet"
+        );
+    }
+    let (ok, out) = ping_output(&p1, p3ip);
+    assert!(!ok, "removed subnet still reachable:\n{out}");
+    assert!(
+        out.contains("Unreachable"),
+        "expected ICMP net unreachable, got:\n{out}"
+    );
+    assert!(c.metric(1, "weft_dataplane_icmp_errors_sent_total") >= 1.0);
+
+    // A live node's lease removed: the node re-acquires the same subnet by itself and stays up.
+    let before = c.subnet(2);
+    let (_, p2ip) = c.pod(2, 1);
+    c.delete_lease(before);
+    assert!(
+        eventually(Duration::from_secs(20), || c.metric(2, "weft_lease_acquisitions_total")
+            >= 2.0),
+        "node 2 did not re-acquire:\n{}",
+        c.lab.nodes[1].log_tail(20)
+    );
+    assert!(
+        c.lab.nodes[1].agent.as_mut().expect("agent 2").exited().is_none(),
+        "agent 2 exited"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .lease_lines()
+            .iter()
+            .any(|l| l.starts_with(&before.to_string()))),
+        "lease on {before} not back: {:?}",
+        c.lease_lines()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || ping(&p1, p2ip)),
+        "node 2 unreachable after re-acquiring"
+    );
+}
+
+fn restart_same_subnet(store: StoreKind) {
+    // A short TTL so renewal is exercised too: the lease must outlive several TTLs.
+    let mut c = TestCluster::with_config("rs", store, 2, NET_CONFIG, &["--lease-ttl", "4"]);
+    c.up(1);
+    let first = c.subnet(1);
+    std::thread::sleep(Duration::from_secs(9));
+    assert!(c.metric(1, "weft_lease_renewals_total") >= 2.0, "lease was not renewed");
+    assert_eq!(
+        c.lease_lines().len(),
+        2,
+        "a lease expired despite renewal: {:?}",
+        c.lease_lines()
+    );
+
+    // Graceful stop (SIGTERM) exits 0 and a restart gets the same subnet back.
+    let status = c.lab.stop_agent(1, true).expect("stop").expect("exit status");
+    assert!(
+        status.success(),
+        "agent exited with {status} on SIGTERM:\n{}",
+        c.lab.nodes[0].log_tail(10)
+    );
+    c.lab.start_agent(1).expect("restart");
+    assert_eq!(c.lab.wait_ready(1, Duration::from_secs(30)).expect("ready"), first);
+
+    // A crash (SIGKILL) too, and with the subnet file gone: the lease is found by PublicIP.
+    c.lab.stop_agent(1, false).expect("kill");
+    std::fs::remove_file(c.lab.nodes[0].subnet_file()).expect("remove subnet file");
+    c.lab.start_agent(1).expect("restart");
+    assert_eq!(c.lab.wait_ready(1, Duration::from_secs(30)).expect("ready"), first);
+    assert_eq!(
+        c.lease_lines().len(),
+        2,
+        "restart duplicated a lease: {:?}",
+        c.lease_lines()
+    );
+    let (p2, _) = c.pod(2, 1);
+    let (_, p1ip) = c.pod(1, 1);
+    assert!(
+        eventually(Duration::from_secs(10), || ping(&p2, p1ip)),
+        "restarted node unreachable"
+    );
+}
+
+fn twenty_at_once(store: StoreKind) {
+    // 31 leasable subnets for 20 nodes: random picks collide often, so lost races are retried.
+    let cfg = r#"{"Network":"10.50.0.0/22","SubnetLen":27,"Backend":{"Type":"udp"}}"#;
+    let mut c = TestCluster::with_config("tw", store, 20, cfg, &[]);
+    for i in 1..=20 {
+        c.lab.start_agent(i).expect("start");
+    }
+    let mut subnets = std::collections::HashSet::new();
+    for i in 1..=20 {
+        let s = c
+            .lab
+            .wait_ready(i, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("node {i}: {e}"));
+        assert_eq!(s.prefix_len(), 27);
+        assert!(subnets.insert(s), "subnet {s} given twice");
+    }
+    assert_eq!(subnets.len(), 20);
+    assert_eq!(c.lease_lines().len(), 20, "{:?}", c.lease_lines());
+    for i in [1, 20] {
+        assert!(eventually(Duration::from_secs(10), || c.metric(i, "weft_routes") == 19.0));
+    }
+}
+
+/// Sends one raw datagram to node 1's udp port from namespace `ns`.
+fn send_datagram(ns: &str, to: Ipv4Addr, payload: Vec<u8>) {
+    weft::lab::netns::enter_and_run(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.send_to(&payload, SocketAddr::from((to, 8285))).expect("send");
+    })
+    .expect("enter namespace");
+}
+
+fn spoofing(store: StoreKind) {
+    let mut c = TestCluster::new("sp", store, 3);
+    c.up(1);
+    let (intruder, _) = c.lab.add_host("evil").expect("intruder host");
+    let n1 = c.lab.nodes[0].underlay_ip;
+    let n2_ns = c.lab.nodes[1].ns.name().to_string();
+    let (p1_ns, p1_ip) = c.pod(1, 1);
+    let (_, p2_ip) = c.pod(2, 1);
+    let (_, p3_ip) = c.pod(3, 1);
+
+    // A UDP listener in pod 1 records what gets through.
+    let listener = weft::lab::netns::enter_and_run(&p1_ns, move || {
+        let s = UdpSocket::bind((p1_ip, 7777)).expect("bind listener");
+        s.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+        s
+    })
+    .expect("listener");
+    let recv = |l: &UdpSocket| -> Option<String> {
+        let mut b = [0u8; 256];
+        l.recv(&mut b)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&b[..n]).to_string())
+    };
+
+    let drops = |r: &str| c.metric(1, &format!("weft_dataplane_dropped_packets_total{{reason=\"{r}\"}}"));
+    let (spoof0, unknown0, malformed0) = (drops("spoofed_source"), drops("unknown_peer"), drops("malformed"));
+
+    // Node 2 (a leased peer) claims node 3's pod as the source: spoofed.
+    send_datagram(&n2_ns, n1, build_udp(p3_ip, 5000, p1_ip, 7777, 64, b"spoofed"));
+    // A host with no lease sends a perfectly valid packet: unknown peer.
+    send_datagram(&intruder, n1, build_udp(p2_ip, 5000, p1_ip, 7777, 64, b"stranger"));
+    // Garbage from a leased peer: malformed, and the agent carries on.
+    send_datagram(&n2_ns, n1, b"\x45\x00 this is not an IPv4 packet".to_vec());
+    send_datagram(&n2_ns, n1, vec![]);
+    assert_eq!(recv(&listener), None, "a forged datagram reached the pod");
+    assert!(eventually(Duration::from_secs(5), || drops("spoofed_source") == spoof0 + 1.0));
+    assert!(eventually(Duration::from_secs(5), || drops("unknown_peer") == unknown0 + 1.0));
+    assert!(eventually(Duration::from_secs(5), || drops("malformed") >= malformed0 + 2.0));
+
+    // The same datagram with an honest source gets through: the filter is not just closed.
+    send_datagram(&n2_ns, n1, build_udp(p2_ip, 5000, p1_ip, 7777, 64, b"honest"));
+    assert_eq!(recv(&listener).as_deref(), Some("honest"));
+    assert!(ping(&p1_ns, p3_ip), "data path broken after hostile input");
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident => $f:ident),* $(,)?) => {
+        mod embedded {
+            use super::*;
+            $( #[test] fn $name() { $f(StoreKind::Embedded) } )*
+        }
+        mod etcd {
+            use super::*;
+            $( #[test] fn $name() { $f(StoreKind::Etcd) } )*
+        }
+    };
+}
+
+on_both_stores! {
+    three_nodes_ping_and_checked_tcp_across_every_pair => three_nodes_traffic,
+    removed_lease_routes_leave_peers_and_live_node_reacquires => lease_removed,
+    restarted_node_keeps_its_subnet_and_renews => restart_same_subnet,
+    twenty_agents_at_once_get_twenty_subnets => twenty_at_once,
+    spoofed_and_malformed_datagrams_are_dropped_and_counted => spoofing,
+}
