@@ -214,7 +214,11 @@ fn spoofing(store: StoreKind) {
     send_datagram(&n2_ns, n1, b"\x45\x00 this is not an IPv4 packet".to_vec());
     send_datagram(&n2_ns, n1, vec![]);
     assert_eq!(recv(&listener), None, "a forged datagram reached the pod");
-    assert!(eventually(Duration::from_secs(5), || drops("spoofed_source") == spoof0 + 1.0));
+    assert!(
+        eventually(Duration::from_secs(5), || drops("spoofed_source") == spoof0 + 1.0),
+        "spoofed_source went from {spoof0} to {}",
+        drops("spoofed_source")
+    );
     assert!(eventually(Duration::from_secs(5), || drops("unknown_peer") == unknown0 + 1.0));
     assert!(eventually(Duration::from_secs(5), || drops("malformed") >= malformed0 + 2.0));
 

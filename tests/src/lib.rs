@@ -122,6 +122,16 @@ impl TestCluster {
         if let Err(e) = self.lab.up(pods, Duration::from_secs(40)) {
             panic!("cluster did not come up: {e}");
         }
+        // Ready means a node routes the peers it saw at start; later joiners arrive by watch.
+        // Tests start from a converged cluster: every node routes every other.
+        let peers = (self.lab.nodes.len() - 1) as f64;
+        for n in 1..=self.lab.nodes.len() {
+            assert!(
+                eventually(Duration::from_secs(15), || self.lab.metric(n, "weft_routes").ok() == Some(peers)),
+                "node {n} never routed all {peers} peers:\n{}",
+                self.lab.nodes[n - 1].log_tail(20)
+            );
+        }
     }
 
     /// The namespace and address of pod `p` on node `n` (both 1-based).

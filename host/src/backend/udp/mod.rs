@@ -2,20 +2,24 @@
 //!
 //! Two threads move bytes: TUN -> socket and socket -> TUN. All decisions are made by the pure
 //! functions in [`codec`]; the routing table is swapped atomically when leases change, so the
-//! threads never take a lock. Each thread owns a [`Worker`] holding its buffers, which is where
-//! batching (`recvmmsg`/`sendmmsg`) and, with `tun-rs`'s multi-queue and offload support, one
-//! worker pair per queue slot in without touching the decision code.
+//! threads never take a lock. The loops work in batches: with TUN offloads on, one read from the
+//! device yields a TCP super-packet that `tun-rs` splits into MTU-sized segments, which leave in
+//! one UDP GSO send per peer ([`batch`]); on the way in, UDP GRO hands over runs of datagrams
+//! that `tun-rs` coalesces back into super-packets for one TUN write. Each thread owns its
+//! [`TxWorker`]/[`RxWorker`] and buffers, so one worker pair per multi-queue TUN queue (each
+//! with its own `SO_REUSEPORT` socket) slots in without touching the decision code.
 
+pub mod batch;
 pub mod codec;
+pub mod sock;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
-use socket2::{Domain, Protocol, Socket, Type};
-use tun_rs::{DeviceBuilder, SyncDevice};
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use self::codec::{Inbound, Outbound};
 use super::route::RouteTable;
@@ -31,8 +35,10 @@ pub const DEFAULT_PORT: u16 = 8285;
 pub const OVERHEAD: u32 = 28;
 /// Name of the TUN device.
 pub const DEVICE: &str = "weft0";
-const SOCKET_BUFFER: usize = 4 << 20;
-const MAX_PACKET: usize = 65536;
+/// Room for the largest TUN read: a virtio header and a 64 KiB super-packet.
+const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65_536;
+/// Room for one segment: an IPv4 packet no larger than the largest MTU we configure.
+const SEGMENT_ROOM: usize = 65_536;
 
 /// The `udp` backend.
 pub struct UdpBackend {
@@ -89,20 +95,6 @@ impl UdpBackend {
     pub fn port(&self) -> u16 {
         self.port
     }
-
-    fn open_socket(&self) -> Result<UdpSocket, BackendError> {
-        let err = |source| BackendError::Socket {
-            port: self.port,
-            source,
-        };
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-        // Large buffers absorb bursts while a thread is descheduled; the kernel caps them.
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, self.port));
-        s.bind(&addr.into()).map_err(err)?;
-        Ok(s.into())
-    }
 }
 
 impl Backend for UdpBackend {
@@ -125,44 +117,59 @@ impl Backend for UdpBackend {
         // The device holds the subnet's .0 with the *network's* prefix, so the kernel sends all
         // cluster traffic here, while the node's bridge (a longer prefix) keeps local traffic.
         let router = own.subnet.network();
-        let device = DeviceBuilder::new()
-            .name(DEVICE)
-            .ipv4(router, self.network.prefix_len(), None)
-            .mtu(u16::try_from(self.mtu).unwrap_or(u16::MAX))
-            .build_sync()
-            .map_err(|source| BackendError::Tun {
-                name: DEVICE.to_string(),
-                source,
-            })?;
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(DEVICE)
+                .ipv4(router, self.network.prefix_len(), None)
+                .mtu(u16::try_from(self.mtu).unwrap_or(u16::MAX))
+                .offload(offload)
+                .build_sync()
+        };
+        let device = match build(true) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(error = %e, "TUN offloads unavailable; packets move one by one");
+                build(false).map_err(|source| BackendError::Tun {
+                    name: DEVICE.to_string(),
+                    source,
+                })?
+            }
+        };
+        let offload = device.tcp_gso();
         let device = Arc::new(device);
-        let socket = Arc::new(self.open_socket()?);
-
-        let tx = Worker {
+        let socket = Arc::new(
+            sock::UnderlaySocket::open(self.port).map_err(|source| BackendError::Socket { port: self.port, source })?,
+        );
+        let tx = TxWorker {
             device: device.clone(),
             socket: socket.clone(),
             routes: self.routes.clone(),
             stats: self.stats.clone(),
-            port: self.port,
-            buf: vec![0u8; MAX_PACKET],
         };
-        let rx = Worker {
+        let rx = RxWorker {
             device: device.clone(),
-            socket,
+            socket: socket.clone(),
             routes: self.routes.clone(),
             stats: self.stats.clone(),
-            port: self.port,
-            buf: vec![0u8; MAX_PACKET],
         };
         std::thread::Builder::new()
             .name("weft-udp-tx".into())
-            .spawn(move || tx.tun_to_udp())?;
+            .spawn(move || tx.run())?;
         std::thread::Builder::new()
             .name("weft-udp-rx".into())
-            .spawn(move || rx.udp_to_tun())?;
+            .spawn(move || rx.run())?;
         if let Ok(mut r) = self.running.lock() {
             *r = Some(Running { _device: device });
         }
-        tracing::info!(device = DEVICE, mtu = self.mtu, port = self.port, %router, "udp backend up");
+        tracing::info!(
+            device = DEVICE,
+            mtu = self.mtu,
+            port = self.port,
+            %router,
+            tun_offload = offload,
+            udp_gro = socket.gro(),
+            "udp backend up"
+        );
         Ok(())
     }
 
@@ -180,70 +187,141 @@ impl Backend for UdpBackend {
     }
 }
 
-/// One forwarding thread's state.
-struct Worker {
+/// The TUN -> underlay thread.
+struct TxWorker {
     device: Arc<SyncDevice>,
-    socket: Arc<UdpSocket>,
+    socket: Arc<sock::UnderlaySocket>,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
-    port: u16,
-    buf: Vec<u8>,
 }
 
-impl Worker {
-    fn tun_to_udp(mut self) {
+impl TxWorker {
+    fn run(self) {
+        let mut read = vec![0u8; MAX_READ];
+        let mut segs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; SEGMENT_ROOM]).collect();
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut batch = batch::GsoBatch::new();
         loop {
-            let n = match self.device.recv(&mut self.buf) {
+            let n = match self.device.recv_multiple(&mut read, &mut segs, &mut sizes, 0) {
                 Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // A malformed offload header is one bad read, not a dead device.
+                    if e.kind() == std::io::ErrorKind::Other || e.kind() == std::io::ErrorKind::InvalidData {
+                        self.stats.dropped(DropReason::Malformed);
+                        continue;
+                    }
                     tracing::error!(error = %e, "reading the TUN device failed; udp tx loop stops");
                     return;
                 }
             };
             let routes = self.routes.load();
-            match codec::outbound(&routes, &mut self.buf[..n]) {
-                Outbound::Send { peer, len } => {
-                    let dst = SocketAddrV4::new(peer, self.port);
-                    match self.socket.send_to(&self.buf[..len], dst) {
-                        Ok(_) => self.stats.sent(len),
-                        Err(e) => {
-                            tracing::debug!(error = %e, %peer, "send failed");
-                            self.stats.dropped(DropReason::IoError);
+            for (seg, &size) in segs.iter_mut().zip(&sizes).take(n) {
+                match codec::outbound(&routes, &mut seg[..size]) {
+                    Outbound::Send { peer, len } => {
+                        if !batch.accepts(peer, len) {
+                            self.flush(&mut batch);
+                        }
+                        batch.push(peer, &seg[..len]);
+                    }
+                    Outbound::Reply(icmp, reason) => {
+                        self.stats.dropped(reason);
+                        if self.write_back(&icmp) {
+                            self.stats.icmp_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
+                    Outbound::Drop(reason) => self.stats.dropped(reason),
                 }
-                Outbound::Reply(icmp, reason) => {
-                    self.stats.dropped(reason);
-                    if self.device.send(&icmp).is_ok() {
-                        self.stats.icmp_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                Outbound::Drop(reason) => self.stats.dropped(reason),
             }
+            self.flush(&mut batch);
         }
     }
 
-    fn udp_to_tun(mut self) {
+    fn flush(&self, batch: &mut batch::GsoBatch) {
+        if let Some((peer, segment, count, bytes)) = batch.parts() {
+            match self.socket.send_run(peer, segment, count, bytes) {
+                Ok(()) => {
+                    self.stats.tx_packets.fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.tx_bytes.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "send failed");
+                    self.stats.dropped(DropReason::IoError);
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    /// Writes one locally made packet (an ICMP error) into the device.
+    fn write_back(&self, pkt: &[u8]) -> bool {
+        let mut one = [{
+            let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
+            b.extend_from_slice(pkt);
+            b
+        }];
+        self.device
+            .send_multiple(&mut GROTable::default(), &mut one, VIRTIO_NET_HDR_LEN)
+            .is_ok()
+    }
+}
+
+/// The underlay -> TUN thread.
+struct RxWorker {
+    device: Arc<SyncDevice>,
+    socket: Arc<sock::UnderlaySocket>,
+    routes: Arc<ArcSwap<RouteTable>>,
+    stats: Arc<DataplaneStats>,
+}
+
+impl RxWorker {
+    fn run(self) {
+        let mut read = vec![0u8; 65_536];
+        // Each outgoing buffer keeps virtio-header room in front, as `send_multiple` wants.
+        let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| Vec::with_capacity(SEGMENT_ROOM)).collect();
+        let mut gro = GROTable::default();
         loop {
-            let (n, from) = match self.socket.recv_from(&mut self.buf) {
+            let (n, from, segment) = match self.socket.recv(&mut read) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "receiving from the UDP socket failed");
                     continue;
                 }
             };
-            let SocketAddr::V4(from) = from else {
-                self.stats.dropped(DropReason::UnknownPeer);
+            if n == 0 {
+                // An empty datagram carries no packet at all.
+                self.stats.dropped(DropReason::Malformed);
                 continue;
-            };
-            let routes = self.routes.load();
-            match codec::inbound(&routes, *from.ip(), &mut self.buf[..n]) {
-                Inbound::Deliver { len } => match self.device.send(&self.buf[..len]) {
-                    Ok(_) => self.stats.received(len),
-                    Err(_) => self.stats.dropped(DropReason::IoError),
-                },
-                Inbound::Drop(reason) => self.stats.dropped(reason),
             }
+            let routes = self.routes.load();
+            let mut k = 0;
+            for dgram in read[..n].chunks_mut(segment.max(1)) {
+                match codec::inbound(&routes, *from.ip(), dgram) {
+                    Inbound::Deliver { len } => {
+                        if k == out.len() {
+                            self.write(&mut gro, &mut out[..k]);
+                            k = 0;
+                        }
+                        let b = &mut out[k];
+                        b.clear();
+                        b.resize(VIRTIO_NET_HDR_LEN, 0);
+                        b.extend_from_slice(&dgram[..len]);
+                        k += 1;
+                        self.stats.received(len);
+                    }
+                    Inbound::Drop(reason) => self.stats.dropped(reason),
+                }
+            }
+            if k > 0 {
+                self.write(&mut gro, &mut out[..k]);
+            }
+        }
+    }
+
+    fn write(&self, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+        if let Err(e) = self.device.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+            tracing::debug!(error = %e, "writing to the TUN device failed");
+            self.stats.dropped(DropReason::IoError);
         }
     }
 }
