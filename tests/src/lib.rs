@@ -127,7 +127,8 @@ impl TestCluster {
         let peers = (self.lab.nodes.len() - 1) as f64;
         for n in 1..=self.lab.nodes.len() {
             assert!(
-                eventually(Duration::from_secs(15), || self.lab.metric(n, "weft_routes").ok() == Some(peers)),
+                eventually(Duration::from_secs(15), || self.lab.metric(n, "weft_routes").ok()
+                    == Some(peers)),
                 "node {n} never routed all {peers} peers:\n{}",
                 self.lab.nodes[n - 1].log_tail(20)
             );

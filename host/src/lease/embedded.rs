@@ -151,6 +151,53 @@ fn ttl_ms(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)
 }
 
+impl EmbeddedStore {
+    /// Writes a lease only if the row's revision is still `expect` (`None`: no row at all), in
+    /// one write transaction, so racing agents in other processes cannot both win.
+    async fn write_if(
+        &self,
+        subnet: Ipv4Net,
+        expect: Option<i64>,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let key = subnet_key(&subnet);
+        let value = serde_json::to_string(attrs).map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let written = self
+            .with_conn(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                sweep_expired(&tx)?;
+                let current: Option<i64> = tx
+                    .query_row("SELECT revision FROM leases WHERE subnet = ?1", [&key], |r| r.get(0))
+                    .optional()?;
+                if current != expect {
+                    return Ok(None);
+                }
+                let expires = now_ms().saturating_add(ttl_ms(ttl));
+                let rev = log_change(&tx, &key, Some(&value), expires)?;
+                tx.execute(
+                    "INSERT INTO leases(subnet, value, expires_ms, revision) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(subnet) DO UPDATE SET value = excluded.value,
+                         expires_ms = excluded.expires_ms, revision = excluded.revision",
+                    params![key, value, expires, rev],
+                )?;
+                tx.commit()?;
+                Ok(Some((expires, rev)))
+            })
+            .await?;
+        Ok(written.map(|(expires, revision)| Lease {
+            subnet,
+            attrs: attrs.clone(),
+            expiration: SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(expires).unwrap_or(0)),
+            revision,
+            ttl_handle: 0,
+        }))
+    }
+}
+
 #[async_trait]
 impl LeaseStore for EmbeddedStore {
     fn describe(&self) -> String {
@@ -209,75 +256,11 @@ impl LeaseStore for EmbeddedStore {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
-        let key = subnet_key(&subnet);
-        let value = serde_json::to_string(attrs).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
-        let attrs = attrs.clone();
-        let written = self
-            .with_conn(move |c| {
-                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                sweep_expired(&tx)?;
-                let exists: Option<i64> = tx
-                    .query_row("SELECT revision FROM leases WHERE subnet = ?1", [&key], |r| r.get(0))
-                    .optional()?;
-                if exists.is_some() {
-                    return Ok(None);
-                }
-                let expires = now_ms().saturating_add(ttl_ms(ttl));
-                let rev = log_change(&tx, &key, Some(&value), expires)?;
-                tx.execute(
-                    "INSERT INTO leases(subnet, value, expires_ms, revision) VALUES (?1, ?2, ?3, ?4)",
-                    params![key, value, expires, rev],
-                )?;
-                tx.commit()?;
-                Ok(Some((expires, rev)))
-            })
-            .await?;
-        Ok(written.map(|(expires, revision)| Lease {
-            subnet,
-            attrs,
-            expiration: SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(expires).unwrap_or(0)),
-            revision,
-            ttl_handle: 0,
-        }))
+        self.write_if(subnet, None, attrs, ttl).await
     }
 
     async fn update_lease(&self, prev: &Lease, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<Lease>, StoreError> {
-        let key = subnet_key(&prev.subnet);
-        let value = serde_json::to_string(attrs).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
-        let seen = prev.revision;
-        let written = self
-            .with_conn(move |c| {
-                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                sweep_expired(&tx)?;
-                let current: Option<i64> = tx
-                    .query_row("SELECT revision FROM leases WHERE subnet = ?1", [&key], |r| r.get(0))
-                    .optional()?;
-                if current != Some(seen) {
-                    return Ok(None);
-                }
-                let expires = now_ms().saturating_add(ttl_ms(ttl));
-                let rev = log_change(&tx, &key, Some(&value), expires)?;
-                tx.execute(
-                    "UPDATE leases SET value = ?2, expires_ms = ?3, revision = ?4 WHERE subnet = ?1",
-                    params![key, value, expires, rev],
-                )?;
-                tx.commit()?;
-                Ok(Some((expires, rev)))
-            })
-            .await?;
-        Ok(written.map(|(expires, revision)| Lease {
-            subnet: prev.subnet,
-            attrs: attrs.clone(),
-            expiration: SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(expires).unwrap_or(0)),
-            revision,
-            ttl_handle: 0,
-        }))
+        self.write_if(prev.subnet, Some(prev.revision), attrs, ttl).await
     }
 
     async fn delete_lease(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {

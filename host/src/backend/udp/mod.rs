@@ -138,7 +138,10 @@ impl Backend for UdpBackend {
         let offload = device.tcp_gso();
         let device = Arc::new(device);
         let socket = Arc::new(
-            sock::UnderlaySocket::open(self.port).map_err(|source| BackendError::Socket { port: self.port, source })?,
+            sock::UnderlaySocket::open(self.port).map_err(|source| BackendError::Socket {
+                port: self.port,
+                source,
+            })?,
         );
         let tx = TxWorker {
             device: device.clone(),
@@ -241,8 +244,12 @@ impl TxWorker {
         if let Some((peer, segment, count, bytes)) = batch.parts() {
             match self.socket.send_run(peer, segment, count, bytes) {
                 Ok(()) => {
-                    self.stats.tx_packets.fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-                    self.stats.tx_bytes.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .tx_packets
+                        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.stats
+                        .tx_bytes
+                        .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, %peer, "send failed");
@@ -278,7 +285,9 @@ impl RxWorker {
     fn run(self) {
         let mut read = vec![0u8; 65_536];
         // Each outgoing buffer keeps virtio-header room in front, as `send_multiple` wants.
-        let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| Vec::with_capacity(SEGMENT_ROOM)).collect();
+        let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+            .map(|_| Vec::with_capacity(SEGMENT_ROOM))
+            .collect();
         let mut gro = GROTable::default();
         loop {
             let (n, from, segment) = match self.socket.recv(&mut read) {

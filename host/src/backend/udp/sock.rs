@@ -54,7 +54,13 @@ impl UnderlaySocket {
             let seg = u16::try_from(segment).unwrap_or(u16::MAX);
             let addr = SockaddrIn::from(dst);
             let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-            match socket::sendmsg(self.sock.as_raw_fd(), &[IoSlice::new(bytes)], &cmsg, MsgFlags::empty(), Some(&addr)) {
+            match socket::sendmsg(
+                self.sock.as_raw_fd(),
+                &[IoSlice::new(bytes)],
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&addr),
+            ) {
                 Ok(_) => return Ok(()),
                 // Kernels or devices without UDP GSO say so here; fall back for good.
                 Err(nix::errno::Errno::EIO | nix::errno::Errno::EINVAL | nix::errno::Errno::ENOPROTOOPT) => {
@@ -87,7 +93,7 @@ impl UnderlaySocket {
         }
         let from = msg
             .address
-            .map(|a| SocketAddrV4::new(Ipv4Addr::from(a.ip()), a.port()))
+            .map(|a| SocketAddrV4::new(a.ip(), a.port()))
             .unwrap_or_else(|| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
         Ok((n, from, segment))
     }
