@@ -40,21 +40,19 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
         }
-        let conn = Connection::open(path).map_err(|e| err(&e))?;
-        // Several agent processes share the file: wait for the write lock rather than fail.
-        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| err(&e))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| err(&e))?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| err(&e))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS leases(
-                 subnet TEXT PRIMARY KEY, value TEXT NOT NULL,
-                 expires_ms INTEGER NOT NULL, revision INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS events(
-                 revision INTEGER PRIMARY KEY, subnet TEXT NOT NULL, value TEXT,
-                 expires_ms INTEGER NOT NULL DEFAULT 0);",
-        )
-        .map_err(|e| err(&e))?;
+        // Agents starting together race to create the file and its schema; SQLite answers some
+        // of those races (journal-mode switch, lock upgrades) with an immediate "busy" that the
+        // busy handler does not cover, so opening retries for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let conn = loop {
+            match Connection::open(path).and_then(|c| init_schema(&c).map(|()| c)) {
+                Ok(c) => break c,
+                Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20 + u64::from(rand::random::<u8>() % 80)));
+                }
+                Err(e) => return Err(err(&e)),
+            }
+        };
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
@@ -85,6 +83,35 @@ impl EmbeddedStore {
             reason: e.to_string(),
         })?
     }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    // Several agent processes share the file: wait for the write lock rather than fail.
+    conn.busy_timeout(Duration::from_secs(30))?;
+    // WAL is a property of the file: only the first opener switches it.
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS leases(
+             subnet TEXT PRIMARY KEY, value TEXT NOT NULL,
+             expires_ms INTEGER NOT NULL, revision INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS events(
+             revision INTEGER PRIMARY KEY, subnet TEXT NOT NULL, value TEXT,
+             expires_ms INTEGER NOT NULL DEFAULT 0);
+         COMMIT;",
+    )
 }
 
 fn meta_i64(tx: &Connection, name: &str) -> rusqlite::Result<i64> {
@@ -489,6 +516,27 @@ mod tests {
             }
         }
         assert_eq!(won, 1);
+    }
+
+    #[test]
+    fn many_processes_opening_a_new_file_at_once_all_succeed() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("s{round}.db"));
+            let barrier = Arc::new(std::sync::Barrier::new(12));
+            let handles: Vec<_> = (0..12)
+                .map(|_| {
+                    let (p, b) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        EmbeddedStore::open(&p).map(|_| ()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap().unwrap();
+            }
+        }
     }
 
     #[tokio::test]
