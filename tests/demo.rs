@@ -43,6 +43,7 @@ fn start_demo() -> (Child, String) {
             }
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 panic!("demo never came up:\n{seen}");
             }
         }
