@@ -126,3 +126,53 @@ fn flannel_and_weft_read_each_others_leases() {
     assert!(ping(&p1, p2));
     assert_eq!(c.metric(1, "weft_routes"), 1.0);
 }
+
+#[test]
+fn etcd_over_mutual_tls() {
+    let mut c = TestCluster::new("tl", StoreKind::EtcdTls, 2);
+    c.up(1);
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2) = c.pod(2, 1);
+    assert!(ping(&p1, p2));
+    let etcd = c.etcd.as_ref().expect("etcd");
+    assert!(etcd.endpoint().starts_with("https://"));
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/subnets/"])
+        .expect("get");
+    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 2, "{keys}");
+
+    // Without a client certificate the server refuses the agent, and the agent says why.
+    let (ns, addr) = (etcd.ns.clone(), etcd.endpoint());
+    let tls = etcd.tls.clone().expect("tls files");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            &weft_bin().display().to_string(),
+            "lease",
+            "--etcd-endpoints",
+            &addr,
+        ])
+        .args(["--etcd-cafile", &tls.ca.display().to_string(), "ls"])
+        .output()
+        .expect("weft lease ls");
+    assert!(!out.status.success(), "etcd accepted a client without a certificate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach etcd at https://"), "{err}");
+    // A half-given client identity is a usage error, not a silent fallback.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            &weft_bin().display().to_string(),
+            "lease",
+            "--etcd-endpoints",
+            &addr,
+        ])
+        .args(["--etcd-certfile", &tls.client.0.display().to_string(), "ls"])
+        .output()
+        .expect("weft lease ls");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-certfile and --etcd-keyfile must be given together"));
+}

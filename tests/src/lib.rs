@@ -56,6 +56,8 @@ pub enum StoreKind {
     Embedded,
     /// etcd, started by the harness on the underlay.
     Etcd,
+    /// etcd serving only TLS with client-certificate authentication.
+    EtcdTls,
 }
 
 /// A test cluster: the lab, its temp dir, and etcd if used. Field order is drop order.
@@ -88,7 +90,7 @@ impl TestCluster {
         let lab_store = match store {
             StoreKind::Embedded => LabStore::Embedded(tmp.path().join("store.db")),
             // Filled in once etcd has an address.
-            StoreKind::Etcd => LabStore::Etcd {
+            StoreKind::Etcd | StoreKind::EtcdTls => LabStore::Etcd {
                 endpoints: String::new(),
                 prefix: "/coreos.com/network".into(),
             },
@@ -104,9 +106,13 @@ impl TestCluster {
         let mut lab = Cluster::build(spec, nodes).expect("build lab");
         let etcd = match store {
             StoreKind::Embedded => None,
-            StoreKind::Etcd => {
+            StoreKind::Etcd | StoreKind::EtcdTls => {
                 let (ns, addr) = lab.add_host("etcd").expect("etcd host");
-                let e = Etcd::start(ns, addr, tmp.path().join("etcd"));
+                let tls = (store == StoreKind::EtcdTls).then(|| TlsFiles::generate(tmp.path(), addr));
+                if let Some(t) = &tls {
+                    lab.spec.agent_args.extend(t.agent_args());
+                }
+                let e = Etcd::start(ns, addr, tmp.path().join("etcd"), tls);
                 lab.spec.store = LabStore::Etcd {
                     endpoints: e.endpoint(),
                     prefix: "/coreos.com/network".into(),
@@ -177,6 +183,9 @@ impl TestCluster {
                     "--etcd-endpoints",
                     &e.endpoint(),
                 ]);
+                if let Some(t) = &e.tls {
+                    c.args(t.agent_args());
+                }
                 c
             }
             None => {
@@ -271,16 +280,134 @@ pub struct Etcd {
     pub addr: Ipv4Addr,
     data_dir: PathBuf,
     child: Option<Child>,
+    /// Certificates, when it serves TLS only.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A CA, a server certificate for etcd's address and a client certificate, made with openssl.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// etcd's certificate and key.
+    pub server: (PathBuf, PathBuf),
+    /// The client's certificate and key.
+    pub client: (PathBuf, PathBuf),
+}
+
+impl TlsFiles {
+    /// Generates the files under `dir/tls` for a server at `addr`.
+    pub fn generate(dir: &std::path::Path, addr: Ipv4Addr) -> TlsFiles {
+        let d = dir.join("tls");
+        std::fs::create_dir_all(&d).expect("tls dir");
+        let p = |n: &str| d.join(n).display().to_string();
+        let openssl = |args: &[&str]| {
+            run_checked(Command::new("openssl").args(args)).unwrap_or_else(|e| panic!("openssl {args:?}: {e}"));
+        };
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &p("ca.key"),
+        ]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("ca.key"),
+            "-subj",
+            "/CN=weft-test-ca",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            &p("ca.crt"),
+        ]);
+        for (name, ext) in [
+            // etcd 3.4 dials itself with its server certificate, so it must allow client auth too.
+            (
+                "server",
+                format!("subjectAltName=IP:{addr}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE"),
+            ),
+            (
+                "client",
+                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE".to_string(),
+            ),
+        ] {
+            openssl(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &p(&format!("{name}.key")),
+            ]);
+            openssl(&[
+                "req",
+                "-new",
+                "-key",
+                &p(&format!("{name}.key")),
+                "-subj",
+                &format!("/CN=weft-{name}"),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ]);
+            std::fs::write(d.join(format!("{name}.ext")), ext).expect("ext file");
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(&format!("{name}.ext")),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ]);
+        }
+        TlsFiles {
+            ca: d.join("ca.crt"),
+            server: (d.join("server.crt"), d.join("server.key")),
+            client: (d.join("client.crt"), d.join("client.key")),
+        }
+    }
+
+    /// The agent flags that use these files.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--etcd-cafile".into(),
+            self.ca.display().to_string(),
+            "--etcd-certfile".into(),
+            self.client.0.display().to_string(),
+            "--etcd-keyfile".into(),
+            self.client.1.display().to_string(),
+        ]
+    }
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
-    pub fn start(ns: String, addr: Ipv4Addr, data_dir: PathBuf) -> Etcd {
+    pub fn start(ns: String, addr: Ipv4Addr, data_dir: PathBuf, tls: Option<TlsFiles>) -> Etcd {
         let mut e = Etcd {
             ns,
             addr,
             data_dir,
             child: None,
+            tls,
         };
         e.resume();
         e
@@ -288,7 +415,8 @@ impl Etcd {
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.addr)
     }
 
     /// (Re)starts the server on the same data directory and waits until it is healthy.
@@ -301,8 +429,21 @@ impl Etcd {
             .open(self.data_dir.with_extension("log"))
             .expect("etcd log");
         let url = self.endpoint();
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(t) = &self.tls {
+            tls_args = vec![
+                "--cert-file".into(),
+                t.server.0.display().to_string(),
+                "--key-file".into(),
+                t.server.1.display().to_string(),
+                "--trusted-ca-file".into(),
+                t.ca.display().to_string(),
+                "--client-cert-auth".into(),
+            ];
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcd"])
+            .args(&tls_args)
             .args([
                 "--name",
                 "weft-test",
@@ -322,11 +463,15 @@ impl Etcd {
         let healthy = eventually(Duration::from_secs(20), || {
             self.etcdctl(&["endpoint", "health"]).is_ok()
         });
-        assert!(
-            healthy,
-            "etcd did not become healthy: see {}",
-            self.data_dir.with_extension("log").display()
-        );
+        if !healthy {
+            let log = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let probe = self.etcdctl(&["endpoint", "health"]).err().unwrap_or_default();
+            panic!(
+                "etcd did not become healthy ({probe}); its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 
     /// Stops the server (SIGKILL: an outage, not a maintenance).
@@ -348,9 +493,13 @@ impl Etcd {
             "--endpoints",
             &self.endpoint(),
             "--command-timeout=3s",
-        ])
-        .args(args)
-        .env("ETCDCTL_API", "3");
+        ]);
+        if let Some(t) = &self.tls {
+            c.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client.0.display()))
+                .arg(format!("--key={}", t.client.1.display()));
+        }
+        c.args(args).env("ETCDCTL_API", "3");
         run_checked(&mut c).map_err(|e| e.to_string())
     }
 }
