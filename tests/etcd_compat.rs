@@ -176,3 +176,73 @@ fn etcd_over_mutual_tls() {
         .expect("weft lease ls");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-certfile and --etcd-keyfile must be given together"));
 }
+
+#[test]
+fn a_watch_from_a_compacted_revision_asks_for_a_relist() {
+    use weft::lease::etcd::{EtcdOptions, EtcdStore};
+    use weft::lease::{LeaseAttrs, LeaseStore, StoreError};
+
+    let c = TestCluster::new("cp", StoreKind::Etcd, 1);
+    let etcd = c.etcd.as_ref().expect("etcd");
+    let endpoint = etcd.endpoint();
+    // The store client must run where etcd is reachable: inside the etcd host's namespace.
+    let outcome = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let store = EtcdStore::connect(&EtcdOptions {
+                endpoints: vec![endpoint],
+                prefix: "/coreos.com/network".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("connect");
+            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
+            let ttl = Duration::from_secs(60);
+            let old = store.list_leases().await.expect("list").revision;
+            for i in 1..=5 {
+                let net = format!("10.244.{i}.0/24").parse().expect("net");
+                store
+                    .create_lease(net, &attrs, ttl)
+                    .await
+                    .expect("create")
+                    .expect("free");
+            }
+            let now = store.list_leases().await.expect("list").revision;
+            (old, now)
+        })
+    });
+    let (old, now) = outcome.expect("namespace");
+    etcd.etcdctl(&["compact", &now.to_string()]).expect("compact");
+    let endpoint = etcd.endpoint();
+    let got = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let store = EtcdStore::connect(&EtcdOptions {
+                endpoints: vec![endpoint],
+                prefix: "/coreos.com/network".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("connect");
+            let mut w = store.watch_leases(old).await.expect("watch");
+            let first = tokio::time::timeout(Duration::from_secs(10), w.recv())
+                .await
+                .expect("an answer");
+            let relisted = store.list_leases().await.expect("relist").leases.len();
+            (
+                matches!(first, Some(Err(StoreError::Compacted(_)))),
+                format!("{first:?}"),
+                relisted,
+            )
+        })
+    })
+    .expect("namespace");
+    assert!(got.0, "expected a compaction error, got {}", got.1);
+    assert_eq!(got.2, 5, "the re-list sees every lease");
+}

@@ -125,6 +125,11 @@ fn restart_same_subnet(store: StoreKind) {
         "agent exited with {status} on SIGTERM:\n{}",
         c.lab.nodes[0].log_tail(10)
     );
+    // The TUN device (and with it every route through it) went with the process.
+    assert!(
+        c.lab.nodes[0].ns.ip(&["link", "show", "weft0"]).is_err(),
+        "weft0 survived the agent"
+    );
     c.lab.start_agent(1).expect("restart");
     assert_eq!(c.lab.wait_ready(1, Duration::from_secs(30)).expect("ready"), first);
 
