@@ -144,36 +144,31 @@ fn etcd_over_mutual_tls() {
     // Without a client certificate the server refuses the agent, and the agent says why.
     let (ns, addr) = (etcd.ns.clone(), etcd.endpoint());
     let tls = etcd.tls.clone().expect("tls files");
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            &weft_bin().display().to_string(),
-            "lease",
-            "--etcd-endpoints",
-            &addr,
-        ])
-        .args(["--etcd-cafile", &tls.ca.display().to_string(), "ls"])
-        .output()
-        .expect("weft lease ls");
+    let lease_ls = |flag: &str, file: &std::path::Path| {
+        let bin = weft_bin().display().to_string();
+        let file = file.display().to_string();
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                &bin,
+                "lease",
+                "--etcd-endpoints",
+                &addr,
+                flag,
+                &file,
+                "ls",
+            ])
+            .output()
+            .expect("weft lease ls")
+    };
+    let out = lease_ls("--etcd-cafile", &tls.ca);
     assert!(!out.status.success(), "etcd accepted a client without a certificate");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach etcd at https://"), "{err}");
     // A half-given client identity is a usage error, not a silent fallback.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            &weft_bin().display().to_string(),
-            "lease",
-            "--etcd-endpoints",
-            &addr,
-        ])
-        .args(["--etcd-certfile", &tls.client.0.display().to_string(), "ls"])
-        .output()
-        .expect("weft lease ls");
+    let out = lease_ls("--etcd-certfile", &tls.client.0);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-certfile and --etcd-keyfile must be given together"));
 }
 
@@ -186,50 +181,32 @@ fn a_watch_from_a_compacted_revision_asks_for_a_relist() {
     let etcd = c.etcd.as_ref().expect("etcd");
     let endpoint = etcd.endpoint();
     // The store client must run where etcd is reachable: inside the etcd host's namespace.
-    let outcome = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let store = EtcdStore::connect(&EtcdOptions {
-                endpoints: vec![endpoint],
-                prefix: "/coreos.com/network".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("connect");
-            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
-            let ttl = Duration::from_secs(60);
-            let old = store.list_leases().await.expect("list").revision;
-            for i in 1..=5 {
-                let net = format!("10.244.{i}.0/24").parse().expect("net");
-                store
-                    .create_lease(net, &attrs, ttl)
-                    .await
-                    .expect("create")
-                    .expect("free");
-            }
-            let now = store.list_leases().await.expect("list").revision;
-            (old, now)
-        })
-    });
-    let (old, now) = outcome.expect("namespace");
-    etcd.etcdctl(&["compact", &now.to_string()]).expect("compact");
-    let endpoint = etcd.endpoint();
     let got = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let store = EtcdStore::connect(&EtcdOptions {
-                endpoints: vec![endpoint],
+            let opts = EtcdOptions {
+                endpoints: vec![endpoint.clone()],
                 prefix: "/coreos.com/network".into(),
                 ..Default::default()
-            })
-            .await
-            .expect("connect");
+            };
+            let store = EtcdStore::connect(&opts).await.expect("connect");
+            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
+            let old = store.list_leases().await.expect("list").revision;
+            for i in 1..=5 {
+                let net = format!("10.244.{i}.0/24").parse().expect("net");
+                let created = store.create_lease(net, &attrs, Duration::from_secs(60)).await;
+                assert!(created.expect("create").is_some());
+            }
+            let now = store.list_leases().await.expect("list").revision;
+            let compact = std::process::Command::new("etcdctl")
+                .args(["--endpoints", &endpoint, "compact", &now.to_string()])
+                .env("ETCDCTL_API", "3")
+                .status()
+                .expect("etcdctl compact");
+            assert!(compact.success());
             let mut w = store.watch_leases(old).await.expect("watch");
             let first = tokio::time::timeout(Duration::from_secs(10), w.recv())
                 .await

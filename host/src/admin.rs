@@ -50,104 +50,99 @@ async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
 
 /// The Prometheus text exposition of the agent's state.
 pub fn render(s: &AgentState) -> String {
-    let mut o = String::with_capacity(2048);
+    let mut o = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, v) in samples {
             let _ = writeln!(o, "{name}{labels} {v}");
         }
     };
-    let one = |v: u64| vec![(String::new(), v)];
-    metric(
-        "weft_ready",
-        "gauge",
-        "1 once the subnet file is written.",
-        &one(u64::from(s.ready.load(Ordering::Relaxed))),
-    );
-    metric(
-        "weft_store_connected",
-        "gauge",
-        "1 while the lease store answers.",
-        &one(u64::from(s.store_health.connected.load(Ordering::Relaxed))),
-    );
-    metric(
-        "weft_store_watch_restarts_total",
-        "counter",
-        "Times the lease watch was re-established after breaking.",
-        &one(s.store_health.watch_restarts.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_lease_acquisitions_total",
-        "counter",
-        "Times this node acquired its lease (1 at start; more means it was lost and re-acquired).",
-        &one(s.acquisitions.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_lease_renewals_total",
-        "counter",
-        "Successful renewals of this node's lease.",
-        &one(s.renewals.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_leases",
-        "gauge",
-        "Leases known in the cluster.",
-        &one(s.leases_known.load(Ordering::Relaxed) as u64),
-    );
-    let routes = s.backend.routes();
-    metric(
-        "weft_routes",
-        "gauge",
-        "Remote subnets the data path routes.",
-        &one(routes.len() as u64),
-    );
-    if let Some(own) = s.own_lease() {
-        metric(
-            "weft_node_info",
-            "gauge",
-            "This node's lease.",
-            &[(
-                format!(
-                    "{{subnet=\"{}\",public_ip=\"{}\",backend=\"{}\"}}",
-                    own.subnet,
-                    own.attrs.public_ip,
-                    s.backend.kind()
-                ),
-                1,
-            )],
-        );
-    }
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let st = s.backend.stats();
-    metric(
-        "weft_dataplane_tx_packets_total",
-        "counter",
-        "Packets sent to peers.",
-        &one(st.tx_packets.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_dataplane_tx_bytes_total",
-        "counter",
-        "Inner bytes sent to peers.",
-        &one(st.tx_bytes.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_dataplane_rx_packets_total",
-        "counter",
-        "Packets received from peers and delivered.",
-        &one(st.rx_packets.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_dataplane_rx_bytes_total",
-        "counter",
-        "Inner bytes received from peers and delivered.",
-        &one(st.rx_bytes.load(Ordering::Relaxed)),
-    );
-    metric(
-        "weft_dataplane_icmp_errors_sent_total",
-        "counter",
-        "ICMP errors generated (net unreachable, time exceeded).",
-        &one(st.icmp_sent.load(Ordering::Relaxed)),
-    );
+    let routes = s.backend.routes().len() as u64;
+    // (name, type, help, value) of every unlabelled series.
+    let plain: [(&str, &str, &str, u64); 13] = [
+        (
+            "weft_ready",
+            "gauge",
+            "1 once the subnet file is written.",
+            u64::from(s.ready.load(Ordering::Relaxed)),
+        ),
+        (
+            "weft_store_connected",
+            "gauge",
+            "1 while the lease store answers.",
+            u64::from(s.store_health.connected.load(Ordering::Relaxed)),
+        ),
+        (
+            "weft_store_watch_restarts_total",
+            "counter",
+            "Times the lease watch was re-established after breaking.",
+            load(&s.store_health.watch_restarts),
+        ),
+        (
+            "weft_lease_acquisitions_total",
+            "counter",
+            "Times this node acquired its lease (1 at start; more means it was lost and re-acquired).",
+            load(&s.acquisitions),
+        ),
+        (
+            "weft_lease_renewals_total",
+            "counter",
+            "Successful renewals of this node's lease.",
+            load(&s.renewals),
+        ),
+        (
+            "weft_leases",
+            "gauge",
+            "Leases known in the cluster.",
+            s.leases_known.load(Ordering::Relaxed) as u64,
+        ),
+        ("weft_routes", "gauge", "Remote subnets the data path routes.", routes),
+        (
+            "weft_dataplane_tx_packets_total",
+            "counter",
+            "Packets sent to peers.",
+            load(&st.tx_packets),
+        ),
+        (
+            "weft_dataplane_tx_bytes_total",
+            "counter",
+            "Inner bytes sent to peers.",
+            load(&st.tx_bytes),
+        ),
+        (
+            "weft_dataplane_rx_packets_total",
+            "counter",
+            "Packets received from peers and delivered.",
+            load(&st.rx_packets),
+        ),
+        (
+            "weft_dataplane_rx_bytes_total",
+            "counter",
+            "Inner bytes received from peers and delivered.",
+            load(&st.rx_bytes),
+        ),
+        (
+            "weft_dataplane_icmp_errors_sent_total",
+            "counter",
+            "ICMP errors generated (net unreachable, time exceeded).",
+            load(&st.icmp_sent),
+        ),
+        ("weft_up", "gauge", "Always 1: the agent process answers.", 1),
+    ];
+    for (name, kind, help, v) in plain {
+        metric(name, kind, help, &[(String::new(), v)]);
+    }
+    if let Some(own) = s.own_lease() {
+        let labels = format!(
+            "{{subnet=\"{}\",public_ip=\"{}\",backend=\"{}\"}}",
+            own.subnet,
+            own.attrs.public_ip,
+            s.backend.kind()
+        );
+        metric("weft_node_info", "gauge", "This node's lease.", &[(labels, 1)]);
+    }
     let drops: Vec<(String, u64)> = DropReason::ALL
         .iter()
         .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r)))

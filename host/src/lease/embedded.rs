@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
+use super::{readable, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
 use crate::subnet::{parse_subnet_key, subnet_key};
 
 /// How many change-log entries are kept for watchers; older ones are compacted away.
@@ -21,6 +21,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub struct EmbeddedStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    retention: i64,
 }
 
 fn now_ms() -> i64 {
@@ -56,6 +57,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
+            retention: EVENT_RETENTION,
         })
     }
 
@@ -130,14 +132,20 @@ fn set_meta(tx: &Connection, name: &str, value: &str) -> rusqlite::Result<()> {
 }
 
 /// Takes the next revision number and records a change under it.
-fn log_change(tx: &Connection, subnet: &str, value: Option<&str>, expires_ms: i64) -> rusqlite::Result<i64> {
+fn log_change(
+    tx: &Connection,
+    subnet: &str,
+    value: Option<&str>,
+    expires_ms: i64,
+    retention: i64,
+) -> rusqlite::Result<i64> {
     let rev = meta_i64(tx, "revision")? + 1;
     set_meta(tx, "revision", &rev.to_string())?;
     tx.execute(
         "INSERT INTO events(revision, subnet, value, expires_ms) VALUES (?1, ?2, ?3, ?4)",
         params![rev, subnet, value, expires_ms],
     )?;
-    let floor = rev - EVENT_RETENTION;
+    let floor = rev - retention;
     if floor > 0 && tx.execute("DELETE FROM events WHERE revision <= ?1", [floor])? > 0 {
         set_meta(tx, "compacted", &floor.to_string())?;
     }
@@ -145,7 +153,7 @@ fn log_change(tx: &Connection, subnet: &str, value: Option<&str>, expires_ms: i6
 }
 
 /// Deletes expired leases, logging each removal, so watchers see expiry like a delete.
-fn sweep_expired(tx: &Connection) -> rusqlite::Result<()> {
+fn sweep_expired(tx: &Connection, retention: i64) -> rusqlite::Result<()> {
     let now = now_ms();
     let expired: Vec<String> = tx
         .prepare("SELECT subnet FROM leases WHERE expires_ms <= ?1")?
@@ -153,7 +161,7 @@ fn sweep_expired(tx: &Connection) -> rusqlite::Result<()> {
         .collect::<rusqlite::Result<_>>()?;
     for subnet in expired {
         tx.execute("DELETE FROM leases WHERE subnet = ?1", [&subnet])?;
-        log_change(tx, &subnet, None, 0)?;
+        log_change(tx, &subnet, None, 0, retention)?;
     }
     Ok(())
 }
@@ -188,6 +196,7 @@ impl EmbeddedStore {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<Lease>, StoreError> {
+        let retention = self.retention;
         let key = subnet_key(&subnet);
         let value = serde_json::to_string(attrs).map_err(|e| StoreError::Corrupt {
             key: key.clone(),
@@ -196,7 +205,7 @@ impl EmbeddedStore {
         let written = self
             .with_conn(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                sweep_expired(&tx)?;
+                sweep_expired(&tx, retention)?;
                 let current: Option<i64> = tx
                     .query_row("SELECT revision FROM leases WHERE subnet = ?1", [&key], |r| r.get(0))
                     .optional()?;
@@ -204,7 +213,7 @@ impl EmbeddedStore {
                     return Ok(None);
                 }
                 let expires = now_ms().saturating_add(ttl_ms(ttl));
-                let rev = log_change(&tx, &key, Some(&value), expires)?;
+                let rev = log_change(&tx, &key, Some(&value), expires, retention)?;
                 tx.execute(
                     "INSERT INTO leases(subnet, value, expires_ms, revision) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(subnet) DO UPDATE SET value = excluded.value,
@@ -266,14 +275,7 @@ impl LeaseStore for EmbeddedStore {
                 Ok((rows, rev))
             })
             .await?;
-        let mut leases = Vec::with_capacity(rows.len());
-        for (k, v, e, r) in rows {
-            match row_to_lease(&k, &v, e, r) {
-                Ok(l) => leases.push(l),
-                // One unreadable row must not hide every other lease from the node.
-                Err(err) => tracing::warn!(%err, "skipping unreadable lease"),
-            }
-        }
+        let leases = readable(rows.iter().map(|(k, v, e, r)| row_to_lease(k, v, *e, *r)));
         Ok(LeaseSnapshot { leases, revision })
     }
 
@@ -291,12 +293,13 @@ impl LeaseStore for EmbeddedStore {
     }
 
     async fn delete_lease(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
+        let retention = self.retention;
         let key = subnet_key(&subnet);
         self.with_conn(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let n = tx.execute("DELETE FROM leases WHERE subnet = ?1", [&key])?;
             if n > 0 {
-                log_change(&tx, &key, None, 0)?;
+                log_change(&tx, &key, None, 0, retention)?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -308,6 +311,7 @@ impl LeaseStore for EmbeddedStore {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let conn = self.conn.clone();
         let path = self.path.display().to_string();
+        let retention = self.retention;
         tokio::spawn(async move {
             let mut since = revision;
             let mut ticks: u32 = 0;
@@ -316,7 +320,7 @@ impl LeaseStore for EmbeddedStore {
                 // Someone must turn expiry into delete events; every watcher sweeps now and then.
                 let sweep = ticks.is_multiple_of(5);
                 let conn2 = conn.clone();
-                let polled = tokio::task::spawn_blocking(move || poll_events(&conn2, since, sweep)).await;
+                let polled = tokio::task::spawn_blocking(move || poll_events(&conn2, since, sweep, retention)).await;
                 let msg = match polled {
                     Ok(Ok(None)) => None,
                     Ok(Ok(Some((events, rev)))) => {
@@ -362,7 +366,7 @@ impl From<rusqlite::Error> for PollError {
 
 type Polled = Option<(Vec<LeaseEvent>, i64)>;
 
-fn poll_events(conn: &Mutex<Connection>, since: i64, sweep: bool) -> Result<Polled, PollError> {
+fn poll_events(conn: &Mutex<Connection>, since: i64, sweep: bool, retention: i64) -> Result<Polled, PollError> {
     let mut c = conn.lock().map_err(|_| PollError::Db(rusqlite::Error::InvalidQuery))?;
     if sweep {
         let due: i64 = c.query_row("SELECT COUNT(*) FROM leases WHERE expires_ms <= ?1", [now_ms()], |r| {
@@ -370,7 +374,7 @@ fn poll_events(conn: &Mutex<Connection>, since: i64, sweep: bool) -> Result<Poll
         })?;
         if due > 0 {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            sweep_expired(&tx)?;
+            sweep_expired(&tx, retention)?;
             tx.commit()?;
         }
     }
@@ -537,6 +541,32 @@ mod tests {
                 h.join().unwrap().unwrap();
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_left_behind_compaction_is_told_to_relist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = EmbeddedStore::open(&dir.path().join("s.db")).unwrap();
+        s.retention = 5;
+        let start = s.list_leases().await.unwrap().revision;
+        for i in 1..=8 {
+            s.create_lease(
+                net(&format!("10.244.{i}.0/24")),
+                &attrs("1.1.1.1"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+        let mut behind = s.watch_leases(start).await.unwrap();
+        assert!(matches!(behind.recv().await, Some(Err(StoreError::Compacted(_)))));
+        // A watcher that is not behind still gets every change.
+        let now = s.list_leases().await.unwrap().revision;
+        let mut current = s.watch_leases(now - 2).await.unwrap();
+        let (events, rev) = current.recv().await.unwrap().unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(rev, now);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 
-use super::{Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
+use super::{readable, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
 use crate::subnet::{parse_subnet_key, subnet_key};
 
 /// How to reach etcd.
@@ -197,14 +197,7 @@ impl LeaseStore for EtcdStore {
             .await
             .map_err(unavailable)?;
         let revision = r.header().map(|h| h.revision()).unwrap_or(0);
-        let mut leases = Vec::with_capacity(r.kvs().len());
-        for kv in r.kvs() {
-            match self.kv_to_lease(kv, None) {
-                Ok(l) => leases.push(l),
-                // A stray key under the prefix must not hide every other lease from the node.
-                Err(err) => tracing::warn!(%err, "skipping unreadable lease"),
-            }
-        }
+        let leases = readable(r.kvs().iter().map(|kv| self.kv_to_lease(kv, None)));
         Ok(LeaseSnapshot { leases, revision })
     }
 

@@ -144,6 +144,15 @@ pub trait LeaseStore: Send + Sync {
     async fn watch_leases(&self, revision: i64) -> Result<LeaseWatchStream, StoreError>;
 }
 
+/// The readable leases of a listing. One stray or corrupt key must not hide every other lease
+/// from the node, so unreadable entries are logged and skipped.
+pub(crate) fn readable(items: impl IntoIterator<Item = Result<Lease, StoreError>>) -> Vec<Lease> {
+    items
+        .into_iter()
+        .filter_map(|r| r.map_err(|err| tracing::warn!(%err, "skipping unreadable lease")).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
