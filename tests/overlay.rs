@@ -36,6 +36,8 @@ fn three_nodes_traffic(store: StoreKind) {
         assert!(c.metric(n, "weft_dataplane_tx_bytes_total") > 8.0 * 1024.0 * 1024.0);
         assert!(c.metric(n, "weft_dataplane_rx_bytes_total") > 8.0 * 1024.0 * 1024.0);
         assert_eq!(c.metric(n, "weft_routes"), 2.0);
+        assert_eq!(c.metric(n, "weft_dataplane_up"), 1.0);
+        assert_eq!(c.lab.http_get(n, "/healthz").expect("healthz").0, 200);
         assert_eq!(
             c.metric(n, "weft_dataplane_dropped_packets_total{reason=\"spoofed_source\"}"),
             0.0
@@ -252,4 +254,29 @@ on_both_stores! {
     restarted_node_keeps_its_subnet_and_renews => restart_same_subnet,
     twenty_agents_at_once_get_twenty_subnets => twenty_at_once,
     spoofed_and_malformed_datagrams_are_dropped_and_counted => spoofing,
+}
+
+#[test]
+fn deleted_tun_device_stops_the_agent_and_a_restart_recovers() {
+    let mut c = TestCluster::new("dv", StoreKind::Embedded, 2);
+    c.up(1);
+    let subnet = c.subnet(2);
+    c.lab.nodes[1].ns.ip(&["link", "del", "weft0"]).expect("delete weft0");
+    let exited = eventually(Duration::from_secs(10), || {
+        c.lab.nodes[1].agent.as_mut().expect("agent").exited().is_some()
+    });
+    assert!(exited, "agent kept running without its device");
+    let log = c.lab.nodes[1].log_tail(5);
+    assert!(
+        log.contains("weft: error: the data path stopped: reading TUN device weft0 failed"),
+        "{log}"
+    );
+    c.lab.start_agent(2).expect("restart");
+    assert_eq!(c.lab.wait_ready(2, Duration::from_secs(30)).expect("ready"), subnet);
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2) = c.pod(2, 1);
+    assert!(
+        eventually(Duration::from_secs(10), || ping(&p1, p2)),
+        "traffic did not resume"
+    );
 }

@@ -29,8 +29,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
+    match s.backend.stats().failure() {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("data path stopped: {why}\n")),
+    }
 }
 
 async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
@@ -129,7 +132,12 @@ pub fn render(s: &AgentState) -> String {
             "ICMP errors generated (net unreachable, time exceeded).",
             load(&st.icmp_sent),
         ),
-        ("weft_up", "gauge", "Always 1: the agent process answers.", 1),
+        (
+            "weft_dataplane_up",
+            "gauge",
+            "1 while the data path runs.",
+            u64::from(st.failure().is_none()),
+        ),
     ];
     for (name, kind, help, v) in plain {
         metric(name, kind, help, &[(String::new(), v)]);

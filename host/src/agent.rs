@@ -58,6 +58,8 @@ pub enum AgentError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Acquire(#[from] AcquireError),
+    #[error("the data path stopped: {0}")]
+    Dataplane(String),
     #[error("the store has no network config at its config key and no --net-config was given")]
     NoNetworkConfig,
     #[error("cannot read --net-config {path}: {source}")]
@@ -223,10 +225,24 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     tracing::info!(subnet = %lease.subnet, file = %opts.subnet_file.display(), "node ready");
 
     let keep = tokio::spawn(keep_lease(keeper, state.clone(), lost, opts.subnet_file.clone(), env));
-    shutdown.await;
+    // A data path that stopped (its device deleted under it, its socket dead) is not repaired in
+    // place: the agent exits so its supervisor restarts it, and a restart starts clean.
+    let stats = backend.stats();
+    let failed = async move {
+        loop {
+            if let Some(why) = stats.failure() {
+                return why.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        why = failed => Err(AgentError::Dataplane(why)),
+    };
     keep.abort();
     tracing::info!("shutting down: the lease stays for a restart to adopt; the TUN device goes with the process");
-    Ok(())
+    outcome
 }
 
 /// Renews the lease before it expires and re-acquires it if it is lost; never gives up.

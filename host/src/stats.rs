@@ -1,6 +1,7 @@
 //! Data path counters, lock-free, shared between the I/O threads and the metrics endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// Why the data path dropped a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,7 @@ pub struct DataplaneStats {
     /// ICMP errors generated.
     pub icmp_sent: AtomicU64,
     drops: [AtomicU64; 7],
+    failure: OnceLock<String>,
 }
 
 impl DataplaneStats {
@@ -74,6 +76,17 @@ impl DataplaneStats {
     /// Dropped packets for one reason.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Records that the data path stopped for good (the first reason wins).
+    pub fn fail(&self, why: String) {
+        tracing::error!(reason = %why, "data path stopped");
+        let _ = self.failure.set(why);
+    }
+
+    /// Why the data path stopped, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     /// Counts a packet sent to a peer.

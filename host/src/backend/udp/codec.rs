@@ -190,4 +190,34 @@ mod tests {
             Inbound::Drop(DropReason::TtlExpired)
         );
     }
+
+    #[test]
+    fn hostile_bytes_never_panic_and_never_pass_unchecked() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let valid = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 64, &[0x55; 40]);
+        for round in 0..20_000 {
+            // Half pure noise, half a valid packet with a few bytes flipped and a random length.
+            let mut buf: Vec<u8> = if round % 2 == 0 {
+                (0..rng.random_range(0..120)).map(|_| rng.random()).collect()
+            } else {
+                let mut v = valid.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(0..v.len());
+                    v[i] = rng.random();
+                }
+                v.truncate(rng.random_range(0..=v.len()));
+                v
+            };
+            let mut copy = buf.clone();
+            if let Inbound::Deliver { len } = inbound(&routes(), a("198.18.0.2"), &mut buf) {
+                // Whatever passes is a well-formed packet from the sender's subnet.
+                let m = parse_ipv4(&buf[..len]).expect("delivered packets parse");
+                assert!("10.244.2.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&m.src));
+            }
+            if let Outbound::Send { len, .. } = outbound(&routes(), &mut copy) {
+                assert!(parse_ipv4(&copy[..len]).is_ok());
+            }
+        }
+    }
 }

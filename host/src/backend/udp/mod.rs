@@ -208,13 +208,13 @@ impl TxWorker {
             let n = match self.device.recv_multiple(&mut read, &mut segs, &mut sizes, 0) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Not an OS error: `tun-rs` refused one malformed offload read, the device is fine.
+                Err(e) if e.raw_os_error().is_none() => {
+                    self.stats.dropped(DropReason::Malformed);
+                    continue;
+                }
                 Err(e) => {
-                    // A malformed offload header is one bad read, not a dead device.
-                    if e.kind() == std::io::ErrorKind::Other || e.kind() == std::io::ErrorKind::InvalidData {
-                        self.stats.dropped(DropReason::Malformed);
-                        continue;
-                    }
-                    tracing::error!(error = %e, "reading the TUN device failed; udp tx loop stops");
+                    self.stats.fail(format!("reading TUN device {DEVICE} failed: {e}"));
                     return;
                 }
             };
@@ -289,11 +289,19 @@ impl RxWorker {
             .map(|_| Vec::with_capacity(SEGMENT_ROOM))
             .collect();
         let mut gro = GROTable::default();
+        let mut failures = Failures::default();
         loop {
             let (n, from, segment) = match self.socket.recv(&mut read) {
-                Ok(r) => r,
+                Ok(r) => {
+                    failures.reset();
+                    r
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "receiving from the UDP socket failed");
+                    if failures.note(&e) {
+                        self.stats
+                            .fail(format!("receiving from the underlay socket keeps failing: {e}"));
+                        return;
+                    }
                     continue;
                 }
             };
@@ -332,5 +340,32 @@ impl RxWorker {
             tracing::debug!(error = %e, "writing to the TUN device failed");
             self.stats.dropped(DropReason::IoError);
         }
+    }
+}
+
+/// Tells a passing error (a full buffer, an ICMP error reported on the socket) from a dead
+/// descriptor: only a long unbroken run of errors stops a loop, so it never spins forever.
+#[derive(Default)]
+struct Failures {
+    run: u32,
+}
+
+impl Failures {
+    const LIMIT: u32 = 10_000;
+
+    fn reset(&mut self) {
+        self.run = 0;
+    }
+
+    /// Counts one error; true when the loop should give up.
+    fn note(&mut self, e: &std::io::Error) -> bool {
+        if matches!(e.raw_os_error(), Some(libc::EBADF | libc::EBADFD | libc::ENOTSOCK)) {
+            return true;
+        }
+        self.run += 1;
+        if self.run == 1 {
+            tracing::warn!(error = %e, "underlay socket error");
+        }
+        self.run >= Self::LIMIT
     }
 }
