@@ -268,7 +268,7 @@ fn deleted_tun_device_stops_the_agent_and_a_restart_recovers() {
     assert!(exited, "agent kept running without its device");
     let log = c.lab.nodes[1].log_tail(5);
     assert!(
-        log.contains("weft: error: the data path stopped: reading TUN device weft0 failed"),
+        log.contains("weft: error: the data path stopped: TUN device weft0 failed"),
         "{log}"
     );
     c.lab.start_agent(2).expect("restart");

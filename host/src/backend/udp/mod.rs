@@ -14,6 +14,7 @@ pub mod codec;
 pub mod sock;
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -136,6 +137,9 @@ impl Backend for UdpBackend {
             }
         };
         let offload = device.tcp_gso();
+        // The tx loop drains the device without blocking and waits in poll(); writes to a TUN
+        // device never block, so the rx loop is unaffected.
+        device.set_nonblocking(true)?;
         let device = Arc::new(device);
         let socket = Arc::new(
             sock::UnderlaySocket::open(self.port).map_err(|source| BackendError::Socket {
@@ -204,9 +208,26 @@ impl TxWorker {
         let mut segs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; SEGMENT_ROOM]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
         let mut batch = batch::GsoBatch::new();
+        // Reads drain the device without blocking until it is empty (or a burst is read), so
+        // small packets that arrive together leave together in one GSO send per peer; only an
+        // empty device costs a wait in poll().
+        let mut drained = 0usize;
         loop {
+            if drained >= DRAIN_BURST {
+                self.flush(&mut batch);
+                drained = 0;
+            }
             let n = match self.device.recv_multiple(&mut read, &mut segs, &mut sizes, 0) {
                 Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.flush(&mut batch);
+                    drained = 0;
+                    if let Err(e) = wait_readable(self.device.as_raw_fd()) {
+                        self.stats.fail(format!("TUN device {DEVICE} failed: {e}"));
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // Not an OS error: `tun-rs` refused one malformed offload read, the device is fine.
                 Err(e) if e.raw_os_error().is_none() => {
@@ -214,10 +235,11 @@ impl TxWorker {
                     continue;
                 }
                 Err(e) => {
-                    self.stats.fail(format!("reading TUN device {DEVICE} failed: {e}"));
+                    self.stats.fail(format!("TUN device {DEVICE} failed: {e}"));
                     return;
                 }
             };
+            drained += 1;
             let routes = self.routes.load();
             for (seg, &size) in segs.iter_mut().zip(&sizes).take(n) {
                 match codec::outbound(&routes, &mut seg[..size]) {
@@ -236,7 +258,6 @@ impl TxWorker {
                     Outbound::Drop(reason) => self.stats.dropped(reason),
                 }
             }
-            self.flush(&mut batch);
         }
     }
 
@@ -270,6 +291,32 @@ impl TxWorker {
         self.device
             .send_multiple(&mut GROTable::default(), &mut one, VIRTIO_NET_HDR_LEN)
             .is_ok()
+    }
+}
+
+/// Most reads from the device before queued datagrams are sent regardless, bounding latency.
+const DRAIN_BURST: usize = 64;
+
+/// Blocks until `fd` is readable.
+fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, count 1, for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 {
+            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(std::io::Error::other("the device reported an error (was it deleted?)"));
+            }
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
