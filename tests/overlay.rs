@@ -280,3 +280,29 @@ fn deleted_tun_device_stops_the_agent_and_a_restart_recovers() {
         "traffic did not resume"
     );
 }
+
+#[test]
+fn offloads_off_moves_packets_one_by_one_and_still_carries_everything() {
+    let cfg = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Offload":false}}"#;
+    let mut c = TestCluster::with_config("no", StoreKind::Embedded, 2, cfg, &[]);
+    c.up(1);
+    let log = std::fs::read_to_string(c.lab.nodes[0].log_file()).expect("log");
+    assert!(
+        log.contains("tun_offload=false") && log.contains("udp_gso=false") && log.contains("udp_gro=false"),
+        "{log}"
+    );
+    for (a, b) in pairs(2) {
+        let (src, _) = c.pod(a, 1);
+        let (dst_ns, dst_ip) = c.pod(b, 1);
+        assert!(ping(&src, dst_ip));
+        tcp_transfer(&src, &dst_ns, dst_ip, 4 << 20);
+    }
+    // With offloads on (the default) the same log says so.
+    let mut d = TestCluster::new("of", StoreKind::Embedded, 1);
+    d.up(0);
+    let log = std::fs::read_to_string(d.lab.nodes[0].log_file()).expect("log");
+    assert!(
+        log.contains("tun_offload=true") && log.contains("udp_gso=true") && log.contains("udp_gro=true"),
+        "{log}"
+    );
+}

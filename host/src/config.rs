@@ -71,6 +71,18 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
+    /// A boolean field of the backend section (keys are case-insensitive).
+    pub fn bool_field(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.fields.get(&name.to_ascii_lowercase()) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ConfigError::BadField {
+                field: "Backend field",
+                what: "true or false",
+            }),
+        }
+    }
+
     /// An unsigned integer field of the backend section (keys are case-insensitive).
     pub fn u64_field(&self, name: &str) -> Result<Option<u64>, ConfigError> {
         match self.fields.get(&name.to_ascii_lowercase()) {
@@ -283,6 +295,15 @@ mod tests {
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 16, 0));
         assert_eq!(c.backend.kind, "udp");
         assert_eq!(c.backend.u64_field("Port").unwrap(), Some(9000));
+    }
+
+    #[test]
+    fn backend_booleans_are_checked() {
+        let c = parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp","Offload":false}}"#).unwrap();
+        assert_eq!(c.backend.bool_field("offload").unwrap(), Some(false));
+        let c = parse(r#"{"Network":"10.5.0.0/16","Backend":{"Offload":"no"}}"#).unwrap();
+        assert!(c.backend.bool_field("Offload").is_err());
+        assert_eq!(c.backend.bool_field("Missing").unwrap(), None);
     }
 
     #[test]

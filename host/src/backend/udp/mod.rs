@@ -46,6 +46,8 @@ pub struct UdpBackend {
     network: Ipv4Net,
     subnet_len: u8,
     port: u16,
+    /// Whether to use TUN offloads and UDP GSO/GRO (config `Backend.Offload`, default true).
+    offload: bool,
     mtu: u32,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
@@ -70,6 +72,11 @@ impl UdpBackend {
                 .filter(|p| *p != 0)
                 .ok_or_else(|| BackendError::Config(format!("Backend.Port {p} is not a UDP port")))?,
         };
+        let offload = config
+            .backend
+            .bool_field("Offload")
+            .map_err(|e| BackendError::Config(format!("Backend.Offload: {e}")))?
+            .unwrap_or(true);
         if node.iface_mtu <= OVERHEAD + 68 {
             return Err(BackendError::MtuTooSmall {
                 iface: node.iface.clone(),
@@ -81,6 +88,7 @@ impl UdpBackend {
             network: config.network,
             subnet_len: config.subnet_len,
             port,
+            offload,
             mtu: node.iface_mtu - OVERHEAD,
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
                 config.network,
@@ -126,27 +134,33 @@ impl Backend for UdpBackend {
                 .offload(offload)
                 .build_sync()
         };
-        let device = match build(true) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::info!(error = %e, "TUN offloads unavailable; packets move one by one");
-                build(false).map_err(|source| BackendError::Tun {
-                    name: DEVICE.to_string(),
-                    source,
-                })?
+        let tun_error = |source| BackendError::Tun {
+            name: DEVICE.to_string(),
+            source,
+        };
+        let device = if self.offload {
+            match build(true) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::info!(error = %e, "TUN offloads unavailable; packets move one by one");
+                    build(false).map_err(tun_error)?
+                }
             }
+        } else {
+            build(false).map_err(tun_error)?
         };
         let offload = device.tcp_gso();
         // The tx loop drains the device without blocking and waits in poll(); writes to a TUN
         // device never block, so the rx loop is unaffected.
         device.set_nonblocking(true)?;
         let device = Arc::new(device);
-        let socket = Arc::new(
-            sock::UnderlaySocket::open(self.port).map_err(|source| BackendError::Socket {
-                port: self.port,
-                source,
-            })?,
-        );
+        let socket =
+            Arc::new(
+                sock::UnderlaySocket::open(self.port, self.offload).map_err(|source| BackendError::Socket {
+                    port: self.port,
+                    source,
+                })?,
+            );
         let tx = TxWorker {
             device: device.clone(),
             socket: socket.clone(),
@@ -175,6 +189,7 @@ impl Backend for UdpBackend {
             %router,
             tun_offload = offload,
             udp_gro = socket.gro(),
+            udp_gso = socket.gso(),
             "udp backend up"
         );
         Ok(())

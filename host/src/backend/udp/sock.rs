@@ -20,19 +20,19 @@ pub struct UnderlaySocket {
 }
 
 impl UnderlaySocket {
-    /// Binds `0.0.0.0:port` and turns on GRO where the kernel has it.
-    pub fn open(port: u16) -> std::io::Result<Self> {
+    /// Binds `0.0.0.0:port`; with `offload`, turns on GRO where the kernel has it and tries GSO.
+    pub fn open(port: u16, offload: bool) -> std::io::Result<Self> {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
         // Large buffers absorb bursts while a thread is descheduled; the kernel caps them.
         let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = s.set_send_buffer_size(SOCKET_BUFFER);
         s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
         let sock: UdpSocket = s.into();
-        let gro = socket::setsockopt(&sock, sockopt::UdpGroSegment, &true).is_ok();
+        let gro = offload && socket::setsockopt(&sock, sockopt::UdpGroSegment, &true).is_ok();
         Ok(UnderlaySocket {
             sock,
             port,
-            gso: AtomicBool::new(true),
+            gso: AtomicBool::new(offload),
             gro,
         })
     }
