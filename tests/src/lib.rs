@@ -38,15 +38,11 @@ pub fn require_root() {
     );
 }
 
-/// A namespace prefix no other test (or test run) uses at the same time.
+/// A namespace prefix no other test (or test run) uses at the same time: `wt<pid>-<n><tag>`.
+/// The pid lets `scripts/test` remove what a killed run left behind (its process is gone).
 pub fn unique_prefix(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "wt{}{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed),
-        tag
-    )
+    format!("wt{}-{}{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), tag)
 }
 
 /// Which store a test cluster uses.
