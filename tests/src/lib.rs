@@ -300,15 +300,8 @@ impl TlsFiles {
         let openssl = |args: &[&str]| {
             run_checked(Command::new("openssl").args(args)).unwrap_or_else(|e| panic!("openssl {args:?}: {e}"));
         };
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &p("ca.key"),
-        ]);
+        let genkey = |file: &str| openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &p(file)]);
+        genkey("ca.key");
         openssl(&[
             "req",
             "-x509",
@@ -337,15 +330,7 @@ impl TlsFiles {
                 "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE".to_string(),
             ),
         ] {
-            openssl(&[
-                "ecparam",
-                "-name",
-                "prime256v1",
-                "-genkey",
-                "-noout",
-                "-out",
-                &p(&format!("{name}.key")),
-            ]);
+            genkey(&format!("{name}.key"));
             openssl(&[
                 "req",
                 "-new",

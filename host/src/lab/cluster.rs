@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,11 +52,6 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// The agent's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Whether the agent exited, and how.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -409,11 +404,6 @@ impl Cluster {
     pub fn metric(&self, i: usize, series: &str) -> Result<f64, LabError> {
         let (_, body) = self.http_get(i, "/metrics")?;
         metric_value(&body, series).ok_or_else(|| LabError::Probe(format!("node {i} has no metric {series}")))
-    }
-
-    /// The directory of the lab's files.
-    pub fn dir(&self) -> &Path {
-        &self.spec.dir
     }
 }
 

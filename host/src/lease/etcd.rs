@@ -30,6 +30,7 @@ pub struct EtcdOptions {
 }
 
 /// The etcd store.
+#[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     prefix: String,
@@ -96,7 +97,7 @@ impl EtcdStore {
         format!("{}{}", self.subnets_prefix(), subnet_key(net))
     }
 
-    fn kv_to_lease(&self, kv: &KeyValue, ttl_left: Option<Duration>) -> Result<Lease, StoreError> {
+    fn kv_to_lease(&self, kv: &KeyValue) -> Result<Lease, StoreError> {
         let key = String::from_utf8_lossy(kv.key()).to_string();
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
@@ -109,7 +110,7 @@ impl EtcdStore {
             subnet,
             attrs,
             // etcd does not return the remaining TTL with a read; the owner knows its own.
-            expiration: SystemTime::now() + ttl_left.unwrap_or(super::DEFAULT_TTL),
+            expiration: SystemTime::now() + super::DEFAULT_TTL,
             revision: kv.mod_revision(),
             ttl_handle: kv.lease(),
         })
@@ -197,7 +198,7 @@ impl LeaseStore for EtcdStore {
             .await
             .map_err(unavailable)?;
         let revision = r.header().map(|h| h.revision()).unwrap_or(0);
-        let leases = readable(r.kvs().iter().map(|kv| self.kv_to_lease(kv, None)));
+        let leases = readable(r.kvs().iter().map(|kv| self.kv_to_lease(kv)));
         Ok(LeaseSnapshot { leases, revision })
     }
 
@@ -259,11 +260,7 @@ impl LeaseStore for EtcdStore {
             .await
             .map_err(unavailable)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let me = EtcdStore {
-            client: self.client.clone(),
-            prefix: self.prefix.clone(),
-            endpoints: self.endpoints.clone(),
-        };
+        let me = self.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -299,7 +296,7 @@ impl LeaseStore for EtcdStore {
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     match ev.event_type() {
-                        EventType::Put => match me.kv_to_lease(kv, None) {
+                        EventType::Put => match me.kv_to_lease(kv) {
                             Ok(l) => events.push(LeaseEvent::Upserted(l)),
                             Err(err) => tracing::warn!(%err, "skipping unreadable lease event"),
                         },

@@ -6,7 +6,7 @@
 //! device yields a TCP super-packet that `tun-rs` splits into MTU-sized segments, which leave in
 //! one UDP GSO send per peer ([`batch`]); on the way in, UDP GRO hands over runs of datagrams
 //! that `tun-rs` coalesces back into super-packets for one TUN write. Each thread owns its
-//! [`TxWorker`]/[`RxWorker`] and buffers, so one worker pair per multi-queue TUN queue (each
+//! [`Worker`] handle and its buffers, so one worker pair per multi-queue TUN queue (each
 //! with its own `SO_REUSEPORT` socket) slots in without touching the decision code.
 
 pub mod batch;
@@ -16,7 +16,7 @@ pub mod sock;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
@@ -51,11 +51,6 @@ pub struct UdpBackend {
     mtu: u32,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
-    running: Mutex<Option<Running>>,
-}
-
-struct Running {
-    _device: Arc<SyncDevice>,
 }
 
 impl UdpBackend {
@@ -96,13 +91,7 @@ impl UdpBackend {
                 None,
             ))),
             stats: Arc::new(DataplaneStats::default()),
-            running: Mutex::new(None),
         })
-    }
-
-    /// The UDP port this backend listens on.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 }
 
@@ -161,27 +150,19 @@ impl Backend for UdpBackend {
                     source,
                 })?,
             );
-        let tx = TxWorker {
-            device: device.clone(),
+        let tx = Worker {
+            device,
             socket: socket.clone(),
             routes: self.routes.clone(),
             stats: self.stats.clone(),
         };
-        let rx = RxWorker {
-            device: device.clone(),
-            socket: socket.clone(),
-            routes: self.routes.clone(),
-            stats: self.stats.clone(),
-        };
+        let rx = tx.clone();
         std::thread::Builder::new()
             .name("weft-udp-tx".into())
-            .spawn(move || tx.run())?;
+            .spawn(move || tx.run_tx())?;
         std::thread::Builder::new()
             .name("weft-udp-rx".into())
-            .spawn(move || rx.run())?;
-        if let Ok(mut r) = self.running.lock() {
-            *r = Some(Running { _device: device });
-        }
+            .spawn(move || rx.run_rx())?;
         tracing::info!(
             device = DEVICE,
             mtu = self.mtu,
@@ -209,16 +190,18 @@ impl Backend for UdpBackend {
     }
 }
 
-/// The TUN -> underlay thread.
-struct TxWorker {
+/// What one forwarding thread shares with the rest of the backend; its buffers are its own.
+#[derive(Clone)]
+struct Worker {
     device: Arc<SyncDevice>,
     socket: Arc<sock::UnderlaySocket>,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
 }
 
-impl TxWorker {
-    fn run(self) {
+impl Worker {
+    /// The TUN -> underlay loop.
+    fn run_tx(self) {
         let mut read = vec![0u8; MAX_READ];
         let mut segs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; SEGMENT_ROOM]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -335,16 +318,9 @@ fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     }
 }
 
-/// The underlay -> TUN thread.
-struct RxWorker {
-    device: Arc<SyncDevice>,
-    socket: Arc<sock::UnderlaySocket>,
-    routes: Arc<ArcSwap<RouteTable>>,
-    stats: Arc<DataplaneStats>,
-}
-
-impl RxWorker {
-    fn run(self) {
+impl Worker {
+    /// The underlay -> TUN loop.
+    fn run_rx(self) {
         let mut read = vec![0u8; 65_536];
         // Each outgoing buffer keeps virtio-header room in front, as `send_multiple` wants.
         let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
