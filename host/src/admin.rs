@@ -161,5 +161,161 @@ pub fn render(s: &AgentState) -> String {
         "Packets dropped, by reason.",
         &drops,
     );
+    render_modules(&mut o, s);
     o
+}
+
+/// The Wasm modules' series: the chain, each module's counters and its own counters.
+fn render_modules(o: &mut String, s: &AgentState) {
+    use crate::wasm::stats::VerdictKind;
+    let p = &s.modules;
+    let chain = p.chain();
+    let header = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "weft_flow_cache_hits_total",
+            "Packets answered from a verdict cache.",
+            load(&p.cache_hits),
+        ),
+        (
+            "weft_flow_cache_misses_total",
+            "Packets that needed the module chain.",
+            load(&p.cache_misses),
+        ),
+        (
+            "weft_module_bad_via_total",
+            "Routing verdicts naming a node without a lease (ignored).",
+            load(&p.bad_via),
+        ),
+    ] {
+        header(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    header(
+        o,
+        "weft_module_chain_generation",
+        "gauge",
+        "Generation of the module chain (bumps on every change).",
+    );
+    let _ = writeln!(o, "weft_module_chain_generation {}", chain.generation);
+    header(
+        o,
+        "weft_module_info",
+        "gauge",
+        "Modules in the chain: 1 when loaded, 0 when they failed to load.",
+    );
+    for m in &chain.modules {
+        let _ = writeln!(
+            o,
+            "weft_module_info{{module=\"{}\",sha256=\"{}\",order=\"{}\",failure=\"{:?}\",dry_run=\"{}\"}} {}",
+            m.name,
+            m.sha256,
+            chain
+                .modules
+                .iter()
+                .position(|x| std::sync::Arc::ptr_eq(x, m))
+                .unwrap_or(0),
+            m.failure,
+            m.dry_run,
+            u8::from(m.compiled.is_ok())
+        );
+    }
+    let stats = p.module_stats();
+    let now_ms = crate::wasm::chain::clock_ms();
+    type Pick = fn(&crate::wasm::stats::ModuleStats, u64) -> u64;
+    let per_module: [(&str, &str, &str, Pick); 10] = [
+        (
+            "weft_module_calls_total",
+            "counter",
+            "Decision calls into the module.",
+            |m, _| m.calls.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_call_nanoseconds_total",
+            "counter",
+            "Time spent in decision calls (divide by calls for ns per call).",
+            |m, _| m.call_ns.load(Ordering::Relaxed),
+        ),
+        ("weft_module_traps_total", "counter", "Calls that trapped.", |m, _| {
+            m.traps.load(Ordering::Relaxed)
+        }),
+        (
+            "weft_module_timeouts_total",
+            "counter",
+            "Calls interrupted at their deadline.",
+            |m, _| m.timeouts.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_bad_verdicts_total",
+            "counter",
+            "Calls that returned a verdict the ABI does not define.",
+            |m, _| m.bad_verdicts.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_cache_hits_total",
+            "counter",
+            "Packets answered from the verdict cache while the module was in the chain.",
+            |m, _| m.cache_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_dry_run_drops_total",
+            "counter",
+            "Drops a dry-run module asked for and did not get.",
+            |m, _| m.dry_run_drops.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_quarantines_total",
+            "counter",
+            "Times the module was quarantined.",
+            |m, _| m.quarantines.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_logs_suppressed_total",
+            "counter",
+            "Module log lines dropped by the rate limit.",
+            |m, _| m.logs_suppressed.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_module_quarantined",
+            "gauge",
+            "1 while the module is quarantined.",
+            |m, now| u64::from(m.quarantined(now)),
+        ),
+    ];
+    for (name, kind, help, pick) in per_module {
+        header(o, name, kind, help);
+        for (module, m) in &stats {
+            let _ = writeln!(o, "{name}{{module=\"{module}\"}} {}", pick(m, now_ms));
+        }
+    }
+    header(
+        o,
+        "weft_module_verdicts_total",
+        "counter",
+        "Verdicts by kind (failure: the failure policy decided).",
+    );
+    for (module, m) in &stats {
+        for k in VerdictKind::ALL {
+            let _ = writeln!(
+                o,
+                "weft_module_verdicts_total{{module=\"{module}\",verdict=\"{}\"}} {}",
+                k.label(),
+                m.verdicts(k)
+            );
+        }
+    }
+    header(
+        o,
+        "weft_module_counter",
+        "gauge",
+        "Counters the modules define, by name.",
+    );
+    for (module, m) in &stats {
+        for (name, v) in m.counters() {
+            let _ = writeln!(o, "weft_module_counter{{module=\"{module}\",name=\"{name}\"}} {v}");
+        }
+    }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::Ipv4Net;
 use tokio::sync::Notify;
 
+use crate::backend::route::RouteTable;
 use crate::backend::{self, Backend, BackendError, NodeEnv};
 use crate::config::{ConfigError, NetworkConfig};
 use crate::iface::{self, IfaceError};
@@ -23,6 +24,7 @@ use crate::lease::watch::{follow, StoreHealth};
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, StoreError};
 use crate::store::StoreOptions;
 use crate::subnet_file::SubnetEnv;
+use crate::wasm::{self, Pipeline, WasmError};
 
 /// Everything `weft agent` is told.
 #[derive(Debug, Clone)]
@@ -43,6 +45,10 @@ pub struct AgentOptions {
     pub net_config: Option<PathBuf>,
     /// Admin endpoint address.
     pub admin_listen: SocketAddr,
+    /// Limits every Wasm module runs under.
+    pub module_limits: wasm::Limits,
+    /// How often the store is polled for module changes.
+    pub module_poll: Duration,
 }
 
 /// Why the agent stopped.
@@ -58,6 +64,8 @@ pub enum AgentError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Acquire(#[from] AcquireError),
+    #[error("Wasm runtime: {0}")]
+    Wasm(#[from] WasmError),
     #[error("the data path stopped: {0}")]
     Dataplane(String),
     #[error("the store has no network config at its config key and no --net-config was given")]
@@ -84,6 +92,8 @@ pub struct AgentState {
     pub acquisitions: AtomicU64,
     /// Successful renewals.
     pub renewals: AtomicU64,
+    /// The Wasm decision chain.
+    pub modules: Arc<Pipeline>,
     own: Mutex<Option<Lease>>,
 }
 
@@ -145,7 +155,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         iface_mtu: underlay.mtu,
         public_ip: underlay.addr,
     };
-    let backend = backend::create(&config, &node)?;
+    let modules = Pipeline::new(wasm::Runtime::new(opts.module_limits)?, underlay.addr);
+    let backend = backend::create(&config, &node, modules.clone())?;
     let attrs = LeaseAttrs::new(underlay.addr, backend.kind(), backend.backend_data());
     let keeper = Arc::new(LeaseKeeper::new(
         store.clone(),
@@ -166,8 +177,21 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         leases_known: AtomicUsize::new(0),
         acquisitions: AtomicU64::new(1),
         renewals: AtomicU64::new(0),
+        modules: modules.clone(),
         own: Mutex::new(Some(lease.clone())),
     });
+    modules.set_own(lease.subnet);
+    // Modules load before traffic can flow: a node must not forward unfiltered while its
+    // firewall is still being read from the store.
+    let (modules_tx, mut modules_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(wasm::registry::follow(
+        store.clone(),
+        modules.clone(),
+        underlay.addr,
+        opts.module_poll,
+        modules_tx,
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(30), modules_rx.wait_for(|s| *s)).await;
     ensure_ip_forwarding();
     backend.start(&lease)?;
 
@@ -186,7 +210,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         let lost = lost.clone();
         let backend = backend.clone();
         let our_ip = underlay.addr;
+        let (network, subnet_len) = (config.network, config.subnet_len);
         tokio::spawn(follow(store.clone(), health.clone(), move |table, ev| {
+            state
+                .modules
+                .set_leases(RouteTable::from_leases(network, subnet_len, None, table.leases()));
             let Some(own) = state.own_subnet() else { return };
             match &ev {
                 LeaseEvent::Removed(net) if *net == own => {
@@ -294,6 +322,7 @@ async fn keep_lease(
                     } else {
                         tracing::info!(subnet = %l.subnet, "re-acquired the same subnet");
                     }
+                    state.modules.set_own(l.subnet);
                     state.set_own(l);
                     break;
                 }

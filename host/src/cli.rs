@@ -26,6 +26,8 @@ enum Command {
     Demo(DemoArgs),
     /// Inspect or change leases directly in the store.
     Lease(LeaseArgs),
+    /// Manage the Wasm policy and routing modules every node runs.
+    Module(ModuleArgs),
 }
 
 #[derive(Args, Clone)]
@@ -65,10 +67,44 @@ impl StoreArgs {
     }
 }
 
+/// Limits every module runs under; `weft module add` checks a module against the same ones.
+#[derive(Args, Clone)]
+struct LimitArgs {
+    /// Largest module accepted, in KiB of Wasm.
+    #[arg(long, env = "WEFT_MODULE_MAX_KIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    module_max_kib: u64,
+    /// Most linear memory one module instance may use, in MiB.
+    #[arg(long, env = "WEFT_MODULE_MAX_MEMORY_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    module_max_memory_mib: u64,
+    /// Most time one decision may take, in milliseconds, before it is interrupted.
+    #[arg(long, env = "WEFT_MODULE_DEADLINE_MS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    module_deadline_ms: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> weft::wasm::Limits {
+        weft::wasm::Limits {
+            max_module_bytes: usize::try_from(self.module_max_kib * 1024).unwrap_or(usize::MAX),
+            max_memory_bytes: usize::try_from(self.module_max_memory_mib << 20).unwrap_or(usize::MAX),
+            call_deadline: Duration::from_millis(self.module_deadline_ms),
+            ..weft::wasm::Limits::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct AgentArgs {
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// How often to look for module changes in the store, in milliseconds.
+    #[arg(long, env = "WEFT_MODULE_POLL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    module_poll_ms: u64,
     /// Underlay interface (default: the default route's).
     #[arg(long, env = "WEFT_IFACE")]
     iface: Option<String>,
@@ -124,6 +160,187 @@ enum LeaseAction {
     Ls,
     /// Delete the lease on a subnet (e.g. 10.244.3.0/24).
     Rm { subnet: ipnet::Ipv4Net },
+}
+
+#[derive(Args)]
+struct ModuleArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(subcommand)]
+    action: ModuleAction,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The module's config, read from a file (usually JSON).
+    #[arg(long, conflicts_with = "config_json")]
+    config: Option<PathBuf>,
+    /// The module's config, given inline.
+    #[arg(long)]
+    config_json: Option<String>,
+}
+
+impl ConfigArg {
+    fn read(&self) -> Result<Option<String>> {
+        match (&self.config, &self.config_json) {
+            (Some(p), _) => Ok(Some(
+                std::fs::read_to_string(p).with_context(|| format!("reading --config {}", p.display()))?,
+            )),
+            (None, Some(s)) => Ok(Some(s.clone())),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Failure {
+    /// Drop flows the module cannot decide.
+    Closed,
+    /// Skip the module when it fails.
+    Open,
+}
+
+impl From<Failure> for weft::wasm::FailurePolicy {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Closed => weft::wasm::FailurePolicy::Closed,
+            Failure::Open => weft::wasm::FailurePolicy::Open,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ModuleAction {
+    /// Check a module here (ABI, config, a probe decision) and store it for every node.
+    Add {
+        /// Module name.
+        name: String,
+        /// The .wasm file (compiled on each node; precompiled artifacts are never accepted).
+        wasm: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Place in the chain: lower runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        order: i32,
+        /// What a failure of the module means.
+        #[arg(long, value_enum, default_value = "closed")]
+        failure: Failure,
+        /// Decide and count, enforce nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Change a stored module: its code, config or settings.
+    Set {
+        /// Module name.
+        name: String,
+        /// New .wasm file.
+        #[arg(long)]
+        wasm: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// New place in the chain.
+        #[arg(long, allow_negative_numbers = true)]
+        order: Option<i32>,
+        /// New failure policy.
+        #[arg(long, value_enum)]
+        failure: Option<Failure>,
+        /// Turn dry-run on or off.
+        #[arg(long)]
+        dry_run: Option<bool>,
+    },
+    /// Remove a module from every node.
+    Rm {
+        /// Module name.
+        name: String,
+    },
+    /// List modules and which code each node has loaded.
+    Ls,
+}
+
+fn read_wasm(p: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+async fn module_command(m: ModuleArgs) -> Result<()> {
+    use weft::wasm::registry;
+    let store = m.store.options().open().await.context("opening the lease store")?;
+    let rt = weft::wasm::Runtime::new(m.limits.limits())?;
+    match m.action {
+        ModuleAction::Add {
+            name,
+            wasm,
+            config,
+            order,
+            failure,
+            dry_run,
+        } => {
+            let mut spec = weft::wasm::ModuleSpec::new(&name, &read_wasm(&wasm)?, config.read()?.unwrap_or_default());
+            spec.order = order;
+            spec.failure = failure.into();
+            spec.dry_run = dry_run;
+            let sha = spec.sha256.clone();
+            registry::add(store.as_ref(), &rt, spec).await?;
+            println!("added module {name} (sha256 {sha})");
+        }
+        ModuleAction::Set {
+            name,
+            wasm,
+            config,
+            order,
+            failure,
+            dry_run,
+        } => {
+            let changes = registry::Changes {
+                wasm: wasm.as_ref().map(read_wasm).transpose()?,
+                config: config.read()?,
+                order,
+                failure: failure.map(Into::into),
+                dry_run,
+            };
+            let spec = registry::set(store.as_ref(), &rt, &name, changes).await?;
+            println!("updated module {name} (sha256 {})", spec.sha256);
+        }
+        ModuleAction::Rm { name } => {
+            registry::remove(store.as_ref(), &name).await?;
+            println!("removed module {name}");
+        }
+        ModuleAction::Ls => {
+            let (specs, nodes) = registry::list(store.as_ref()).await?;
+            println!(
+                "{:<16} {:>6} {:<7} {:<7} {:<14} NODES (loaded/failed)",
+                "NAME", "ORDER", "FAILURE", "DRY-RUN", "SHA256"
+            );
+            for s in &specs {
+                let mut loaded = 0;
+                let mut failed = Vec::new();
+                for n in &nodes {
+                    match n.modules.iter().find(|m| m.name == s.name && m.sha256 == s.sha256) {
+                        Some(m) if m.state == "loaded" => loaded += 1,
+                        Some(m) => failed.push(format!("{}: {}", n.node, m.error.as_deref().unwrap_or("failed"))),
+                        None => {}
+                    }
+                }
+                println!(
+                    "{:<16} {:>6} {:<7} {:<7} {:<14} {}/{}{}",
+                    s.name,
+                    s.order,
+                    format!("{:?}", s.failure).to_lowercase(),
+                    s.dry_run,
+                    &s.sha256[..s.sha256.len().min(12)],
+                    loaded,
+                    failed.len(),
+                    if failed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", failed.join("; "))
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging() {
@@ -186,6 +403,8 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 lease_ttl: Duration::from_secs(a.lease_ttl),
                 net_config: a.net_config,
                 admin_listen: a.admin_listen,
+                module_limits: a.limits.limits(),
+                module_poll: Duration::from_millis(a.module_poll_ms),
             };
             agent::run(opts, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -198,6 +417,10 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             }
             let ok = weft::lab::demo::run(d.nodes, d.pods, d.once, shutdown_signal()).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Module(m) => {
+            module_command(m).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lease(l) => {
             let store = l.store.options().open().await.context("opening the lease store")?;

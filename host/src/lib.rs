@@ -12,3 +12,4 @@ pub mod stats;
 pub mod store;
 pub mod subnet;
 pub mod subnet_file;
+pub mod wasm;

@@ -21,11 +21,13 @@ pub enum DropReason {
     OutsideNetwork = 5,
     /// A send or write failed (socket buffer full, device gone).
     IoError = 6,
+    /// A Wasm policy module (or its failure policy) dropped the flow.
+    Policy = 7,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::SpoofedSource,
@@ -33,6 +35,7 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::OutsideNetwork,
         DropReason::IoError,
+        DropReason::Policy,
     ];
 
     /// The metric label value.
@@ -45,6 +48,7 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::OutsideNetwork => "outside_network",
             DropReason::IoError => "io_error",
+            DropReason::Policy => "policy",
         }
     }
 }
@@ -62,7 +66,7 @@ pub struct DataplaneStats {
     pub rx_bytes: AtomicU64,
     /// ICMP errors generated.
     pub icmp_sent: AtomicU64,
-    drops: [AtomicU64; 7],
+    drops: [AtomicU64; DropReason::ALL.len()],
     failure: OnceLock<String>,
 }
 

@@ -30,6 +30,34 @@ pub fn weft_bin() -> PathBuf {
     panic!("no weft binary: run `cargo build --release -p weft` first or set WEFT_BIN");
 }
 
+/// An example module built by `scripts/build-policies`: `target/policies/<name>.wasm`, or
+/// `$WEFT_POLICY_DIR/<name>.wasm`.
+pub fn policy_wasm(name: &str) -> PathBuf {
+    let dir = std::env::var("WEFT_POLICY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/policies"));
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-policies first",
+        p.display()
+    );
+    p
+}
+
+/// Tries a TCP handshake from `client_ns` to a listener on `ip:port` in `server_ns`.
+pub fn tcp_connects(client_ns: &str, server_ns: &str, ip: Ipv4Addr, port: u16) -> bool {
+    probe::tcp_connect(server_ns, ip, port, client_ns, Duration::from_secs(2)).is_ok()
+}
+
+/// [`tcp_transfer`] to a fixed server port.
+pub fn tcp_transfer_port(from: &str, to: &str, to_ip: Ipv4Addr, port: u16, bytes: u64) -> Duration {
+    match probe::tcp_transfer_on(to, to_ip, port, from, bytes, Duration::from_secs(30)) {
+        Ok(d) => d,
+        Err(e) => panic!("TCP transfer {from} -> {to_ip}:{port} failed: {e}"),
+    }
+}
+
 /// Fails the test unless it runs as root: these tests build network namespaces.
 pub fn require_root() {
     assert!(
@@ -167,15 +195,27 @@ impl TestCluster {
 
     /// Runs `weft lease <args>` against this cluster's store.
     pub fn weft_lease(&self, args: &[&str]) -> Result<String, String> {
+        self.weft_cli("lease", args, None)
+    }
+
+    /// Runs `weft module <args>` against this cluster's store from node `n`'s namespace, as an
+    /// operator on that node would.
+    pub fn weft_module(&self, n: usize, args: &[&str]) -> Result<String, String> {
+        self.weft_cli("module", args, Some(self.lab.nodes[n - 1].ns.name()))
+    }
+
+    /// Runs `weft <sub> <store flags> <args>` from `ns` (default: etcd's host, or the root
+    /// namespace for the embedded store).
+    pub fn weft_cli(&self, sub: &str, args: &[&str], ns: Option<&str>) -> Result<String, String> {
         let mut cmd = match &self.etcd {
             Some(e) => {
                 let mut c = Command::new("ip");
                 c.args([
                     "netns",
                     "exec",
-                    &e.ns,
+                    ns.unwrap_or(&e.ns),
                     &weft_bin().display().to_string(),
-                    "lease",
+                    sub,
                     "--etcd-endpoints",
                     &e.endpoint(),
                 ]);
@@ -185,11 +225,13 @@ impl TestCluster {
                 c
             }
             None => {
-                let mut c = Command::new(weft_bin());
                 let LabStore::Embedded(p) = &self.lab.spec.store else {
                     unreachable!()
                 };
-                c.args(["lease", "--store", &p.display().to_string()]);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.unwrap_or(self.lab.nodes[0].ns.name())]);
+                c.arg(weft_bin());
+                c.args([sub, "--store", &p.display().to_string()]);
                 c
             }
         };

@@ -13,6 +13,7 @@ use crate::config::NetworkConfig;
 use crate::lease::watch::LeaseTable;
 use crate::lease::Lease;
 use crate::stats::DataplaneStats;
+use crate::wasm::Pipeline;
 
 /// What a backend needs to know about the node it runs on.
 #[derive(Debug, Clone)]
@@ -72,10 +73,15 @@ pub trait Backend: Send + Sync {
     fn stats(&self) -> Arc<DataplaneStats>;
 }
 
-/// Creates the backend the network config asks for.
-pub fn create(config: &NetworkConfig, node: &NodeEnv) -> Result<Arc<dyn Backend>, BackendError> {
+/// Creates the backend the network config asks for; `modules` is the Wasm decision chain the
+/// backend consults on each new flow.
+pub fn create(
+    config: &NetworkConfig,
+    node: &NodeEnv,
+    modules: Arc<Pipeline>,
+) -> Result<Arc<dyn Backend>, BackendError> {
     match config.backend.kind.as_str() {
-        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node)?)),
+        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node, modules)?)),
         other => Err(BackendError::Unknown(other.to_string())),
     }
 }

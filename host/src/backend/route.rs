@@ -74,6 +74,20 @@ impl RouteTable {
         self.by_subnet.get(&(u32::from(dst) & self.mask)).copied()
     }
 
+    /// The leased subnet holding `a` and its owner, as (network, prefix length, PublicIP).
+    #[inline]
+    pub fn subnet_of(&self, a: Ipv4Addr) -> Option<(Ipv4Addr, u8, Ipv4Addr)> {
+        let net = u32::from(a) & self.mask;
+        self.by_subnet
+            .get(&net)
+            .map(|node| (Ipv4Addr::from(net), self.mask.count_ones() as u8, *node))
+    }
+
+    /// Whether a node with this PublicIP holds a lease in the table.
+    pub fn is_node(&self, public_ip: Ipv4Addr) -> bool {
+        self.by_peer.contains_key(&public_ip)
+    }
+
     /// Whether `src` is a legitimate inner source for a datagram sent by `peer`.
     #[inline]
     pub fn check_source(&self, peer: Ipv4Addr, src: Ipv4Addr) -> SourceCheck {

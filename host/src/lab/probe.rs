@@ -76,11 +76,23 @@ pub fn tcp_transfer(
     bytes: u64,
     timeout: Duration,
 ) -> Result<Duration, LabError> {
+    tcp_transfer_on(server_ns, server_ip, 0, client_ns, bytes, timeout)
+}
+
+/// [`tcp_transfer`] to a given server port (0: any free one).
+pub fn tcp_transfer_on(
+    server_ns: &str,
+    server_ip: Ipv4Addr,
+    server_port: u16,
+    client_ns: &str,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<Duration, LabError> {
     let (port_tx, port_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
     let sns = server_ns.to_string();
     let server = std::thread::spawn(move || -> Result<u64, LabError> {
         enter_and_run(&sns, move || -> Result<u64, LabError> {
-            let l = match TcpListener::bind((server_ip, 0)) {
+            let l = match TcpListener::bind((server_ip, server_port)) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = port_tx.send(Err(e.to_string()));
@@ -145,6 +157,24 @@ pub fn tcp_transfer(
         )));
     }
     Ok(started.elapsed())
+}
+
+/// Tries to open a TCP connection from `client_ns` to `ip:port` in `server_ns`, where a
+/// listener is started for the attempt; Ok when the handshake completes within `timeout`.
+pub fn tcp_connect(
+    server_ns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    client_ns: &str,
+    timeout: Duration,
+) -> Result<(), LabError> {
+    let listener = enter_and_run(server_ns, move || TcpListener::bind((ip, port)))??;
+    let cns = client_ns.to_string();
+    let r = enter_and_run(&cns, move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(ip, port)), timeout).map(drop)
+    })?;
+    drop(listener);
+    r.map_err(|e| LabError::Probe(format!("connect to {ip}:{port}: {e}")))
 }
 
 #[cfg(test)]

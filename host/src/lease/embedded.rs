@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{readable, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
+use super::{
+    readable, Doc, DocKind, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError,
+};
 use crate::subnet::{parse_subnet_key, subnet_key};
 
 /// How many change-log entries are kept for watchers; older ones are compacted away.
@@ -112,6 +114,9 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE IF NOT EXISTS events(
              revision INTEGER PRIMARY KEY, subnet TEXT NOT NULL, value TEXT,
              expires_ms INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE IF NOT EXISTS docs(
+             kind TEXT NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+             revision INTEGER NOT NULL, PRIMARY KEY(kind, name));
          COMMIT;",
     )
 }
@@ -302,6 +307,54 @@ impl LeaseStore for EmbeddedStore {
                 log_change(&tx, &key, None, 0, retention)?;
             }
             tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_docs(&self, kind: DocKind, values: bool) -> Result<Vec<Doc>, StoreError> {
+        self.with_conn(move |c| {
+            let sql = if values {
+                "SELECT name, value, revision FROM docs WHERE kind = ?1 ORDER BY name"
+            } else {
+                "SELECT name, x'', revision FROM docs WHERE kind = ?1 ORDER BY name"
+            };
+            let mut st = c.prepare(sql)?;
+            let rows = st.query_map([kind.segment()], |r| {
+                Ok(Doc {
+                    name: r.get(0)?,
+                    value: r.get(1)?,
+                    revision: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_doc(&self, kind: DocKind, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (name, value) = (name.to_string(), value.to_vec());
+        self.with_conn(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let rev = meta_i64(&tx, "doc_revision")? + 1;
+            set_meta(&tx, "doc_revision", &rev.to_string())?;
+            tx.execute(
+                "INSERT INTO docs(kind, name, value, revision) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(kind, name) DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                params![kind.segment(), name, value, rev],
+            )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn delete_doc(&self, kind: DocKind, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.with_conn(move |c| {
+            let n = c.execute(
+                "DELETE FROM docs WHERE kind = ?1 AND name = ?2",
+                params![kind.segment(), name],
+            )?;
             Ok(n > 0)
         })
         .await

@@ -11,7 +11,9 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 
-use super::{readable, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError};
+use super::{
+    readable, Doc, DocKind, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError,
+};
 use crate::subnet::{parse_subnet_key, subnet_key};
 
 /// How to reach etcd.
@@ -91,6 +93,10 @@ impl EtcdStore {
 
     fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.prefix)
+    }
+
+    fn doc_prefix(&self, kind: DocKind) -> String {
+        format!("{}/{}/", self.prefix, kind.segment())
     }
 
     fn lease_key(&self, net: &Ipv4Net) -> String {
@@ -249,6 +255,48 @@ impl LeaseStore for EtcdStore {
             .await
             .map_err(unavailable)?;
         Ok(r.deleted() > 0)
+    }
+
+    async fn list_docs(&self, kind: DocKind, values: bool) -> Result<Vec<Doc>, StoreError> {
+        let prefix = self.doc_prefix(kind);
+        let mut opts = GetOptions::new().with_prefix();
+        if !values {
+            opts = opts.with_keys_only();
+        }
+        let resp = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(opts))
+            .await
+            .map_err(unavailable)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let name = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+                Some(Doc {
+                    name,
+                    value: kv.value().to_vec(),
+                    revision: kv.mod_revision(),
+                })
+            })
+            .collect())
+    }
+
+    async fn put_doc(&self, kind: DocKind, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let key = format!("{}{name}", self.doc_prefix(kind));
+        self.client
+            .clone()
+            .put(key, value.to_vec(), None)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete_doc(&self, kind: DocKind, name: &str) -> Result<bool, StoreError> {
+        let key = format!("{}{name}", self.doc_prefix(kind));
+        let resp = self.client.clone().delete(key, None).await.map_err(unavailable)?;
+        Ok(resp.deleted() > 0)
     }
 
     async fn watch_leases(&self, revision: i64) -> Result<LeaseWatchStream, StoreError> {

@@ -109,6 +109,36 @@ pub enum StoreError {
 /// A stream of lease changes from a store, in revision order.
 pub type LeaseWatchStream = tokio::sync::mpsc::Receiver<Result<(Vec<LeaseEvent>, i64), StoreError>>;
 
+/// Kinds of named documents a store keeps beside the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocKind {
+    /// Wasm module specs (`<prefix>/modules/<name>` in etcd).
+    Module,
+    /// Each node's report of the modules it runs (`<prefix>/module-status/<node>`).
+    ModuleStatus,
+}
+
+impl DocKind {
+    /// The key segment (etcd) or kind column (embedded) of this kind.
+    pub fn segment(self) -> &'static str {
+        match self {
+            DocKind::Module => "modules",
+            DocKind::ModuleStatus => "module-status",
+        }
+    }
+}
+
+/// One named document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    /// Its name.
+    pub name: String,
+    /// Its bytes (empty when listed without values).
+    pub value: Vec<u8>,
+    /// The store's revision of its last write; changes whenever the document does.
+    pub revision: i64,
+}
+
 /// Where leases and the network config live: the embedded database or etcd.
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
@@ -142,6 +172,16 @@ pub trait LeaseStore: Send + Sync {
     /// Streams lease changes made after `revision`. The stream ends or yields an error when the
     /// store goes away or compacts past `revision`; the caller then lists again.
     async fn watch_leases(&self, revision: i64) -> Result<LeaseWatchStream, StoreError>;
+
+    /// Every document of `kind`, by name; with `values` false only names and revisions (cheap
+    /// enough to poll).
+    async fn list_docs(&self, kind: DocKind, values: bool) -> Result<Vec<Doc>, StoreError>;
+
+    /// Creates or replaces a document.
+    async fn put_doc(&self, kind: DocKind, name: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Deletes a document; true if it existed.
+    async fn delete_doc(&self, kind: DocKind, name: &str) -> Result<bool, StoreError>;
 }
 
 /// The readable leases of a listing. One stray or corrupt key must not hide every other lease

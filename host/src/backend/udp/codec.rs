@@ -56,8 +56,10 @@ pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
 }
 
 /// Decides whether a datagram from `from` may enter this node: the sender must hold a lease
-/// and the inner source must lie in the sender's subnet.
-pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8]) -> Inbound {
+/// and the inner source must lie in the sender's subnet. With `relay` (a routing module steers
+/// flows through other nodes), a member may also carry another member's traffic: the inner
+/// source must then lie in some leased subnet.
+pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8], relay: bool) -> Inbound {
     let meta = match packet::parse_ipv4(buf) {
         Ok(m) => m,
         Err(_) => return Inbound::Drop(DropReason::Malformed),
@@ -65,6 +67,7 @@ pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8]) -> Inbound {
     match routes.check_source(from, meta.src) {
         SourceCheck::Owned => {}
         SourceCheck::UnknownPeer => return Inbound::Drop(DropReason::UnknownPeer),
+        SourceCheck::Spoofed if relay && routes.lookup(meta.src).is_some() => {}
         SourceCheck::Spoofed => return Inbound::Drop(DropReason::SpoofedSource),
     }
     if !routes.network().contains(&meta.dst) {
@@ -156,7 +159,7 @@ mod tests {
     fn inbound_accepts_the_owner_and_decrements_ttl() {
         let mut p = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"reply");
         assert_eq!(
-            inbound(&routes(), a("198.18.0.2"), &mut p),
+            inbound(&routes(), a("198.18.0.2"), &mut p, false),
             Inbound::Deliver { len: p.len() }
         );
         assert_eq!(parse_ipv4(&p).unwrap().ttl, 62);
@@ -166,28 +169,53 @@ mod tests {
     fn inbound_anti_spoofing() {
         let mut spoofed = build_udp(a("10.244.3.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
         assert_eq!(
-            inbound(&routes(), a("198.18.0.2"), &mut spoofed),
+            inbound(&routes(), a("198.18.0.2"), &mut spoofed, false),
             Inbound::Drop(DropReason::SpoofedSource)
         );
         let mut stranger = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
         assert_eq!(
-            inbound(&routes(), a("198.18.0.77"), &mut stranger),
+            inbound(&routes(), a("198.18.0.77"), &mut stranger, false),
             Inbound::Drop(DropReason::UnknownPeer)
         );
         let mut outside = build_udp(a("10.244.2.7"), 80, a("1.1.1.1"), 5000, 63, b"evil");
         assert_eq!(
-            inbound(&routes(), a("198.18.0.2"), &mut outside),
+            inbound(&routes(), a("198.18.0.2"), &mut outside, false),
             Inbound::Drop(DropReason::OutsideNetwork)
         );
         let mut junk = b"definitely not an ip packet".to_vec();
         assert_eq!(
-            inbound(&routes(), a("198.18.0.2"), &mut junk),
+            inbound(&routes(), a("198.18.0.2"), &mut junk, false),
             Inbound::Drop(DropReason::Malformed)
         );
         let mut dying = build_udp(a("10.244.2.7"), 80, a("10.244.1.5"), 5000, 1, b"x");
         assert_eq!(
-            inbound(&routes(), a("198.18.0.2"), &mut dying),
+            inbound(&routes(), a("198.18.0.2"), &mut dying, false),
             Inbound::Drop(DropReason::TtlExpired)
+        );
+    }
+
+    #[test]
+    fn relaying_accepts_other_members_traffic_but_never_strangers() {
+        let mut t = routes();
+        t.insert("10.244.3.0/24".parse().unwrap(), a("198.18.0.3"));
+        let relayed = || build_udp(a("10.244.3.7"), 80, a("10.244.1.5"), 5000, 63, b"via .2");
+        assert_eq!(
+            inbound(&t, a("198.18.0.2"), &mut relayed(), false),
+            Inbound::Drop(DropReason::SpoofedSource),
+            "without a routing module a relay is a spoof"
+        );
+        assert!(matches!(
+            inbound(&t, a("198.18.0.2"), &mut relayed(), true),
+            Inbound::Deliver { .. }
+        ));
+        let mut unleased = build_udp(a("10.244.9.7"), 80, a("10.244.1.5"), 5000, 63, b"evil");
+        assert_eq!(
+            inbound(&t, a("198.18.0.2"), &mut unleased, true),
+            Inbound::Drop(DropReason::SpoofedSource)
+        );
+        assert_eq!(
+            inbound(&t, a("198.18.0.77"), &mut relayed(), true),
+            Inbound::Drop(DropReason::UnknownPeer)
         );
     }
 
@@ -210,7 +238,7 @@ mod tests {
                 v
             };
             let mut copy = buf.clone();
-            if let Inbound::Deliver { len } = inbound(&routes(), a("198.18.0.2"), &mut buf) {
+            if let Inbound::Deliver { len } = inbound(&routes(), a("198.18.0.2"), &mut buf, false) {
                 // Whatever passes is a well-formed packet from the sender's subnet.
                 let m = parse_ipv4(&buf[..len]).expect("delivered packets parse");
                 assert!("10.244.2.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&m.src));

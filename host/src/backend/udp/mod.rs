@@ -8,6 +8,10 @@
 //! that `tun-rs` coalesces back into super-packets for one TUN write. Each thread owns its
 //! [`Worker`] handle and its buffers, so one worker pair per multi-queue TUN queue (each
 //! with its own `SO_REUSEPORT` socket) slots in without touching the decision code.
+//!
+//! Each worker also owns a [`WorkerChain`]: its instances of the Wasm modules and its verdict
+//! cache. The chain is asked about each packet (egress on the tx loop, ingress on the rx loop);
+//! only a new flow costs a module call, the rest are cache hits.
 
 pub mod batch;
 pub mod codec;
@@ -29,6 +33,7 @@ use crate::config::NetworkConfig;
 use crate::lease::watch::LeaseTable;
 use crate::lease::Lease;
 use crate::stats::{DataplaneStats, DropReason};
+use crate::wasm::{Direction, Pipeline, WorkerChain};
 
 /// flannel's UDP port for this backend.
 pub const DEFAULT_PORT: u16 = 8285;
@@ -51,11 +56,12 @@ pub struct UdpBackend {
     mtu: u32,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
+    modules: Arc<Pipeline>,
 }
 
 impl UdpBackend {
     /// A backend for `config` on `node`; nothing is opened until [`Backend::start`].
-    pub fn new(config: &NetworkConfig, node: &NodeEnv) -> Result<Self, BackendError> {
+    pub fn new(config: &NetworkConfig, node: &NodeEnv, modules: Arc<Pipeline>) -> Result<Self, BackendError> {
         let port = match config
             .backend
             .u64_field("Port")
@@ -91,6 +97,7 @@ impl UdpBackend {
                 None,
             ))),
             stats: Arc::new(DataplaneStats::default()),
+            modules,
         })
     }
 }
@@ -155,6 +162,7 @@ impl Backend for UdpBackend {
             socket: socket.clone(),
             routes: self.routes.clone(),
             stats: self.stats.clone(),
+            modules: self.modules.clone(),
         };
         let rx = tx.clone();
         std::thread::Builder::new()
@@ -197,11 +205,13 @@ struct Worker {
     socket: Arc<sock::UnderlaySocket>,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
+    modules: Arc<Pipeline>,
 }
 
 impl Worker {
     /// The TUN -> underlay loop.
     fn run_tx(self) {
+        let mut chain = WorkerChain::new(self.modules.clone());
         let mut read = vec![0u8; MAX_READ];
         let mut segs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; SEGMENT_ROOM]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -239,9 +249,17 @@ impl Worker {
             };
             drained += 1;
             let routes = self.routes.load();
+            chain.refresh();
+            let now = chain.now_ms();
             for (seg, &size) in segs.iter_mut().zip(&sizes).take(n) {
+                let verdict = chain.decide(Direction::Egress, &seg[..size], now);
+                if verdict.drop {
+                    self.stats.dropped(DropReason::Policy);
+                    continue;
+                }
                 match codec::outbound(&routes, &mut seg[..size]) {
                     Outbound::Send { peer, len } => {
+                        let peer = verdict.via.unwrap_or(peer);
                         if !batch.accepts(peer, len) {
                             self.flush(&mut batch);
                         }
@@ -256,6 +274,7 @@ impl Worker {
                     Outbound::Drop(reason) => self.stats.dropped(reason),
                 }
             }
+            chain.flush_stats();
         }
     }
 
@@ -321,6 +340,7 @@ fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
 impl Worker {
     /// The underlay -> TUN loop.
     fn run_rx(self) {
+        let mut chain = WorkerChain::new(self.modules.clone());
         let mut read = vec![0u8; 65_536];
         // Each outgoing buffer keeps virtio-header room in front, as `send_multiple` wants.
         let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
@@ -349,10 +369,17 @@ impl Worker {
                 continue;
             }
             let routes = self.routes.load();
+            chain.refresh();
+            let now = chain.now_ms();
+            let relay = chain.relaying();
             let mut k = 0;
             for dgram in read[..n].chunks_mut(segment.max(1)) {
-                match codec::inbound(&routes, *from.ip(), dgram) {
+                match codec::inbound(&routes, *from.ip(), dgram, relay) {
                     Inbound::Deliver { len } => {
+                        if chain.decide(Direction::Ingress, &dgram[..len], now).drop {
+                            self.stats.dropped(DropReason::Policy);
+                            continue;
+                        }
                         if k == out.len() {
                             self.write(&mut gro, &mut out[..k]);
                             k = 0;
@@ -370,6 +397,7 @@ impl Worker {
             if k > 0 {
                 self.write(&mut gro, &mut out[..k]);
             }
+            chain.flush_stats();
         }
     }
 

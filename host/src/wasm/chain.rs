@@ -1,0 +1,504 @@
+//! The decision chain: the ordered modules every node runs, and each data-path worker's own
+//! instances of them and verdict cache. A worker asks once per new flow and direction; the
+//! answer is cached for as long as the modules allow, or until the chain changes.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
+use weft_guest::abi::{self, Word, CACHE_FLOW, RECORD_SIZE};
+
+use super::cache::{FlowCache, Lookup, Ttl, Verdict};
+use super::flow::{self, Direction, FlowMeta, Local};
+use super::instance::{CallError, Entry, HostCtx, Instance, Leases};
+use super::runtime::{Compiled, Runtime};
+use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
+use super::stats::{ModuleStats, VerdictKind};
+use super::WasmError;
+use crate::backend::route::RouteTable;
+
+/// Flows a worker's cache holds at most.
+pub const CACHE_CAPACITY: usize = 65_536;
+/// How long a verdict made by a failure policy stands: long enough that a module failing on
+/// one flow costs a call per second, not per packet; short enough to notice a recovery.
+const FAILURE_TTL_MS: Ttl = 1_000;
+
+/// A module as the chain holds it: settings, code (or why it did not load) and counters.
+pub struct LoadedModule {
+    /// Module name.
+    pub name: Arc<str>,
+    /// sha256 of the code, hex.
+    pub sha256: String,
+    /// Config bytes.
+    pub config: Vec<u8>,
+    /// What a failure means.
+    pub failure: FailurePolicy,
+    /// Decide and count only.
+    pub dry_run: bool,
+    /// The compiled code, or why there is none.
+    pub compiled: Result<Arc<Compiled>, WasmError>,
+    /// Counters.
+    pub stats: Arc<ModuleStats>,
+}
+
+impl LoadedModule {
+    fn has(&self, e: Entry) -> bool {
+        match (&self.compiled, e) {
+            (Ok(c), Entry::Policy) => c.has_policy,
+            (Ok(c), Entry::Route) => c.has_route,
+            // A module that failed to load still stands in the chain for its failure policy.
+            (Err(_), Entry::Policy) => true,
+            (Err(_), Entry::Route) => false,
+        }
+    }
+
+    fn same_as(&self, s: &ModuleSpec) -> bool {
+        *self.name == *s.name
+            && self.sha256 == s.sha256
+            && self.config == s.config.as_bytes()
+            && self.failure == s.failure
+            && self.dry_run == s.dry_run
+    }
+}
+
+/// One generation of the chain.
+pub struct Chain {
+    /// Bumped on every change; stamps cache entries.
+    pub generation: u64,
+    /// Modules in order.
+    pub modules: Vec<Arc<LoadedModule>>,
+    /// This node's subnet: egress decisions are for packets from it, ingress for packets to it.
+    pub own: Option<Ipv4Net>,
+    /// This node's PublicIP.
+    pub local: Ipv4Addr,
+}
+
+impl Chain {
+    /// True when some enforcing module steers flows, so peers may relay each other's traffic.
+    pub fn routes(&self) -> bool {
+        self.modules.iter().any(|m| !m.dry_run && m.has(Entry::Route))
+    }
+}
+
+/// The node's chain and what every worker shares: the runtime, the lease view and counters.
+pub struct Pipeline {
+    runtime: Arc<Runtime>,
+    chain: ArcSwap<Chain>,
+    generation: AtomicU64,
+    leases: Arc<Leases>,
+    stats: Mutex<HashMap<String, Arc<ModuleStats>>>,
+    /// Packets answered from a verdict cache.
+    pub cache_hits: AtomicU64,
+    /// Packets that needed a decision.
+    pub cache_misses: AtomicU64,
+    /// Routing verdicts naming a node that holds no lease (ignored).
+    pub bad_via: AtomicU64,
+}
+
+impl Pipeline {
+    /// An empty chain for the node at `local`.
+    pub fn new(runtime: Arc<Runtime>, local: Ipv4Addr) -> Arc<Pipeline> {
+        Arc::new(Pipeline {
+            runtime,
+            chain: ArcSwap::from_pointee(Chain {
+                generation: 1,
+                modules: Vec::new(),
+                own: None,
+                local,
+            }),
+            generation: AtomicU64::new(1),
+            leases: Arc::new(ArcSwap::from_pointee(RouteTable::new(Ipv4Net::default(), 32, None))),
+            stats: Mutex::new(HashMap::new()),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            bad_via: AtomicU64::new(0),
+        })
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The current chain.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.load_full()
+    }
+
+    fn publish(&self, f: impl FnOnce(&Chain) -> Chain) {
+        // One writer at a time (the registry task and lease updates), so read-modify-write is safe
+        // under the stats lock, which every writer takes.
+        let _writer = self.stats.lock();
+        let next = f(&self.chain.load());
+        let g = next.generation;
+        self.chain.store(Arc::new(next));
+        self.generation.store(g, Ordering::Release);
+    }
+
+    /// Sets this node's subnet (after acquiring or re-acquiring the lease).
+    pub fn set_own(&self, own: Ipv4Net) {
+        self.publish(|c| Chain {
+            generation: c.generation + 1,
+            modules: c.modules.clone(),
+            own: Some(own),
+            local: c.local,
+        });
+    }
+
+    /// Replaces the lease view modules and records read (every lease, this node's included).
+    pub fn set_leases(&self, table: RouteTable) {
+        self.leases.store(Arc::new(table));
+    }
+
+    /// Counters of every module loaded or once loaded, by name.
+    pub fn module_stats(&self) -> Vec<(String, Arc<ModuleStats>)> {
+        let mut v: Vec<_> = self
+            .stats
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Loads `specs` as the new chain: unchanged modules are kept as they are (with their
+    /// instances' state), changed ones compiled and probed first; the swap itself is one
+    /// pointer store, so the data path never waits and never runs a half-built chain.
+    pub fn load(&self, mut specs: Vec<ModuleSpec>) -> Vec<ModuleStatus> {
+        specs.sort_by(|a, b| a.order.cmp(&b.order).then_with(|| a.name.cmp(&b.name)));
+        let old = self.chain.load_full();
+        let mut modules = Vec::with_capacity(specs.len());
+        for s in &specs {
+            if let Some(m) = old.modules.iter().find(|m| m.same_as(s)) {
+                modules.push(m.clone());
+                continue;
+            }
+            let stats = self
+                .stats
+                .lock()
+                .map(|mut m| m.entry(s.name.clone()).or_default().clone())
+                .unwrap_or_default();
+            let compiled = s.code().and_then(|wasm| {
+                let c = self.runtime.compile(&wasm)?;
+                // Configure one instance now, so a config the module rejects is reported here
+                // instead of failing on the data path.
+                let ctx = HostCtx::new(
+                    &self.runtime,
+                    s.name.as_str().into(),
+                    stats.clone(),
+                    self.leases.clone(),
+                );
+                Instance::new(&self.runtime, &c, ctx, s.config.as_bytes())?;
+                Ok(c)
+            });
+            match &compiled {
+                Ok(_) => {
+                    tracing::info!(module = %s.name, sha256 = %s.sha256, order = s.order, failure = ?s.failure, dry_run = s.dry_run, "module loaded")
+                }
+                Err(e) => {
+                    tracing::error!(module = %s.name, sha256 = %s.sha256, error = %e, failure = ?s.failure, "module failed to load; its failure policy stands in for it")
+                }
+            }
+            modules.push(Arc::new(LoadedModule {
+                name: s.name.as_str().into(),
+                sha256: s.sha256.clone(),
+                config: s.config.clone().into_bytes(),
+                failure: s.failure,
+                dry_run: s.dry_run,
+                compiled,
+                stats,
+            }));
+        }
+        let statuses = modules
+            .iter()
+            .map(|m| ModuleStatus {
+                name: m.name.to_string(),
+                sha256: m.sha256.clone(),
+                state: if m.compiled.is_ok() { "loaded" } else { "failed" }.into(),
+                error: m.compiled.as_ref().err().map(|e| e.to_string()),
+            })
+            .collect();
+        let keep: Vec<[u8; 32]> = modules
+            .iter()
+            .filter_map(|m| m.compiled.as_ref().ok().map(|c| c.sha256))
+            .collect();
+        let names: Vec<Arc<str>> = modules.iter().map(|m| m.name.clone()).collect();
+        self.publish(|c| Chain {
+            generation: c.generation + 1,
+            modules,
+            own: c.own,
+            local: c.local,
+        });
+        self.runtime.retain(&keep);
+        if let Ok(mut m) = self.stats.lock() {
+            m.retain(|k, _| names.iter().any(|n| **n == **k));
+        }
+        statuses
+    }
+}
+
+/// A worker's view of the chain: its own instances, cache and record buffer.
+pub struct WorkerChain {
+    pipeline: Arc<Pipeline>,
+    chain: Arc<Chain>,
+    instances: Vec<Option<Instance>>,
+    cache: FlowCache,
+    record: [u8; RECORD_SIZE],
+    hits: u64,
+    misses: u64,
+}
+
+fn cache_ms(c: u16) -> Ttl {
+    match c {
+        abi::CACHE_NONE => 0,
+        CACHE_FLOW => Ttl::MAX,
+        s => u64::from(s) * 1000,
+    }
+}
+
+impl WorkerChain {
+    /// A worker's chain over `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        let chain = pipeline.chain();
+        let instances = chain.modules.iter().map(|_| None).collect();
+        WorkerChain {
+            pipeline,
+            chain,
+            instances,
+            cache: FlowCache::new(CACHE_CAPACITY),
+            record: [0; RECORD_SIZE],
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Picks up a new chain if there is one; called once per batch of packets. Instances of
+    /// modules that did not change are kept, so their state survives an unrelated swap.
+    #[inline]
+    pub fn refresh(&mut self) {
+        if self.pipeline.generation.load(Ordering::Acquire) == self.chain.generation {
+            return;
+        }
+        let next = self.pipeline.chain();
+        let mut old: Vec<(Arc<LoadedModule>, Option<Instance>)> = self
+            .chain
+            .modules
+            .iter()
+            .cloned()
+            .zip(std::mem::take(&mut self.instances))
+            .collect();
+        self.instances = next
+            .modules
+            .iter()
+            .map(|m| {
+                old.iter_mut()
+                    .find(|(o, _)| Arc::ptr_eq(o, m))
+                    .and_then(|(_, i)| i.take())
+            })
+            .collect();
+        self.chain = next;
+    }
+
+    /// True when peers may relay each other's flows (a routing module is active).
+    pub fn relaying(&self) -> bool {
+        self.chain.routes()
+    }
+
+    /// Milliseconds on the process-wide clock every worker and the quarantine share.
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        clock_ms()
+    }
+
+    /// The verdict for one packet crossing in `dir`.
+    #[inline]
+    pub fn decide(&mut self, dir: Direction, pkt: &[u8], now_ms: u64) -> Verdict {
+        if self.chain.modules.is_empty() {
+            return Verdict::PASS;
+        }
+        let Some(own) = self.chain.own else {
+            return Verdict::PASS;
+        };
+        let Some(m) = flow::parse(pkt) else {
+            return Verdict::PASS;
+        };
+        // Only the pods' own traffic is decided here; a flow relayed through this node was
+        // decided where it started and is decided again where it ends.
+        let ours = match dir {
+            Direction::Egress => own.contains(&m.src),
+            Direction::Ingress => own.contains(&m.dst),
+        };
+        if !ours {
+            return Verdict::PASS;
+        }
+        let key = m.key(dir);
+        let generation = self.chain.generation;
+        match self.cache.lookup(key, generation, now_ms) {
+            Lookup::Hit(v) => {
+                self.hits += 1;
+                v
+            }
+            Lookup::Miss { established } => {
+                self.misses += 1;
+                let (v, ttl) = self.evaluate(&m, dir, established, pkt, now_ms);
+                self.cache.insert(key, generation, v, ttl, now_ms);
+                v
+            }
+        }
+    }
+
+    /// Publishes this worker's hit and miss counts; called once per batch.
+    pub fn flush_stats(&mut self) {
+        if self.hits > 0 {
+            self.pipeline.cache_hits.fetch_add(self.hits, Ordering::Relaxed);
+            for m in &self.chain.modules {
+                m.stats.cache_hits.fetch_add(self.hits, Ordering::Relaxed);
+            }
+            self.hits = 0;
+        }
+        if self.misses > 0 {
+            self.pipeline.cache_misses.fetch_add(self.misses, Ordering::Relaxed);
+            self.misses = 0;
+        }
+    }
+
+    fn evaluate(&mut self, m: &FlowMeta, dir: Direction, established: bool, pkt: &[u8], now_ms: u64) -> (Verdict, Ttl) {
+        let leases = self.pipeline.leases.load();
+        let local = Local { node: self.chain.local };
+        flow::record(m, dir, established, pkt, &leases, local).encode(&mut self.record);
+        let mut verdict = Verdict::PASS;
+        let mut ttl = Ttl::MAX;
+        let chain = self.chain.clone();
+        for (i, lm) in chain.modules.iter().enumerate() {
+            if lm.has(Entry::Policy) {
+                match self.call(i, lm, Entry::Policy, now_ms) {
+                    Ok(w) => {
+                        ttl = ttl.min(cache_ms(w.cache));
+                        let kind = match w.action {
+                            abi::action::DROP => VerdictKind::Drop,
+                            abi::action::ALLOW_LOG => VerdictKind::Log,
+                            _ => VerdictKind::Allow,
+                        };
+                        lm.stats.verdict(kind);
+                        if kind == VerdictKind::Log && lm.stats.log_allowed() {
+                            tracing::info!(target: "weft::flow", module = %lm.name, direction = ?dir, protocol = m.protocol,
+                                src = %m.src, src_port = m.src_port, dst = %m.dst, dst_port = m.dst_port, dry_run = lm.dry_run, "flow logged");
+                        }
+                        if kind == VerdictKind::Drop {
+                            if lm.dry_run {
+                                lm.stats.dry_run_drops.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                // First deny wins: later modules are not asked.
+                                return (Verdict::DROP, ttl);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        lm.stats.verdict(VerdictKind::Failure);
+                        ttl = ttl.min(FAILURE_TTL_MS);
+                        tracing::debug!(module = %lm.name, error = %e, "policy call failed");
+                        if lm.failure == FailurePolicy::Closed && !lm.dry_run {
+                            return (Verdict::DROP, ttl);
+                        }
+                    }
+                }
+            }
+            if dir == Direction::Egress && verdict.via.is_none() && lm.has(Entry::Route) {
+                match self.call(i, lm, Entry::Route, now_ms) {
+                    Ok(w) => {
+                        ttl = ttl.min(cache_ms(w.cache));
+                        if w.action == abi::route::VIA {
+                            lm.stats.verdict(VerdictKind::Via);
+                            let via = Ipv4Addr::from(w.addr);
+                            if lm.dry_run {
+                                continue;
+                            }
+                            if !leases.is_node(via) {
+                                self.pipeline.bad_via.fetch_add(1, Ordering::Relaxed);
+                            } else if via != local.node && Some(via) != leases.subnet_of(m.dst).map(|s| s.2) {
+                                verdict.via = Some(via);
+                            }
+                        } else {
+                            lm.stats.verdict(VerdictKind::Owner);
+                        }
+                    }
+                    Err(e) => {
+                        lm.stats.verdict(VerdictKind::Failure);
+                        ttl = ttl.min(FAILURE_TTL_MS);
+                        tracing::debug!(module = %lm.name, error = %e, "route call failed");
+                        if lm.failure == FailurePolicy::Closed && !lm.dry_run {
+                            return (Verdict::DROP, ttl);
+                        }
+                    }
+                }
+            }
+        }
+        (verdict, ttl)
+    }
+
+    /// One call into module `i`, instantiating it first if needed; failures are counted, can
+    /// quarantine the module, and throw the instance away (its memory may be inconsistent).
+    fn call(&mut self, i: usize, lm: &LoadedModule, entry: Entry, now_ms: u64) -> Result<Word, CallError> {
+        let compiled = match &lm.compiled {
+            Ok(c) => c,
+            Err(e) => return Err(CallError::Trap(format!("not loaded: {e}"))),
+        };
+        if lm.stats.quarantined(now_ms) {
+            return Err(CallError::Trap("quarantined".into()));
+        }
+        if self.instances[i].is_none() {
+            let rt = self.pipeline.runtime.clone();
+            let ctx = HostCtx::new(&rt, lm.name.clone(), lm.stats.clone(), self.pipeline.leases.clone());
+            match Instance::new(&rt, compiled, ctx, &lm.config) {
+                Ok(inst) => self.instances[i] = Some(inst),
+                Err(e) => {
+                    self.failed(lm, now_ms);
+                    return Err(CallError::Trap(format!("instantiation failed: {e}")));
+                }
+            }
+        }
+        let Some(inst) = self.instances[i].as_mut() else {
+            return Err(CallError::Missing);
+        };
+        let t = Instant::now();
+        let r = inst.call(entry, &self.record);
+        let st = &lm.stats;
+        st.calls.fetch_add(1, Ordering::Relaxed);
+        st.call_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match &r {
+            Ok(_) => {
+                st.outcome(true, now_ms);
+            }
+            Err(e) => {
+                match e {
+                    CallError::Timeout => st.timeouts.fetch_add(1, Ordering::Relaxed),
+                    CallError::BadVerdict(_) => st.bad_verdicts.fetch_add(1, Ordering::Relaxed),
+                    _ => st.traps.fetch_add(1, Ordering::Relaxed),
+                };
+                if st.log_allowed() {
+                    tracing::warn!(module = %lm.name, sha256 = %lm.sha256, entry = ?entry, error = %e, "module call failed");
+                }
+                self.instances[i] = None;
+                self.failed(lm, now_ms);
+            }
+        }
+        r
+    }
+
+    fn failed(&self, lm: &LoadedModule, now_ms: u64) {
+        if lm.stats.outcome(false, now_ms) {
+            tracing::error!(module = %lm.name, sha256 = %lm.sha256, failure = ?lm.failure,
+                "module quarantined after repeated failures; its failure policy decides meanwhile");
+        }
+    }
+}
+
+/// Milliseconds since the process first asked: the clock of caches and quarantines.
+pub fn clock_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}

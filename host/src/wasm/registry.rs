@@ -1,0 +1,204 @@
+//! Modules in the lease store: what `weft module add|set|rm|ls` do, and the loop by which every
+//! agent follows the stored modules and reports which code it has loaded.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::spec::{valid_name, FailurePolicy, ModuleSpec, NodeStatus};
+use super::{check, Pipeline, Runtime, WasmError};
+use crate::lease::{Doc, DocKind, LeaseStore, StoreError};
+
+/// Why a module command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("module {name}: {source}")]
+    Module { name: String, source: WasmError },
+    #[error("module {0} already exists (use `weft module set` to change it)")]
+    Exists(String),
+    #[error("no module named {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Changes `weft module set` may make; `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// New code.
+    pub wasm: Option<Vec<u8>>,
+    /// New config.
+    pub config: Option<String>,
+    /// New place in the chain.
+    pub order: Option<i32>,
+    /// New failure policy.
+    pub failure: Option<FailurePolicy>,
+    /// New dry-run setting.
+    pub dry_run: Option<bool>,
+}
+
+async fn get(store: &dyn LeaseStore, name: &str) -> Result<Option<ModuleSpec>, RegistryError> {
+    let docs = store.list_docs(DocKind::Module, true).await?;
+    docs.into_iter()
+        .find(|d| d.name == name)
+        .map(|d| {
+            ModuleSpec::from_json(&d.value).map_err(|source| RegistryError::Module {
+                name: name.into(),
+                source,
+            })
+        })
+        .transpose()
+}
+
+fn checked(rt: &Runtime, spec: &ModuleSpec) -> Result<(), RegistryError> {
+    let module = |source| RegistryError::Module {
+        name: spec.name.clone(),
+        source,
+    };
+    let wasm = spec.code().map_err(module)?;
+    check(rt, &wasm, spec.config.as_bytes()).map_err(module)?;
+    Ok(())
+}
+
+/// Adds a new module after checking it here: code, ABI, config and a probe decision.
+pub async fn add(store: &dyn LeaseStore, rt: &Runtime, spec: ModuleSpec) -> Result<(), RegistryError> {
+    valid_name(&spec.name).map_err(RegistryError::Invalid)?;
+    if get(store, &spec.name).await?.is_some() {
+        return Err(RegistryError::Exists(spec.name));
+    }
+    checked(rt, &spec)?;
+    store.put_doc(DocKind::Module, &spec.name, &spec.to_json()).await?;
+    Ok(())
+}
+
+/// Changes a stored module, checking the result as `add` does; returns the new spec.
+pub async fn set(store: &dyn LeaseStore, rt: &Runtime, name: &str, c: Changes) -> Result<ModuleSpec, RegistryError> {
+    let mut spec = get(store, name)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+    if let Some(w) = &c.wasm {
+        spec.set_wasm(w);
+    }
+    if let Some(cfg) = c.config {
+        spec.config = cfg;
+    }
+    if let Some(o) = c.order {
+        spec.order = o;
+    }
+    if let Some(f) = c.failure {
+        spec.failure = f;
+    }
+    if let Some(d) = c.dry_run {
+        spec.dry_run = d;
+    }
+    checked(rt, &spec)?;
+    store.put_doc(DocKind::Module, name, &spec.to_json()).await?;
+    Ok(spec)
+}
+
+/// Removes a module from every node.
+pub async fn remove(store: &dyn LeaseStore, name: &str) -> Result<(), RegistryError> {
+    if store.delete_doc(DocKind::Module, name).await? {
+        Ok(())
+    } else {
+        Err(RegistryError::NotFound(name.into()))
+    }
+}
+
+/// Every stored module (unreadable records are skipped with a warning) and every node's report.
+pub async fn list(store: &dyn LeaseStore) -> Result<(Vec<ModuleSpec>, Vec<NodeStatus>), RegistryError> {
+    let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
+    let nodes = store
+        .list_docs(DocKind::ModuleStatus, true)
+        .await?
+        .into_iter()
+        .filter_map(|d| serde_json::from_slice(&d.value).ok())
+        .collect();
+    Ok((specs, nodes))
+}
+
+fn readable_specs(docs: Vec<Doc>) -> Vec<ModuleSpec> {
+    docs.into_iter()
+        .filter_map(|d| match ModuleSpec::from_json(&d.value) {
+            Ok(s) if s.name == d.name => Some(s),
+            Ok(s) => {
+                tracing::warn!(key = %d.name, name = %s.name, "skipping module stored under another name");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(key = %d.name, error = %e, "skipping unreadable module record");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Follows the stored modules forever: polls their names and revisions (a cheap keys-only
+/// read) every `interval`, reloads the chain when they change, and reports what this node
+/// runs. A store outage keeps the current chain running.
+/// `first` turns true after the first attempt, successful or not.
+pub async fn follow(
+    store: Arc<dyn LeaseStore>,
+    pipeline: Arc<Pipeline>,
+    node: Ipv4Addr,
+    interval: Duration,
+    first: tokio::sync::watch::Sender<bool>,
+) {
+    let mut seen: Option<Vec<(String, i64)>> = None;
+    let mut failing = false;
+    loop {
+        match sync_once(&*store, &pipeline, node, &mut seen).await {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read modules from the store; the current chain keeps running");
+                }
+                failing = true;
+            }
+        }
+        let _ = first.send(true);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn sync_once(
+    store: &dyn LeaseStore,
+    pipeline: &Arc<Pipeline>,
+    node: Ipv4Addr,
+    seen: &mut Option<Vec<(String, i64)>>,
+) -> Result<(), StoreError> {
+    let heads: Vec<(String, i64)> = store
+        .list_docs(DocKind::Module, false)
+        .await?
+        .into_iter()
+        .map(|d| (d.name, d.revision))
+        .collect();
+    if seen.as_ref() == Some(&heads) {
+        return Ok(());
+    }
+    let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
+    let p = pipeline.clone();
+    // Compiling is CPU work; it must not hold up the runtime's other tasks.
+    let modules = tokio::task::spawn_blocking(move || p.load(specs))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("module loader panicked: {e}")))?;
+    let status = NodeStatus {
+        node: node.to_string(),
+        updated: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        modules,
+    };
+    store
+        .put_doc(
+            DocKind::ModuleStatus,
+            &node.to_string(),
+            &serde_json::to_vec(&status).unwrap_or_default(),
+        )
+        .await?;
+    *seen = Some(heads);
+    Ok(())
+}

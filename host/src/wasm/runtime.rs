@@ -1,0 +1,281 @@
+//! The wasmtime engine Weft runs modules on: its configuration (every security-relevant knob
+//! set on purpose), the epoch ticker that bounds each call, the linker with Weft's host
+//! functions and nothing else, and compilation with ABI checks and a cache keyed by sha256.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine, ExternType, FuncType, InstancePre, Linker, Module, OptLevel, WasmFeatures};
+use weft_guest::abi::names;
+
+use super::instance::{self, HostCtx};
+use super::WasmError;
+
+/// Resource limits applied to every module.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest module accepted, in bytes of Wasm.
+    pub max_module_bytes: usize,
+    /// Most linear memory one instance may have.
+    pub max_memory_bytes: usize,
+    /// Most time one decision may take before it is interrupted.
+    pub call_deadline: Duration,
+    /// Most time `configure` may take.
+    pub configure_deadline: Duration,
+    /// Native stack a call may use.
+    pub max_stack_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_module_bytes: 1 << 20,
+            max_memory_bytes: 16 << 20,
+            call_deadline: Duration::from_millis(5),
+            configure_deadline: Duration::from_millis(500),
+            max_stack_bytes: 512 << 10,
+        }
+    }
+}
+
+/// How often the epoch advances: the unit of every deadline.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// A module compiled and checked against the ABI, ready to instantiate.
+pub struct Compiled {
+    /// sha256 of the Wasm bytes.
+    pub sha256: [u8; 32],
+    pub(super) pre: InstancePre<HostCtx>,
+    /// Exports `weft_policy`.
+    pub has_policy: bool,
+    /// Exports `weft_route`.
+    pub has_route: bool,
+}
+
+/// The engine, linker and compile cache; one per process.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostCtx>,
+    cache: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
+    limits: Limits,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Hex of a digest.
+pub fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn engine_config(limits: &Limits) -> Config {
+    let mut c = Config::new();
+    // Time: epoch interruption is near free per call (fuel costs ~2x on call-heavy code);
+    // each call gets a deadline of a few ticks.
+    c.epoch_interruption(true);
+    c.consume_fuel(false);
+    // Stack: a bounded native stack, so deep recursion traps instead of hitting the guard page
+    // of a data-path thread.
+    c.max_wasm_stack(limits.max_stack_bytes);
+    // Proposals: what Rust's wasm32 target emits (multi-value, bulk memory, reference types for
+    // call_indirect tables, SIMD on request) and nothing else. Threads, GC, exceptions, memory64,
+    // multiple memories, stack switching and the component model stay off: surface without use.
+    c.wasm_multi_value(true);
+    c.wasm_bulk_memory(true);
+    c.wasm_features(WasmFeatures::REFERENCE_TYPES, true);
+    c.wasm_simd(true);
+    // Relaxed SIMD results differ between CPUs: verdicts must not.
+    c.wasm_relaxed_simd(false);
+    c.wasm_multi_memory(false);
+    c.wasm_memory64(false);
+    c.wasm_tail_call(false);
+    c.wasm_custom_page_sizes(false);
+    c.wasm_wide_arithmetic(false);
+    c.wasm_stack_switching(false);
+    c.wasm_shared_everything_threads(false);
+    c.wasm_features(WasmFeatures::THREADS, false);
+    c.wasm_features(WasmFeatures::GC, false);
+    c.wasm_features(WasmFeatures::FUNCTION_REFERENCES, false);
+    c.wasm_features(WasmFeatures::EXCEPTIONS, false);
+    c.wasm_features(WasmFeatures::COMPONENT_MODEL, false);
+    c.cranelift_opt_level(OptLevel::Speed);
+    // No DWARF for uploaded code; traps are reported by module and entry point instead.
+    c.debug_info(false);
+    c.wasm_backtrace_max_frames(None);
+    c
+}
+
+fn sig(ft: &FuncType) -> String {
+    let p: Vec<String> = ft.params().map(|t| t.to_string()).collect();
+    let r: Vec<String> = ft.results().map(|t| t.to_string()).collect();
+    format!("({}) -> ({})", p.join(", "), r.join(", "))
+}
+
+/// The signature every import and export of the ABI must have.
+fn expected(name: &str) -> Option<&'static str> {
+    Some(match name {
+        names::LOG => "(i32, i32, i32) -> ()",
+        names::NOW_NS => "() -> (i64)",
+        names::COUNTER => "(i32, i32) -> (i32)",
+        names::COUNTER_ADD => "(i32, i64) -> ()",
+        names::LEASE_OWNER => "(i32) -> (i64)",
+        names::ABI_VERSION => "() -> (i32)",
+        names::ALLOC => "(i32) -> (i32)",
+        names::CONFIGURE => "(i32, i32) -> (i64)",
+        names::FLOW => "() -> (i32)",
+        names::POLICY | names::ROUTE => "() -> (i64)",
+        _ => return None,
+    })
+}
+
+impl Runtime {
+    /// The engine, with its epoch ticker thread.
+    pub fn new(limits: Limits) -> Result<Arc<Runtime>, WasmError> {
+        let engine = Engine::new(&engine_config(&limits)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        instance::link(&mut linker).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("weft-wasm-epoch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            cache: Mutex::new(HashMap::new()),
+            limits,
+            stop,
+        }))
+    }
+
+    /// The limits every module runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Compiles `wasm` on this node (never loading precompiled artifacts) and checks it against
+    /// the ABI; a module already compiled is served from the cache by its sha256.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Arc<Compiled>, WasmError> {
+        if wasm.len() > self.limits.max_module_bytes {
+            return Err(WasmError::TooLarge {
+                size: wasm.len(),
+                limit: self.limits.max_module_bytes,
+            });
+        }
+        if !wasm.starts_with(b"\0asm") {
+            return Err(WasmError::NotWasm);
+        }
+        let sha = sha256(wasm);
+        if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&sha).cloned()) {
+            return Ok(c);
+        }
+        let module = Module::new(&self.engine, wasm).map_err(|e| WasmError::Invalid(format!("{e:#}")))?;
+        for imp in module.imports() {
+            let ok = imp.module() == names::HOST_MODULE
+                && match (imp.ty(), expected(imp.name())) {
+                    (ExternType::Func(ft), Some(want)) if is_host_fn(imp.name()) => {
+                        let got = sig(&ft);
+                        if got != want {
+                            return Err(WasmError::Signature {
+                                name: format!("import {}.{}", imp.module(), imp.name()),
+                                want: want.into(),
+                                got,
+                            });
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+            if !ok {
+                return Err(WasmError::UnknownImport {
+                    module: imp.module().into(),
+                    name: imp.name().into(),
+                });
+            }
+        }
+        let export = |name: &str| module.get_export(name);
+        match export(names::MEMORY) {
+            Some(ExternType::Memory(_)) => {}
+            _ => return Err(WasmError::MissingExport(names::MEMORY.into())),
+        }
+        let found = |name: &str, required: bool| -> Result<bool, WasmError> {
+            match export(name) {
+                None if required => Err(WasmError::MissingExport(name.into())),
+                None => Ok(false),
+                Some(ExternType::Func(ft)) => {
+                    let (got, want) = (sig(&ft), expected(name).unwrap_or_default());
+                    if got == want {
+                        Ok(true)
+                    } else {
+                        Err(WasmError::Signature {
+                            name: format!("export {name}"),
+                            want: want.into(),
+                            got,
+                        })
+                    }
+                }
+                Some(_) => Err(WasmError::MissingExport(format!(
+                    "{name} (exported, but not as a function)"
+                ))),
+            }
+        };
+        for name in [names::ABI_VERSION, names::ALLOC, names::CONFIGURE, names::FLOW] {
+            found(name, true)?;
+        }
+        let has_policy = found(names::POLICY, false)?;
+        let has_route = found(names::ROUTE, false)?;
+        if !has_policy && !has_route {
+            return Err(WasmError::NoDecision);
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| WasmError::Invalid(format!("{e:#}")))?;
+        let compiled = Arc::new(Compiled {
+            sha256: sha,
+            pre,
+            has_policy,
+            has_route,
+        });
+        if let Ok(mut m) = self.cache.lock() {
+            m.insert(sha, compiled.clone());
+        }
+        Ok(compiled)
+    }
+
+    /// Forgets compiled modules whose sha256 is not in `keep`.
+    pub fn retain(&self, keep: &[[u8; 32]]) {
+        if let Ok(mut m) = self.cache.lock() {
+            m.retain(|k, _| keep.contains(k));
+        }
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+fn is_host_fn(name: &str) -> bool {
+    matches!(
+        name,
+        names::LOG | names::NOW_NS | names::COUNTER | names::COUNTER_ADD | names::LEASE_OWNER
+    )
+}

@@ -1,0 +1,158 @@
+//! A module as stored in the lease store: its code, config and how the chain treats it. One
+//! JSON document per module, under `<prefix>/modules/<name>` in etcd.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::runtime::{hex, sha256};
+use super::WasmError;
+
+/// What the chain does when a module fails (traps, times out, returns garbage, cannot load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Drop the flows the module could not decide (the default: a broken firewall must not
+    /// open the network).
+    #[default]
+    Closed,
+    /// Skip the module, as if it allowed the flow.
+    Open,
+}
+
+/// One stored module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleSpec {
+    /// Unique name: lowercase letters, digits, `-` and `_`, at most 63 bytes.
+    pub name: String,
+    /// sha256 of the Wasm code, hex.
+    pub sha256: String,
+    /// The Wasm code, base64.
+    pub wasm: String,
+    /// Config bytes handed to `weft_configure` (usually JSON text).
+    #[serde(default)]
+    pub config: String,
+    /// Place in the chain: lower runs first; ties go by name.
+    #[serde(default)]
+    pub order: i32,
+    /// What a failure means.
+    #[serde(default)]
+    pub failure: FailurePolicy,
+    /// Decide and count, but enforce nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Checks a module name.
+pub fn valid_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid module name {name:?}: use 1-63 lowercase letters, digits, '-' or '_'"
+        ))
+    }
+}
+
+impl ModuleSpec {
+    /// A spec for `wasm` with default settings.
+    pub fn new(name: &str, wasm: &[u8], config: String) -> Self {
+        ModuleSpec {
+            name: name.to_string(),
+            sha256: hex(&sha256(wasm)),
+            wasm: base64::engine::general_purpose::STANDARD.encode(wasm),
+            config,
+            order: 0,
+            failure: FailurePolicy::Closed,
+            dry_run: false,
+        }
+    }
+
+    /// Replaces the code.
+    pub fn set_wasm(&mut self, wasm: &[u8]) {
+        self.sha256 = hex(&sha256(wasm));
+        self.wasm = base64::engine::general_purpose::STANDARD.encode(wasm);
+    }
+
+    /// The code, checked against the recorded sha256.
+    pub fn code(&self) -> Result<Vec<u8>, WasmError> {
+        let wasm = base64::engine::general_purpose::STANDARD
+            .decode(self.wasm.as_bytes())
+            .map_err(|e| WasmError::Encoding(format!("wasm is not base64: {e}")))?;
+        let got = hex(&sha256(&wasm));
+        if got != self.sha256 {
+            return Err(WasmError::Digest {
+                want: self.sha256.clone(),
+                got,
+            });
+        }
+        Ok(wasm)
+    }
+
+    /// The spec as stored.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a stored spec.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, WasmError> {
+        serde_json::from_slice(bytes).map_err(|e| WasmError::Encoding(e.to_string()))
+    }
+}
+
+/// What a node reports about one module it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    /// Module name.
+    pub name: String,
+    /// sha256 of the code loaded (or that failed to load).
+    pub sha256: String,
+    /// `loaded` or `failed`.
+    pub state: String,
+    /// Why loading failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A node's report, stored under `<prefix>/module-status/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's PublicIP.
+    pub node: String,
+    /// Seconds since the epoch when written.
+    pub updated: u64,
+    /// One entry per module in the chain.
+    pub modules: Vec<ModuleStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_and_catch_tampered_code() {
+        let mut s = ModuleSpec::new("fw", b"\0asm\x01\0\0\0", "{}".into());
+        let back = ModuleSpec::from_json(&s.to_json()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.code().unwrap(), b"\0asm\x01\0\0\0");
+        s.sha256 = "00".repeat(32);
+        assert!(matches!(s.code(), Err(WasmError::Digest { .. })));
+        let defaults = ModuleSpec::from_json(br#"{"name":"a","sha256":"x","wasm":""}"#).unwrap();
+        assert_eq!(
+            (defaults.failure, defaults.dry_run, defaults.order),
+            (FailurePolicy::Closed, false, 0)
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("fw-1_a").is_ok());
+        for bad in ["", "Fw", "a/b", "a b", &"x".repeat(64)] {
+            assert!(valid_name(bad).is_err(), "{bad}");
+        }
+    }
+}

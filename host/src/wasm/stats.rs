@@ -1,0 +1,270 @@
+//! Per-module counters, shared by every instance of a module on this node and read by the
+//! metrics endpoint. They outlive module versions: a swap does not reset them.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What a module said, or what was done in its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum VerdictKind {
+    /// Policy: allow.
+    Allow = 0,
+    /// Policy: drop.
+    Drop = 1,
+    /// Policy: allow and log.
+    Log = 2,
+    /// Routing: deliver to the owner.
+    Owner = 3,
+    /// Routing: through another node.
+    Via = 4,
+    /// The module failed; its failure policy decided.
+    Failure = 5,
+}
+
+impl VerdictKind {
+    /// Every kind, in index order.
+    pub const ALL: [VerdictKind; 6] = [
+        VerdictKind::Allow,
+        VerdictKind::Drop,
+        VerdictKind::Log,
+        VerdictKind::Owner,
+        VerdictKind::Via,
+        VerdictKind::Failure,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            VerdictKind::Allow => "allow",
+            VerdictKind::Drop => "drop",
+            VerdictKind::Log => "log",
+            VerdictKind::Owner => "owner",
+            VerdictKind::Via => "via",
+            VerdictKind::Failure => "failure",
+        }
+    }
+}
+
+/// Most counters one module may define.
+pub const MAX_COUNTERS: usize = 64;
+/// Guest log lines let through per second (and as a burst).
+const LOG_PER_SEC: f64 = 10.0;
+const LOG_BURST: f64 = 20.0;
+
+/// One module's counters.
+#[derive(Debug)]
+pub struct ModuleStats {
+    /// Decision calls made.
+    pub calls: AtomicU64,
+    /// Nanoseconds spent in decision calls.
+    pub call_ns: AtomicU64,
+    /// Calls that trapped.
+    pub traps: AtomicU64,
+    /// Calls interrupted at their deadline.
+    pub timeouts: AtomicU64,
+    /// Calls that returned a verdict word the ABI does not define.
+    pub bad_verdicts: AtomicU64,
+    /// Packets answered from the verdict cache while this module was in the chain.
+    pub cache_hits: AtomicU64,
+    /// Drops a dry-run module asked for and did not get.
+    pub dry_run_drops: AtomicU64,
+    /// Times the module was quarantined.
+    pub quarantines: AtomicU64,
+    /// Guest log lines suppressed by the rate limit.
+    pub logs_suppressed: AtomicU64,
+    verdicts: [AtomicU64; 6],
+    counters: Mutex<Vec<(String, Arc<AtomicI64>)>>,
+    log_bucket: Mutex<(f64, Instant)>,
+    quarantine: Mutex<Quarantine>,
+}
+
+impl Default for ModuleStats {
+    fn default() -> Self {
+        ModuleStats {
+            calls: AtomicU64::new(0),
+            call_ns: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            bad_verdicts: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            dry_run_drops: AtomicU64::new(0),
+            quarantines: AtomicU64::new(0),
+            logs_suppressed: AtomicU64::new(0),
+            verdicts: Default::default(),
+            counters: Mutex::new(Vec::new()),
+            log_bucket: Mutex::new((LOG_BURST, Instant::now())),
+            quarantine: Mutex::new(Quarantine::default()),
+        }
+    }
+}
+
+/// Failures in the current window, and until when the module is benched.
+#[derive(Debug, Default)]
+struct Quarantine {
+    window_start_ms: u64,
+    failures: u32,
+    successes: u32,
+    until_ms: u64,
+    backoff_ms: u64,
+}
+
+/// A window in which enough failures, outnumbering successes, quarantine a module.
+const WINDOW_MS: u64 = 10_000;
+const FAILURES_TO_QUARANTINE: u32 = 20;
+const FIRST_BACKOFF_MS: u64 = 30_000;
+const MAX_BACKOFF_MS: u64 = 300_000;
+
+impl ModuleStats {
+    /// Counts one verdict.
+    pub fn verdict(&self, k: VerdictKind) {
+        self.verdicts[k as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Verdicts of one kind so far.
+    pub fn verdicts(&self, k: VerdictKind) -> u64 {
+        self.verdicts[k as usize].load(Ordering::Relaxed)
+    }
+
+    /// The shared cell of the counter `name`, defining it; `None` for a bad name or when the
+    /// module already has [`MAX_COUNTERS`].
+    pub fn counter(&self, name: &str) -> Option<Arc<AtomicI64>> {
+        let valid =
+            !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return None;
+        }
+        let mut cs = self.counters.lock().ok()?;
+        if let Some((_, c)) = cs.iter().find(|(n, _)| n == name) {
+            return Some(c.clone());
+        }
+        if cs.len() >= MAX_COUNTERS {
+            return None;
+        }
+        let c = Arc::new(AtomicI64::new(0));
+        cs.push((name.to_string(), c.clone()));
+        Some(c)
+    }
+
+    /// The module's own counters, by name.
+    pub fn counters(&self) -> Vec<(String, i64)> {
+        self.counters
+            .lock()
+            .map(|cs| cs.iter().map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed))).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether one more guest log line may go out now.
+    pub fn log_allowed(&self) -> bool {
+        let Ok(mut b) = self.log_bucket.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * LOG_PER_SEC).min(LOG_BURST);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            self.logs_suppressed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Records the outcome of a call; true when this failure put the module in quarantine.
+    pub fn outcome(&self, ok: bool, now_ms: u64) -> bool {
+        let Ok(mut q) = self.quarantine.lock() else {
+            return false;
+        };
+        if now_ms.saturating_sub(q.window_start_ms) >= WINDOW_MS {
+            q.window_start_ms = now_ms;
+            q.failures = 0;
+            q.successes = 0;
+        }
+        if ok {
+            q.successes = q.successes.saturating_add(1);
+            // A clean run after a quarantine earns the short backoff back.
+            if q.successes > 1000 {
+                q.backoff_ms = 0;
+            }
+            return false;
+        }
+        q.failures += 1;
+        if q.failures >= FAILURES_TO_QUARANTINE && q.failures > q.successes && now_ms >= q.until_ms {
+            q.backoff_ms = if q.backoff_ms == 0 {
+                FIRST_BACKOFF_MS
+            } else {
+                (q.backoff_ms * 2).min(MAX_BACKOFF_MS)
+            };
+            q.until_ms = now_ms + q.backoff_ms;
+            q.failures = 0;
+            q.successes = 0;
+            self.quarantines.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Whether the module is benched at `now_ms`.
+    pub fn quarantined(&self, now_ms: u64) -> bool {
+        self.quarantine.lock().map(|q| now_ms < q.until_ms).unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_failures_quarantine_with_growing_backoff_but_rare_ones_do_not() {
+        let s = ModuleStats::default();
+        for i in 0..200 {
+            assert!(!s.outcome(i % 10 != 0, 1_000 + i));
+        }
+        assert!(
+            !s.quarantined(2_000),
+            "1 failure in 10 is contained per flow, not benched"
+        );
+        let mut hit = None;
+        for i in 0..FAILURES_TO_QUARANTINE as u64 {
+            if s.outcome(false, 20_000 + i) {
+                hit = Some(i);
+            }
+        }
+        assert_eq!(hit, Some(u64::from(FAILURES_TO_QUARANTINE) - 1));
+        assert!(s.quarantined(20_000 + FIRST_BACKOFF_MS - 1));
+        assert!(!s.quarantined(20_100 + FIRST_BACKOFF_MS));
+        for i in 0..FAILURES_TO_QUARANTINE as u64 {
+            s.outcome(false, 60_000 + i);
+        }
+        assert!(
+            s.quarantined(60_000 + 2 * FIRST_BACKOFF_MS - 100),
+            "the second backoff is longer"
+        );
+        assert_eq!(s.quarantines.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn counters_are_named_bounded_and_shared() {
+        let s = ModuleStats::default();
+        let a = s.counter("hits").unwrap();
+        a.fetch_add(2, Ordering::Relaxed);
+        s.counter("hits").unwrap().fetch_add(3, Ordering::Relaxed);
+        assert_eq!(s.counters(), vec![("hits".to_string(), 5)]);
+        assert!(s.counter("bad name").is_none());
+        assert!(s.counter("").is_none());
+        for i in 1..MAX_COUNTERS {
+            assert!(s.counter(&format!("c{i}")).is_some());
+        }
+        assert!(s.counter("one_too_many").is_none());
+    }
+
+    #[test]
+    fn guest_logs_are_rate_limited() {
+        let s = ModuleStats::default();
+        let allowed = (0..100).filter(|_| s.log_allowed()).count();
+        assert!((20..=21).contains(&allowed), "{allowed}");
+        assert!(s.logs_suppressed.load(Ordering::Relaxed) >= 79);
+    }
+}

@@ -1,0 +1,89 @@
+# Shared by the benchmark scripts: namespaces, pods, Weft clusters, iperf3 runs. Every name
+# starts with $P (unique per run) and everything is removed on exit.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+WEFT=${WEFT_BIN:-$ROOT/target/release/weft}
+[[ -x "$WEFT" ]] || { echo "no weft binary at $WEFT: cargo build --release -p weft" >&2; exit 1; }
+for t in ip iperf3 python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
+P="wb$$"
+TMP=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+# node_pair <tag>: namespaces <tag>-n1/-n2 joined by veth, 198.18.1.1 and .2
+node_pair() {
+  local t=$1
+  ip netns add "$P-$t-n1"; ip netns add "$P-$t-n2"
+  ip link add eth0 netns "$P-$t-n1" type veth peer name eth0 netns "$P-$t-n2"
+  for i in 1 2; do
+    ip -n "$P-$t-n$i" addr add 198.18.1.$i/24 dev eth0
+    ip -n "$P-$t-n$i" link set eth0 up; ip -n "$P-$t-n$i" link set lo up
+    ip netns exec "$P-$t-n$i" sysctl -qw net.ipv4.ip_forward=1
+  done
+}
+
+# attach_pod <tag> <node> <subnet-prefix e.g. 10.244.5> <mtu>: pod at .2 behind cni0 (.1)
+attach_pod() {
+  local t=$1 i=$2 s=$3 mtu=$4 node="$P-$1-n$2" pod="$P-$1-p$2"
+  ip netns add "$pod"; ip -n "$pod" link set lo up
+  ip -n "$node" link add cni0 type bridge
+  ip -n "$node" addr add "$s.1/24" dev cni0
+  ip -n "$node" link set cni0 mtu "$mtu" up
+  ip link add eth0 netns "$pod" type veth peer name vp1 netns "$node"
+  ip -n "$node" link set vp1 master cni0 mtu "$mtu" up
+  ip -n "$pod" addr add "$s.2/24" dev eth0
+  ip -n "$pod" link set eth0 mtu "$mtu" up
+  ip -n "$pod" route add default via "$s.1"
+}
+
+# setup_weft <tag>: a two-node Weft udp cluster with its own embedded store ($TMP/<tag>.db);
+# sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
+declare -A POD2 MTU
+setup_weft() {
+  local t=$1
+  node_pair "$t"
+  echo '{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}' > "$TMP/net.json"
+  for i in 1 2; do
+    ip netns exec "$P-$t-n$i" "$WEFT" agent --iface eth0 --store "$TMP/$t.db" \
+      --net-config "$TMP/net.json" --subnet-file "$TMP/$t-n$i.env" >"$TMP/$t-agent$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for i in 1 2; do
+    for _ in $(seq 100); do [[ -s "$TMP/$t-n$i.env" ]] && break; sleep 0.1; done
+    [[ -s "$TMP/$t-n$i.env" ]] || { echo "weft agent $t/$i not ready:"; cat "$TMP/$t-agent$i.log"; exit 1; }
+    local sub mtu
+    sub=$(sed -n 's/^FLANNEL_SUBNET=\(.*\)\.1\/24$/\1/p' "$TMP/$t-n$i.env")
+    mtu=$(sed -n 's/^FLANNEL_MTU=//p' "$TMP/$t-n$i.env")
+    attach_pod "$t" "$i" "$sub" "$mtu"
+    [[ $i == 2 ]] && POD2[$t]=$sub.2
+  done
+  MTU[$t]=$mtu
+}
+
+# iperf <tag> <server pod ip> <mode tcp|udp64> -> prints the metric (Gbit/s or kpps received)
+iperf() {
+  local t=$1 ip=$2 mode=$3 out
+  ip netns exec "$P-$t-p2" iperf3 -s -1 -B "$ip" >/dev/null 2>&1 &
+  local spid=$!
+  sleep 0.3
+  if [[ $mode == tcp ]]; then
+    out=$(ip netns exec "$P-$t-p1" iperf3 -c "$ip" -t "$SECS" -J)
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out"
+  else
+    out=$(ip netns exec "$P-$t-p1" iperf3 -c "$ip" -u -b 0 -l 64 -t "$SECS" -J)
+    python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["end"]["sum"]; print("%.1f" % ((s["packets"]-s["lost_packets"])/s["seconds"]/1e3))' <<<"$out"
+  fi
+  wait $spid 2>/dev/null || true
+}
+
+median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+

@@ -1,0 +1,157 @@
+//! Nanoseconds per decision of the Wasm chain, with the firewall module from `policies/`:
+//! a raw module call, a new flow through the whole chain (record, call, cache insert), and the
+//! cached path every later packet takes, against no module at all.
+//!
+//! `scripts/build-policies && cargo bench -p weft-tests --bench decision`
+
+use std::hint::black_box;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use weft::backend::route::RouteTable;
+use weft::packet::build_udp;
+use weft::wasm::chain::{Pipeline, WorkerChain};
+use weft::wasm::instance::{Entry, HostCtx, Instance, Leases};
+use weft::wasm::{Direction, Limits, ModuleSpec, Runtime};
+
+const CONFIG: &str = r#"{"default":"allow","rules":[
+ {"action":"deny","protocol":"tcp","ports":["23","135-139","445"]},
+ {"action":"deny","protocol":"udp","ports":["1900","5353"]},
+ {"action":"deny","src":["192.0.2.0/24","198.51.100.0/24"]},
+ {"action":"log","direction":"ingress","protocol":"tcp","ports":["22"]},
+ {"action":"allow","protocol":"icmp"}]}"#;
+
+fn leases() -> RouteTable {
+    let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, None);
+    for i in 1..=50u8 {
+        t.insert(
+            format!("10.244.{i}.0/24").parse().unwrap(),
+            Ipv4Addr::new(198, 18, 0, i),
+        );
+    }
+    t
+}
+
+fn pipeline(with_module: bool) -> Arc<Pipeline> {
+    let p = Pipeline::new(Runtime::new(Limits::default()).unwrap(), Ipv4Addr::new(198, 18, 0, 1));
+    p.set_own("10.244.1.0/24".parse().unwrap());
+    p.set_leases(leases());
+    if with_module {
+        let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();
+        let st = p.load(vec![ModuleSpec::new("fw", &wasm, CONFIG.into())]);
+        assert_eq!(st[0].state, "loaded", "{:?}", st[0].error);
+    }
+    p
+}
+
+/// `n` distinct egress flows (distinct ports and peers).
+fn packets(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let dst = Ipv4Addr::new(10, 244, 2 + (i % 40) as u8, 7);
+            build_udp(
+                Ipv4Addr::new(10, 244, 1, 5),
+                1024 + (i / 40) as u16,
+                dst,
+                8080,
+                64,
+                &[0x42; 64],
+            )
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let p = pipeline(true);
+    let rt = p.runtime().clone();
+    let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();
+    let compiled = rt.compile(&wasm).unwrap();
+    let ctx = HostCtx::new(
+        &rt,
+        "fw".into(),
+        Arc::default(),
+        Arc::new(Leases::from_pointee(leases())),
+    );
+    let mut inst = Instance::new(&rt, &compiled, ctx, CONFIG.as_bytes()).unwrap();
+    let mut rec = [0u8; weft_guest::abi::RECORD_SIZE];
+    let pkt = &packets(1)[0];
+    let meta = weft::wasm::flow::parse(pkt).unwrap();
+    weft::wasm::flow::record(
+        &meta,
+        Direction::Egress,
+        false,
+        pkt,
+        &leases(),
+        weft::wasm::flow::Local {
+            node: Ipv4Addr::new(198, 18, 0, 1),
+        },
+    )
+    .encode(&mut rec);
+    // The ABI's own cost: a module that answers at once (record copy-in, deadline, call, unpack).
+    let trivial = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+          (func (export "weft_abi_version") (result i32) (i32.const 1))
+          (func (export "weft_alloc") (param i32) (result i32) (i32.const 2048))
+          (func (export "weft_flow") (result i32) (i32.const 1024))
+          (func (export "weft_configure") (param i32 i32) (result i64) (i64.const 0))
+          (func (export "weft_policy") (result i64) (i64.const 0xFFFF0000)))"#,
+    )
+    .unwrap();
+    let tc = rt.compile(&trivial).unwrap();
+    let tctx = HostCtx::new(
+        &rt,
+        "t".into(),
+        Arc::default(),
+        Arc::new(Leases::from_pointee(leases())),
+    );
+    let mut tinst = Instance::new(&rt, &tc, tctx, b"").unwrap();
+    c.bench_function("module call: ABI overhead (module answers at once)", |b| {
+        b.iter(|| black_box(tinst.call(Entry::Policy, black_box(&rec)).unwrap()))
+    });
+    c.bench_function("module call: firewall policy (5 rules, no match)", |b| {
+        b.iter(|| black_box(inst.call(Entry::Policy, black_box(&rec)).unwrap()))
+    });
+
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    // More distinct flows than the cache holds, so every decision is a miss.
+    let many = packets(1 << 18);
+    let mut i = 0;
+    // The data path reads the clock once per batch, not per packet; so do the benches.
+    let now = w.now_ms();
+    c.bench_function("chain: new flow (parse, record, call, cache insert)", |b| {
+        b.iter(|| {
+            i = (i + 1) % many.len();
+            black_box(w.decide(Direction::Egress, &many[i], now))
+        })
+    });
+
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    let few = packets(1024);
+    let now = w.now_ms();
+    for pk in &few {
+        w.decide(Direction::Egress, pk, now);
+    }
+    let mut j = 0;
+    c.bench_function("chain: cached, 1024 flows interleaved", |b| {
+        b.iter(|| {
+            j = (j + 1) % few.len();
+            black_box(w.decide(Direction::Egress, &few[j], now))
+        })
+    });
+    c.bench_function("chain: cached, same flow (a super-packet's segments)", |b| {
+        b.iter(|| black_box(w.decide(Direction::Egress, black_box(&few[0]), now)))
+    });
+
+    let empty = pipeline(false);
+    let mut w = WorkerChain::new(empty);
+    w.refresh();
+    c.bench_function("chain: no module loaded", |b| {
+        b.iter(|| black_box(w.decide(Direction::Egress, black_box(&few[0]), now)))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
