@@ -39,16 +39,22 @@ fn wasm_arg(name: &str) -> String {
     policy_wasm(name).display().to_string()
 }
 
+/// Runs `weft module <args>` on node `n` and waits until every node runs the code it stored.
+fn store_and_wait(c: &TestCluster, n: usize, name: &str, args: &[&str]) -> String {
+    let out = c
+        .weft_module(n, args)
+        .unwrap_or_else(|e| panic!("weft module {args:?}: {e}"));
+    let sha = sha_of(&out);
+    wait_loaded_everywhere(c, name, &sha);
+    sha
+}
+
 #[test]
 fn firewall_added_on_one_node_blocks_a_port_on_every_node() {
     let mut c = TestCluster::new("fw", StoreKind::Etcd, 3);
     c.up(1);
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
-    let out = c
-        .weft_module(2, &["add", "fw", &wasm_arg("firewall"), "--config-json", cfg])
-        .expect("weft module add");
-    let sha = sha_of(&out);
-    wait_loaded_everywhere(&c, "fw", &sha);
+    let sha = store_and_wait(&c, 2, "fw", &["add", "fw", &wasm_arg("firewall"), "--config-json", cfg]);
 
     for (a, b) in [(1, 2), (2, 3), (3, 1), (2, 1)] {
         let (src, _) = c.pod(a, 1);
@@ -113,10 +119,12 @@ fn router_steers_a_flow_through_a_third_node() {
         r#"{{"routes":[{{"dst":["{}"],"via":[{{"node":"{via}"}}]}}]}}"#,
         c.subnet(2)
     );
-    let out = c
-        .weft_module(1, &["add", "steer", &wasm_arg("router"), "--config-json", &cfg])
-        .expect("add router");
-    wait_loaded_everywhere(&c, "steer", &sha_of(&out));
+    store_and_wait(
+        &c,
+        1,
+        "steer",
+        &["add", "steer", &wasm_arg("router"), "--config-json", &cfg],
+    );
     let before = relayed(&c);
     tcp_transfer(&src, &dst_ns, dst, 8 << 20);
     let carried = relayed(&c) - before;
@@ -147,10 +155,12 @@ fn a_module_swapped_under_iperf3_leaves_the_flow_running() {
     let mut c = TestCluster::new("sw", StoreKind::Embedded, 2);
     c.up(1);
     let fw = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[9999]}]}"#;
-    let out = c
-        .weft_module(1, &["add", "gate", &wasm_arg("firewall"), "--config-json", fw])
-        .expect("add");
-    wait_loaded_everywhere(&c, "gate", &sha_of(&out));
+    store_and_wait(
+        &c,
+        1,
+        "gate",
+        &["add", "gate", &wasm_arg("firewall"), "--config-json", fw],
+    );
     let (src, _) = c.pod(1, 1);
     let (dst_ns, dst) = c.pod(2, 1);
     let mut server = Command::new("ip")
@@ -193,21 +203,19 @@ fn a_module_swapped_under_iperf3_leaves_the_flow_running() {
     std::thread::sleep(Duration::from_secs(2));
     // New code (the audit module), not just new config: a real swap of the instances.
     let swapped = Instant::now();
-    let out = c
-        .weft_module(
-            2,
-            &[
-                "set",
-                "gate",
-                "--wasm",
-                &wasm_arg("audit"),
-                "--config-json",
-                r#"{"one_in":1}"#,
-            ],
-        )
-        .expect("set");
-    let new_sha = sha_of(&out);
-    wait_loaded_everywhere(&c, "gate", &new_sha);
+    store_and_wait(
+        &c,
+        2,
+        "gate",
+        &[
+            "set",
+            "gate",
+            "--wasm",
+            &wasm_arg("audit"),
+            "--config-json",
+            r#"{"one_in":1}"#,
+        ],
+    );
     assert!(
         swapped.elapsed() < Duration::from_secs(3),
         "the swap reached both nodes while iperf3 ran"
@@ -338,10 +346,7 @@ fn hostile_modules_are_refused_or_contained_and_traffic_flows() {
              (i64.const 0xFFFF0000)))"
         ),
     );
-    let out = c
-        .weft_module(1, &["add", "death", &death])
-        .expect("add packet-of-death");
-    wait_loaded_everywhere(&c, "death", &sha_of(&out));
+    store_and_wait(&c, 1, "death", &["add", "death", &death]);
     let (src, _) = c.pod(1, 1);
     let (dst_ns, dst) = c.pod(2, 1);
     assert!(!tcp_connects(&src, &dst_ns, dst, 7777));

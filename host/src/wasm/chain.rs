@@ -398,10 +398,7 @@ impl WorkerChain {
                         }
                     }
                     Err(e) => {
-                        lm.stats.verdict(VerdictKind::Failure);
-                        ttl = ttl.min(FAILURE_TTL_MS);
-                        tracing::debug!(module = %lm.name, error = %e, "policy call failed");
-                        if lm.failure == FailurePolicy::Closed && !lm.dry_run {
+                        if failure_drops(lm, &e, &mut ttl) {
                             return (Verdict::DROP, ttl);
                         }
                     }
@@ -427,10 +424,7 @@ impl WorkerChain {
                         }
                     }
                     Err(e) => {
-                        lm.stats.verdict(VerdictKind::Failure);
-                        ttl = ttl.min(FAILURE_TTL_MS);
-                        tracing::debug!(module = %lm.name, error = %e, "route call failed");
-                        if lm.failure == FailurePolicy::Closed && !lm.dry_run {
+                        if failure_drops(lm, &e, &mut ttl) {
                             return (Verdict::DROP, ttl);
                         }
                     }
@@ -495,6 +489,15 @@ impl WorkerChain {
                 "module quarantined after repeated failures; its failure policy decides meanwhile");
         }
     }
+}
+
+/// Counts a failed call and applies `lm`'s failure policy: true when the flow is to be dropped.
+/// The verdict stands for at most [`FAILURE_TTL_MS`].
+fn failure_drops(lm: &LoadedModule, e: &CallError, ttl: &mut Ttl) -> bool {
+    lm.stats.verdict(VerdictKind::Failure);
+    *ttl = (*ttl).min(FAILURE_TTL_MS);
+    tracing::debug!(module = %lm.name, error = %e, "call failed; the failure policy decides");
+    lm.failure == FailurePolicy::Closed && !lm.dry_run
 }
 
 /// Milliseconds since the process first asked: the clock of caches and quarantines.
