@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoint: Prometheus metrics and health checks.
+//! The agent's HTTP endpoint: Prometheus metrics, health checks, and the REST API (`crate::api`).
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -15,12 +15,19 @@ use crate::agent::AgentState;
 use crate::stats::DropReason;
 
 /// Serves the admin endpoint until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AgentState>,
+    api: Arc<crate::api::ApiState>,
+    body_limit: usize,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+        .merge(crate::api::router(api, body_limit))
+        .merge(crate::dashboard::router());
     axum::serve(listener, app).await
 }
 

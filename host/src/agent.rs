@@ -49,6 +49,12 @@ pub struct AgentOptions {
     pub module_limits: wasm::Limits,
     /// How often the store is polled for module changes.
     pub module_poll: Duration,
+    /// The API's bearer token, if given (else read from or generated into `admin_token_file`).
+    pub admin_token: Option<String>,
+    /// Where the API token is kept.
+    pub admin_token_file: PathBuf,
+    /// Whether API reads need the token too.
+    pub admin_auth_reads: bool,
 }
 
 /// Why the agent stopped.
@@ -64,6 +70,8 @@ pub enum AgentError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Acquire(#[from] AcquireError),
+    #[error(transparent)]
+    Token(#[from] crate::api::auth::TokenError),
     #[error("Wasm runtime: {0}")]
     Wasm(#[from] WasmError),
     #[error("the data path stopped: {0}")]
@@ -195,9 +203,28 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     ensure_ip_forwarding();
     backend.start(&lease)?;
 
+    let (token, source) = crate::api::auth::load_or_create(opts.admin_token.as_deref(), &opts.admin_token_file)?;
+    match source {
+        crate::api::auth::TokenSource::Generated(p) => {
+            tracing::info!(file = %p.display(), "generated the admin API token (mode 0600)")
+        }
+        crate::api::auth::TokenSource::File(p) => tracing::info!(file = %p.display(), "admin API token read"),
+        crate::api::auth::TokenSource::Given => tracing::info!("admin API token given"),
+    }
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let api = Arc::new(crate::api::ApiState {
+        agent: state.clone(),
+        store: store.clone(),
+        config: config.clone(),
+        token,
+        protect_reads: opts.admin_auth_reads,
+        events: events.clone(),
+    });
+    // Room for a module at the size limit, base64 and form overhead included.
+    let body_limit = opts.module_limits.max_module_bytes + (256 << 10);
     let admin_state = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::admin::serve(admin, admin_state).await {
+        if let Err(e) = crate::admin::serve(admin, admin_state, api, body_limit).await {
             tracing::error!(error = %e, "admin endpoint stopped");
         }
     });
@@ -231,6 +258,15 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
                 LeaseEvent::Removed(net) => tracing::info!(subnet = %net, "route removed"),
                 _ => {}
             }
+            // Nobody listening is fine: the send only fails when no stream is open.
+            let _ = events.send(match &ev {
+                LeaseEvent::Upserted(l) => crate::api::ApiEvent::LeaseUpserted {
+                    lease: crate::api::views::LeaseView::of(l, l.subnet == own),
+                },
+                LeaseEvent::Removed(net) => crate::api::ApiEvent::LeaseRemoved {
+                    subnet: net.to_string(),
+                },
+            });
             state.leases_known.store(table.len(), Ordering::Relaxed);
             backend.sync_routes(own, table);
             let _ = synced_tx.send(true);

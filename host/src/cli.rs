@@ -101,6 +101,15 @@ struct AgentArgs {
     store: StoreArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    /// The admin API's bearer token (prefer the environment variable or the file).
+    #[arg(long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// File holding the admin API's token; generated (mode 0600) if missing and none is given.
+    #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", default_value = "/var/lib/weft/admin-token")]
+    admin_token_file: PathBuf,
+    /// Require the token for API reads too, not only for changes.
+    #[arg(long, env = "WEFT_ADMIN_AUTH_READS")]
+    admin_auth_reads: bool,
     /// How often to look for module changes in the store, in milliseconds.
     #[arg(long, env = "WEFT_MODULE_POLL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(50..=600_000))]
@@ -405,6 +414,9 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 admin_listen: a.admin_listen,
                 module_limits: a.limits.limits(),
                 module_poll: Duration::from_millis(a.module_poll_ms),
+                admin_token: a.admin_token,
+                admin_token_file: a.admin_token_file,
+                admin_auth_reads: a.admin_auth_reads,
             };
             agent::run(opts, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -2,8 +2,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod backend;
 pub mod config;
+pub mod dashboard;
 pub mod iface;
 pub mod lab;
 pub mod lease;

@@ -245,6 +245,8 @@ impl Cluster {
             self.spec.dir.join("net-conf.json").display().to_string(),
             "--admin-listen".into(),
             format!("127.0.0.1:{ADMIN_PORT}"),
+            "--admin-token-file".into(),
+            self.spec.dir.join("admin-token").display().to_string(),
         ];
         match &self.spec.store {
             LabStore::Embedded(p) => args.extend(["--store".into(), p.display().to_string()]),
@@ -257,6 +259,13 @@ impl Cluster {
         }
         args.extend(self.spec.agent_args.iter().cloned());
         Ok(args)
+    }
+
+    /// The admin API token the lab's agents share (the first agent to start generates it).
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.spec.dir.join("admin-token"))
+            .ok()
+            .map(|t| t.trim().to_string())
     }
 
     /// Starts node `i`'s agent (logging to its log file).
@@ -395,9 +404,27 @@ impl Cluster {
 
     /// A GET on node `i`'s admin endpoint: (status code, body).
     pub fn http_get(&self, i: usize, path: &str) -> Result<(u16, String), LabError> {
+        self.http(i, "GET", path, &[], b"").map(|r| (r.status, r.body))
+    }
+
+    /// Any request on node `i`'s admin endpoint, with extra `headers` and a `body`.
+    pub fn http(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<HttpResponse, LabError> {
         let ns = self.node(i)?.ns.name().to_string();
-        let path = path.to_string();
-        enter_and_run(&ns, move || http_get_here(&path))?
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut req = head.into_bytes();
+        req.extend_from_slice(body);
+        enter_and_run(&ns, move || http_here(&req))?
     }
 
     /// One numeric sample from node `i`'s `/metrics` (`series` includes any labels).
@@ -415,22 +442,61 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn http_get_here(path: &str) -> Result<(u16, String), LabError> {
+/// An HTTP response as the lab reads it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, lowercased names.
+    pub headers: Vec<(String, String)>,
+    /// The body (chunked encoding undone).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+fn http_here(req: &[u8]) -> Result<HttpResponse, LabError> {
     let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], ADMIN_PORT).into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let code = resp
-        .split_whitespace()
-        .nth(1)
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(req)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let resp = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| LabError::Probe(format!("bad HTTP response: {resp:.80}")))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok(HttpResponse { status, headers, body })
+}
+
+/// Undoes chunked transfer encoding.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 impl Drop for Cluster {

@@ -1,0 +1,88 @@
+//! `/events`: a Server-Sent Events stream for the dashboard. Lease changes arrive as they are
+//! watched, module-chain changes within a second, and the data path counters every two seconds.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::cluster::stats_view;
+use super::views::LeaseView;
+use super::ApiState;
+
+/// What the agent publishes to event streams.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ApiEvent {
+    /// A lease appeared or changed.
+    LeaseUpserted {
+        /// The lease.
+        lease: LeaseView,
+    },
+    /// A lease went away.
+    LeaseRemoved {
+        /// Its subnet.
+        subnet: String,
+    },
+}
+
+fn sse(kind: &str, body: &impl Serialize) -> Event {
+    Event::default()
+        .event(kind)
+        .data(serde_json::to_string(body).unwrap_or_else(|_| "null".into()))
+}
+
+/// The event stream.
+#[utoipa::path(get, path = "/events", tag = "cluster",
+    responses((status = 200, content_type = "text/event-stream",
+        description = "events `lease` (lease_upserted / lease_removed), `modules` (chain generation), `stats` (counters)")))]
+pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    struct St {
+        s: Arc<ApiState>,
+        rx: broadcast::Receiver<ApiEvent>,
+        tick: tokio::time::Interval,
+        generation: u64,
+        first: bool,
+    }
+    let rx = s.events.subscribe();
+    let st = St {
+        s,
+        rx,
+        tick: tokio::time::interval(Duration::from_millis(1000)),
+        generation: 0,
+        first: true,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        if st.first {
+            st.first = false;
+            st.generation = st.s.agent.modules.chain().generation;
+            return Some((Ok(sse("hello", &serde_json::json!({"generation": st.generation}))), st));
+        }
+        loop {
+            tokio::select! {
+                ev = st.rx.recv() => match ev {
+                    Ok(ev) => return Some((Ok(sse("lease", &ev)), st)),
+                    // A slow reader lost events: tell it to re-read everything.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        return Some((Ok(sse("resync", &serde_json::json!({"lost": n}))), st));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = st.tick.tick() => {
+                    let g = st.s.agent.modules.chain().generation;
+                    if g != st.generation {
+                        st.generation = g;
+                        return Some((Ok(sse("modules", &serde_json::json!({"generation": g}))), st));
+                    }
+                    return Some((Ok(sse("stats", &stats_view(&st.s))), st));
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

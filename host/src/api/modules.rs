@@ -1,0 +1,175 @@
+//! `/modules`: upload, list, inspect, change and remove Wasm modules. Changes go to the lease
+//! store, so every node picks them up; uploads are checked here first, as `weft module add`.
+
+use std::sync::Arc;
+
+use axum::extract::{Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::views::{ModuleMetrics, ModulePatch, ModuleView};
+use super::ApiState;
+use crate::wasm::chain::clock_ms;
+use crate::wasm::registry::{self, Changes};
+use crate::wasm::{FailurePolicy, ModuleSpec};
+
+async fn views(s: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
+    let (specs, nodes) = registry::list(s.store.as_ref()).await?;
+    let stats = s.agent.modules.module_stats();
+    let now = clock_ms();
+    Ok(specs
+        .iter()
+        .map(|spec| {
+            let metrics = stats
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .map(|(_, st)| ModuleMetrics::of(st, now))
+                .unwrap_or_default();
+            ModuleView::of(spec, &nodes, metrics)
+        })
+        .collect())
+}
+
+/// Lists modules in chain order, with each node's loaded sha256 and this node's counters.
+#[utoipa::path(get, path = "/modules", tag = "modules", responses((status = 200, body = [ModuleView])))]
+pub async fn list(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<ModuleView>>, ApiError> {
+    let mut v = views(&s).await?;
+    v.sort_by(|a, b| a.order.cmp(&b.order).then_with(|| a.name.cmp(&b.name)));
+    Ok(Json(v))
+}
+
+/// One module.
+#[utoipa::path(get, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
+    responses((status = 200, body = ModuleView), (status = 404, body = ErrorBody)))]
+pub async fn get(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<ModuleView>, ApiError> {
+    views(&s)
+        .await?
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no module named {name}")))
+}
+
+/// The multipart form of an upload (for the schema; parsed by hand).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// Module name.
+    name: String,
+    /// The `.wasm` file.
+    #[schema(format = Binary, value_type = String)]
+    wasm: Vec<u8>,
+    /// Config text (usually JSON).
+    config: Option<String>,
+    /// Place in the chain.
+    order: Option<i32>,
+    /// `enforce` (default) or `dry_run`.
+    mode: Option<String>,
+    /// `closed` (default) or `open`.
+    failure: Option<String>,
+}
+
+fn failure(v: &str) -> Result<FailurePolicy, ApiError> {
+    match v {
+        "closed" => Ok(FailurePolicy::Closed),
+        "open" => Ok(FailurePolicy::Open),
+        other => Err(ApiError::BadRequest(format!("failure must be closed or open, not {other:?}"))),
+    }
+}
+
+fn dry_run(mode: &str) -> Result<bool, ApiError> {
+    match mode {
+        "enforce" => Ok(false),
+        "dry_run" => Ok(true),
+        other => Err(ApiError::BadRequest(format!("mode must be enforce or dry_run, not {other:?}"))),
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(e.body_text())
+    } else {
+        ApiError::BadRequest(e.body_text())
+    }
+}
+
+/// Uploads a module (multipart form: `name`, `wasm`, optional `config`, `order`, `mode`,
+/// `failure`). It is compiled, configured and probed here before it is stored.
+#[utoipa::path(post, path = "/modules", tag = "modules",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, body = ModuleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn upload(
+    State(s): State<Arc<ApiState>>,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<(StatusCode, Json<ModuleView>), ApiError> {
+    let mut form = form.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (mut name, mut wasm, mut config) = (None, None, String::new());
+    let (mut order, mut mode, mut fail) = (0, false, FailurePolicy::Closed);
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+        let key = field.name().unwrap_or_default().to_string();
+        let bytes = field.bytes().await.map_err(multipart_error)?;
+        let text = || String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::BadRequest(format!("{key} is not UTF-8")));
+        match key.as_str() {
+            "name" => name = Some(text()?),
+            "wasm" => wasm = Some(bytes.to_vec()),
+            "config" => config = text()?,
+            "order" => {
+                order = text()?
+                    .trim()
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest("order must be an integer".into()))?
+            }
+            "mode" => mode = dry_run(text()?.trim())?,
+            "failure" => fail = failure(text()?.trim())?,
+            other => return Err(ApiError::BadRequest(format!("unknown form field {other:?}"))),
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::BadRequest("the form needs a name".into()))?;
+    let wasm = wasm.ok_or_else(|| ApiError::BadRequest("the form needs a wasm file".into()))?;
+    let mut spec = ModuleSpec::new(&name, &wasm, config);
+    spec.order = order;
+    spec.dry_run = mode;
+    spec.failure = fail;
+    let rt = s.agent.modules.runtime().clone();
+    let store = s.store.clone();
+    registry::add(store.as_ref(), &rt, spec).await?;
+    let view = get(State(s), Path(name)).await?;
+    Ok((StatusCode::CREATED, view))
+}
+
+/// Changes a module's order, mode, failure policy or config.
+#[utoipa::path(patch, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
+    request_body = ModulePatch,
+    responses((status = 200, body = ModuleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn patch(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Result<Json<ModulePatch>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ModuleView>, ApiError> {
+    let Json(p) = body?;
+    let changes = Changes {
+        wasm: None,
+        config: p.config,
+        order: p.order,
+        failure: p.failure.as_deref().map(failure).transpose()?,
+        dry_run: p.mode.as_deref().map(dry_run).transpose()?,
+    };
+    let rt = s.agent.modules.runtime().clone();
+    registry::set(s.store.as_ref(), &rt, &name, changes).await?;
+    get(State(s), Path(name)).await
+}
+
+/// Removes a module from every node.
+#[utoipa::path(delete, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    registry::remove(s.store.as_ref(), &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

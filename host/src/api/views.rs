@@ -1,0 +1,249 @@
+//! What the API returns: plain JSON shapes, documented in the OpenAPI schema.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::lease::Lease;
+use crate::wasm::spec::{ModuleSpec, ModuleStatus, NodeStatus};
+use crate::wasm::stats::{ModuleStats, VerdictKind};
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Seconds from now until `t` (negative once past).
+pub fn secs_until(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// One lease.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeaseView {
+    /// The leased subnet, CIDR.
+    pub subnet: String,
+    /// The subnet as flannel keys it (`10.244.3.0-24`), usable in `/leases/{subnet}`.
+    pub key: String,
+    /// The owner's underlay address: the node's identity.
+    pub public_ip: String,
+    /// The owner's backend.
+    pub backend_type: String,
+    /// The owner's backend data (flannel's `BackendData`).
+    #[schema(value_type = Object)]
+    pub backend_data: serde_json::Value,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+    /// Seconds left before expiry.
+    pub expires_in: i64,
+    /// True for the lease of the agent answering.
+    pub own: bool,
+}
+
+impl LeaseView {
+    /// The view of `l`; `own` marks the answering node's lease.
+    pub fn of(l: &Lease, own: bool) -> Self {
+        LeaseView {
+            subnet: l.subnet.to_string(),
+            key: crate::subnet::subnet_key(&l.subnet),
+            public_ip: l.attrs.public_ip.to_string(),
+            backend_type: l.attrs.backend_type.clone(),
+            backend_data: l.attrs.backend_data.clone(),
+            expires_at: unix(l.expiration),
+            expires_in: secs_until(l.expiration),
+            own,
+        }
+    }
+}
+
+/// The network config.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigView {
+    /// The cluster network.
+    pub network: String,
+    /// Prefix length of each node's subnet.
+    pub subnet_len: u8,
+    /// First subnet handed out.
+    pub subnet_min: String,
+    /// Last subnet handed out.
+    pub subnet_max: String,
+    /// The backend type.
+    pub backend: String,
+    /// The config exactly as stored.
+    #[schema(value_type = Object)]
+    pub raw: serde_json::Value,
+}
+
+/// A node: its lease and what it last reported.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeView {
+    /// The node's underlay address.
+    pub public_ip: String,
+    /// Its lease.
+    pub lease: LeaseView,
+    /// Seconds since the node last reported (module status heartbeat); absent if never.
+    pub last_seen_secs: Option<u64>,
+    /// The modules it reported, with the code it loaded.
+    pub modules: Vec<ModuleStatusView>,
+}
+
+/// A node's report on one module.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModuleStatusView {
+    /// The reporting node (with a module listing) or the module (with a node listing).
+    pub name: String,
+    /// sha256 of the code loaded.
+    pub sha256: String,
+    /// `loaded` or `failed`.
+    pub state: String,
+    /// Why loading failed.
+    pub error: Option<String>,
+}
+
+impl ModuleStatusView {
+    /// From a node's report.
+    pub fn of(m: &ModuleStatus) -> Self {
+        ModuleStatusView {
+            name: m.name.clone(),
+            sha256: m.sha256.clone(),
+            state: m.state.clone(),
+            error: m.error.clone(),
+        }
+    }
+}
+
+/// A module's counters on the answering node.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ModuleMetrics {
+    /// Decision calls.
+    pub calls: u64,
+    /// Mean nanoseconds per call.
+    pub ns_per_call: u64,
+    /// Calls that trapped.
+    pub traps: u64,
+    /// Calls interrupted at the deadline.
+    pub timeouts: u64,
+    /// Packets answered from the cache.
+    pub cache_hits: u64,
+    /// Drops asked for in dry-run mode.
+    pub dry_run_drops: u64,
+    /// Whether the module is quarantined now.
+    pub quarantined: bool,
+    /// Verdicts by kind.
+    pub verdicts: BTreeMap<String, u64>,
+    /// The module's own counters.
+    pub counters: BTreeMap<String, i64>,
+}
+
+impl ModuleMetrics {
+    /// A snapshot of `s`.
+    pub fn of(s: &ModuleStats, now_ms: u64) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let calls = s.calls.load(Relaxed);
+        ModuleMetrics {
+            calls,
+            ns_per_call: s.call_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
+            traps: s.traps.load(Relaxed),
+            timeouts: s.timeouts.load(Relaxed),
+            cache_hits: s.cache_hits.load(Relaxed),
+            dry_run_drops: s.dry_run_drops.load(Relaxed),
+            quarantined: s.quarantined(now_ms),
+            verdicts: VerdictKind::ALL
+                .iter()
+                .map(|k| (k.label().to_string(), s.verdicts(*k)))
+                .collect(),
+            counters: s.counters().into_iter().collect(),
+        }
+    }
+}
+
+/// A stored module, where it runs, and how it does here.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModuleView {
+    /// Name.
+    pub name: String,
+    /// sha256 of the code.
+    pub sha256: String,
+    /// Size of the code in bytes.
+    pub size: usize,
+    /// Place in the chain (lower first).
+    pub order: i32,
+    /// `enforce` or `dry_run`.
+    pub mode: String,
+    /// `closed` or `open`.
+    pub failure: String,
+    /// Config text.
+    pub config: String,
+    /// Each node's report on this module.
+    pub nodes: Vec<ModuleStatusView>,
+    /// Counters on the answering node.
+    pub metrics: ModuleMetrics,
+}
+
+impl ModuleView {
+    /// The view of `s` with the reports in `nodes` and local `metrics`.
+    pub fn of(s: &ModuleSpec, nodes: &[NodeStatus], metrics: ModuleMetrics) -> Self {
+        ModuleView {
+            name: s.name.clone(),
+            sha256: s.sha256.clone(),
+            size: s.wasm.len() / 4 * 3,
+            order: s.order,
+            mode: if s.dry_run { "dry_run" } else { "enforce" }.into(),
+            failure: format!("{:?}", s.failure).to_lowercase(),
+            config: s.config.clone(),
+            nodes: nodes
+                .iter()
+                .filter_map(|n| {
+                    n.modules.iter().find(|m| m.name == s.name).map(|m| ModuleStatusView {
+                        name: n.node.clone(),
+                        ..ModuleStatusView::of(m)
+                    })
+                })
+                .collect(),
+            metrics,
+        }
+    }
+}
+
+/// Changes to a module; absent fields stay as they are.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModulePatch {
+    /// New place in the chain.
+    pub order: Option<i32>,
+    /// `enforce` or `dry_run`.
+    pub mode: Option<String>,
+    /// `closed` or `open`.
+    pub failure: Option<String>,
+    /// New config text.
+    pub config: Option<String>,
+}
+
+/// The data path's counters on the answering node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsView {
+    /// Backend name.
+    pub backend: String,
+    /// Packets sent to peers.
+    pub tx_packets: u64,
+    /// Inner bytes sent to peers.
+    pub tx_bytes: u64,
+    /// Packets received and delivered.
+    pub rx_packets: u64,
+    /// Inner bytes received and delivered.
+    pub rx_bytes: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// Packets answered from verdict caches.
+    pub flow_cache_hits: u64,
+    /// Packets that needed the module chain.
+    pub flow_cache_misses: u64,
+    /// Remote subnets routed, as (subnet, PublicIP).
+    pub routes: Vec<(String, String)>,
+    /// Why the data path stopped, if it did.
+    pub failure: Option<String>,
+}

@@ -1,0 +1,231 @@
+//! The admin REST API over real HTTP against agents in a netns cluster: every route, each error
+//! status, the bearer token, the event stream and the generated OpenAPI document.
+
+use std::time::Duration;
+
+use weft::lab::cluster::HttpResponse;
+use weft_tests::*;
+
+fn json(r: &HttpResponse) -> serde_json::Value {
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.body))
+}
+
+/// Asserts an error response: its status and the JSON error shape.
+fn assert_error(r: &HttpResponse, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    let v = json(r);
+    assert_eq!(v["error"]["status"], status, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+struct Api<'a> {
+    c: &'a TestCluster,
+    token: String,
+}
+
+impl Api<'_> {
+    fn req(&self, n: usize, method: &str, path: &str, auth: Option<&str>, ctype: Option<&str>, body: &[u8]) -> HttpResponse {
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let mut h: Vec<(&str, &str)> = Vec::new();
+        if let Some(b) = &bearer {
+            h.push(("Authorization", b));
+        }
+        if let Some(ct) = ctype {
+            h.push(("Content-Type", ct));
+        }
+        self.c
+            .lab
+            .http(n, method, &format!("/api/v1{path}"), &h, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn get(&self, n: usize, path: &str) -> HttpResponse {
+        self.req(n, "GET", path, None, None, b"")
+    }
+
+    fn upload(&self, n: usize, token: Option<&str>, fields: &[(&str, &[u8])]) -> HttpResponse {
+        let boundary = "weftboundary7d3a";
+        let mut body = Vec::new();
+        for (name, value) in fields {
+            body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes());
+            if *name == "wasm" {
+                body.extend_from_slice(b"; filename=\"m.wasm\"\r\nContent-Type: application/wasm");
+            }
+            body.extend_from_slice(b"\r\n\r\n");
+            body.extend_from_slice(value);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        let ct = format!("multipart/form-data; boundary={boundary}");
+        self.req(n, "POST", "/modules", token, Some(&ct), &body)
+    }
+}
+
+#[test]
+fn every_route_and_error_status() {
+    let mut c = TestCluster::with_config("api", StoreKind::Embedded, 2, NET_CONFIG, &["--module-max-kib", "256"]);
+    c.up(1);
+    let token = c.lab.admin_token().expect("a token was generated");
+    let api = Api { c: &c, token: token.clone() };
+    let tok = Some(api.token.as_str());
+
+    // Leases: list, filters, one by key, and the errors.
+    let all = json(&api.get(1, "/leases"));
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    let own: Vec<_> = all.as_array().unwrap().iter().filter(|l| l["own"] == true).collect();
+    assert_eq!(own.len(), 1);
+    let ip2 = c.lab.nodes[1].underlay_ip.to_string();
+    let only2 = json(&api.get(1, &format!("/leases?public_ip={ip2}")));
+    assert_eq!(only2[0]["subnet"], c.subnet(2).to_string(), "{only2}");
+    assert_eq!(only2.as_array().map(Vec::len), Some(1));
+    assert_eq!(json(&api.get(1, "/leases?expiring_within=60")).as_array().map(Vec::len), Some(0));
+    assert_eq!(json(&api.get(1, "/leases?expiring_within=90000")).as_array().map(Vec::len), Some(2));
+    assert_error(&api.get(1, "/leases?public_ip=not-an-ip"), 400, "bad_request");
+    assert_error(&api.get(1, "/leases?colour=red"), 400, "bad_request");
+    let key = only2[0]["key"].as_str().unwrap().to_string();
+    assert_eq!(json(&api.get(1, &format!("/leases/{key}")))["public_ip"], ip2);
+    let encoded = c.subnet(2).to_string().replace('/', "%2F");
+    assert_eq!(json(&api.get(1, &format!("/leases/{encoded}")))["public_ip"], ip2);
+    assert_error(&api.get(1, "/leases/10.244.250.0-24"), 404, "not_found");
+    assert_error(&api.get(1, "/leases/banana"), 400, "bad_request");
+
+    // Config, nodes, stats, the OpenAPI document, an unknown route.
+    let cfg = json(&api.get(2, "/config"));
+    assert_eq!((cfg["network"].as_str(), cfg["subnet_len"].as_u64()), (Some("10.244.0.0/16"), Some(24)));
+    assert_eq!(cfg["raw"]["Backend"]["Type"], "udp");
+    assert!(eventually(Duration::from_secs(10), || {
+        let n = json(&api.get(2, "/nodes"));
+        n.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["last_seen_secs"].is_u64()))
+    }));
+    let stats = json(&api.get(1, "/stats"));
+    assert_eq!(stats["backend"], "udp");
+    assert_eq!(stats["routes"].as_array().map(Vec::len), Some(1));
+    assert!(stats["drops"]["policy"].is_u64());
+    let doc = json(&api.get(1, "/openapi.json"));
+    assert_eq!(doc["servers"][0]["url"], "/api/v1");
+    for path in ["/leases", "/leases/{subnet}", "/config", "/nodes", "/stats", "/events", "/modules", "/modules/{name}"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert!(doc["paths"]["/modules/{name}"]["patch"].is_object());
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_error(&api.get(1, "/nothing-here"), 404, "not_found");
+
+    // Modules: auth, upload, conflicts, bad input, size limits, patch, delete.
+    let fw = std::fs::read(policy_wasm("firewall")).expect("firewall.wasm");
+    let cfg_deny = br#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    let fields: [(&str, &[u8]); 3] = [("name", b"fw"), ("wasm", &fw), ("config", cfg_deny)];
+    let r = api.upload(1, None, &fields);
+    assert_error(&r, 401, "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"weft\""));
+    assert_error(&api.upload(1, Some("wrong"), &fields), 401, "unauthorized");
+    let r = api.upload(1, tok, &fields);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created = json(&r);
+    assert_eq!((created["name"].as_str(), created["mode"].as_str()), (Some("fw"), Some("enforce")));
+    assert_error(&api.upload(1, tok, &fields), 409, "conflict");
+    assert_error(&api.upload(1, tok, &[("name", b"junk"), ("wasm", b"MZ not wasm")]), 400, "bad_request");
+    assert_error(&api.upload(1, tok, &[("wasm", &fw)]), 400, "bad_request");
+    assert_error(&api.upload(1, tok, &[("name", b"Bad Name"), ("wasm", &fw)]), 400, "bad_request");
+    let bad_cfg: [(&str, &[u8]); 3] = [("name", b"fw2"), ("wasm", &fw), ("config", b"{\"rules\":5}")];
+    let r = api.upload(1, tok, &bad_cfg);
+    assert_error(&r, 400, "bad_request");
+    assert!(r.body.contains("config rejected"), "{}", r.body);
+    let big = {
+        let mut b = b"\0asm\x01\0\0\0".to_vec();
+        b.resize(300 << 10, 0);
+        b
+    };
+    assert_error(&api.upload(1, tok, &[("name", b"big"), ("wasm", &big)]), 413, "too_large");
+    let huge = vec![b'x'; 700 << 10];
+    assert_error(&api.upload(1, tok, &[("name", b"huge"), ("wasm", &huge)]), 413, "too_large");
+
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let m = json(&api.get(2, "/modules/fw"));
+            m["nodes"].as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|x| x["state"] == "loaded"))
+        }),
+        "both nodes report fw loaded"
+    );
+    let list = json(&api.get(2, "/modules"));
+    assert_eq!(list[0]["sha256"], created["sha256"]);
+    assert_error(&api.get(2, "/modules/none"), 404, "not_found");
+
+    let patch = |body: &[u8], t: Option<&str>, name: &str| {
+        api.req(1, "PATCH", &format!("/modules/{name}"), t, Some("application/json"), body)
+    };
+    assert_error(&patch(br#"{"mode":"dry_run"}"#, None, "fw"), 401, "unauthorized");
+    assert_error(&patch(b"{not json", tok, "fw"), 400, "bad_request");
+    assert_error(&patch(br#"{"colour":"red"}"#, tok, "fw"), 400, "bad_request");
+    assert_error(&patch(br#"{"mode":"sometimes"}"#, tok, "fw"), 400, "bad_request");
+    assert_error(&patch(br#"{"mode":"dry_run"}"#, tok, "nope"), 404, "not_found");
+    let r = patch(br#"{"mode":"dry_run","order":7,"failure":"open"}"#, tok, "fw");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = json(&r);
+    assert_eq!((m["mode"].as_str(), m["order"].as_i64(), m["failure"].as_str()), (Some("dry_run"), Some(7), Some("open")));
+
+    assert_error(&api.req(1, "DELETE", "/modules/fw", None, None, b""), 401, "unauthorized");
+    assert_eq!(api.req(1, "DELETE", "/modules/fw", tok, None, b"").status, 204);
+    assert_error(&api.req(1, "DELETE", "/modules/fw", tok, None, b""), 404, "not_found");
+    assert_eq!(json(&api.get(1, "/modules")).as_array().map(Vec::len), Some(0));
+
+    // With --admin-auth-reads, reads need the token too.
+    c.lab.spec.agent_args.push("--admin-auth-reads".into());
+    c.lab.stop_agent(2, true).expect("stop");
+    c.lab.start_agent(2).expect("start");
+    c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
+    let api = Api { c: &c, token };
+    assert_error(&api.get(2, "/leases"), 401, "unauthorized");
+    assert_eq!(api.req(2, "GET", "/leases", Some(&api.token), None, b"").status, 200);
+    assert_eq!(api.get(1, "/leases").status, 200, "node 1 still serves reads openly");
+    assert_eq!(c.lab.http_get(2, "/metrics").expect("metrics").0, 200, "metrics stay open for scrapers");
+}
+
+#[test]
+fn the_event_stream_carries_lease_module_and_counter_events() {
+    let mut c = TestCluster::new("sse", StoreKind::Embedded, 2);
+    c.up(1);
+    let token = c.lab.admin_token().expect("token");
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    let reader = std::thread::spawn(move || {
+        weft::lab::netns::enter_and_run(&ns, || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 8286)).expect("connect");
+            s.write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+                .expect("request");
+            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            let mut text = String::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut buf = [0u8; 8192];
+            while std::time::Instant::now() < deadline {
+                if let Ok(n) = s.read(&mut buf) {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+                if ["event: hello", "event: stats", "event: modules", "lease_removed"].iter().all(|k| text.contains(k)) {
+                    break;
+                }
+            }
+            text
+        })
+        .expect("enter namespace")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let fw = std::fs::read(policy_wasm("audit")).expect("audit.wasm");
+    let boundary = "b0undary";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\naudit\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"wasm\"; filename=\"a.wasm\"\r\n\r\n").into_bytes();
+    body.extend_from_slice(&fw);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let auth = format!("Bearer {token}");
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let r = c
+        .lab
+        .http(2, "POST", "/api/v1/modules", &[("Authorization", &auth), ("Content-Type", &ct)], &body)
+        .expect("upload");
+    assert_eq!(r.status, 201, "{}", r.body);
+    c.delete_lease(c.subnet(2));
+    let text = reader.join().expect("reader");
+    assert!(text.contains("content-type: text/event-stream") || text.contains("Content-Type: text/event-stream"), "{text:.300}");
+    for k in ["event: hello", "event: stats", "event: modules", "lease_removed"] {
+        assert!(text.contains(k), "no {k:?} in the stream:\n{text:.2000}");
+    }
+}
