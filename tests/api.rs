@@ -104,7 +104,7 @@ fn every_route_and_error_status() {
     assert!(stats["drops"]["policy"].is_u64());
     let doc = json(&api.get(1, "/openapi.json"));
     assert_eq!(doc["servers"][0]["url"], "/api/v1");
-    for path in ["/leases", "/leases/{subnet}", "/config", "/nodes", "/stats", "/events", "/modules", "/modules/{name}"] {
+    for path in ["/leases", "/leases/{subnet}", "/config", "/nodes", "/stats", "/events", "/modules", "/modules/{name}", "/decisions"] {
         assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
     }
     assert!(doc["paths"]["/modules/{name}"]["patch"].is_object());
@@ -150,6 +150,20 @@ fn every_route_and_error_status() {
     let list = json(&api.get(2, "/modules"));
     assert_eq!(list[0]["sha256"], created["sha256"]);
     assert_error(&api.get(2, "/modules/none"), 404, "not_found");
+
+    // The decision trace: a blocked connection shows up as fw's drop, newest first.
+    let (src, _) = c.pod(1, 1);
+    let (dst_ns, dst) = c.pod(2, 1);
+    assert!(!tcp_connects(&src, &dst_ns, dst, 7777), "fw blocks tcp/7777");
+    let trace = json(&api.get(1, "/decisions?module=fw&limit=5"));
+    let drop = trace
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["verdict"] == "drop"))
+        .unwrap_or_else(|| panic!("no drop in {trace}"));
+    assert_eq!(drop["dst"], format!("{dst}:7777"));
+    assert_eq!(drop["direction"], "egress");
+    assert!(trace.as_array().map_or(0, Vec::len) <= 5);
+    assert_error(&api.get(1, "/decisions?limit=many"), 400, "bad_request");
 
     let patch = |body: &[u8], t: Option<&str>, name: &str| {
         api.req(1, "PATCH", &format!("/modules/{name}"), t, Some("application/json"), body)

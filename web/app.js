@@ -55,7 +55,7 @@ function drawMap() {
   const cols = Math.ceil(Math.sqrt(g.slots));
   const rows = Math.ceil(g.slots / cols);
   const width = canvas.parentElement.clientWidth - 8;
-  const cell = Math.max(1, Math.floor(Math.min(width / cols, 36)));
+  const cell = Math.max(1, Math.floor(Math.min(width / cols, 28)));
   const gap = cell >= 6 ? 1 : 0;
   canvas.width = cols * cell;
   canvas.height = rows * cell;
@@ -206,9 +206,23 @@ async function loadLeases() {
   renderNodes();
 }
 async function loadModules() { state.modules = await call("GET", "/modules"); renderModules(); }
+
+async function loadDecisions() {
+  const rows = await call("GET", "/decisions?limit=20");
+  const body = $("#decisions tbody");
+  body.innerHTML = "";
+  for (const d of rows) {
+    const tr = document.createElement("tr");
+    const proto = { 1: "icmp", 6: "tcp", 17: "udp" }[d.protocol] || "proto " + d.protocol;
+    tr.append(td(new Date(d.at_ms).toLocaleTimeString()), td(d.module, true),
+      td(`${d.direction} ${proto} ${d.src} → ${d.dst}`), td(d.verdict), td(d.reason));
+    body.appendChild(tr);
+  }
+}
 async function loadAll() {
   state.config = await call("GET", "/config");
-  await Promise.all([loadLeases(), loadModules(), call("GET", "/stats").then((s) => { state.stats = s; renderStats(); })]);
+  await Promise.all([loadLeases(), loadModules(), loadDecisions(), call("GET", "/stats").then((s) => { state.stats = s; renderStats(); })]);
+  if (!document.body.dataset.rendered) window.weftFirstRenderMs = performance.now();
   document.body.dataset.rendered = "1";
 }
 
@@ -222,7 +236,12 @@ function live() {
   es.addEventListener("lease", () => soon(loadLeases));
   es.addEventListener("modules", () => loadModules());
   es.addEventListener("resync", () => loadAll());
-  es.addEventListener("stats", (e) => { state.stats = JSON.parse(e.data); renderStats(); });
+  let ticks = 0;
+  es.addEventListener("stats", (e) => {
+    state.stats = JSON.parse(e.data);
+    renderStats();
+    if (++ticks % 3 === 0) loadDecisions().catch(() => {});
+  });
   es.onerror = () => { pill.textContent = "reconnecting"; pill.className = "pill off"; };
 }
 

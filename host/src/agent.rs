@@ -102,6 +102,10 @@ pub struct AgentState {
     pub renewals: AtomicU64,
     /// The Wasm decision chain.
     pub modules: Arc<Pipeline>,
+    /// The cluster's leases as this node follows them (the API serves reads from here).
+    pub leases: arc_swap::ArcSwap<crate::lease::watch::LeaseTable>,
+    /// Whether `leases` holds a first full listing yet.
+    pub leases_synced: AtomicBool,
     own: Mutex<Option<Lease>>,
 }
 
@@ -186,6 +190,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         acquisitions: AtomicU64::new(1),
         renewals: AtomicU64::new(0),
         modules: modules.clone(),
+        leases: arc_swap::ArcSwap::from_pointee(Default::default()),
+        leases_synced: AtomicBool::new(false),
         own: Mutex::new(Some(lease.clone())),
     });
     modules.set_own(lease.subnet);
@@ -268,6 +274,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
                 },
             });
             state.leases_known.store(table.len(), Ordering::Relaxed);
+            state.leases.store(Arc::new(table.clone()));
+            state.leases_synced.store(true, Ordering::Relaxed);
             backend.sync_routes(own, table);
             let _ = synced_tx.send(true);
         }));

@@ -2,6 +2,8 @@
 //! helpers to prove traffic across them. Everything made here is removed on drop, also when
 //! a test panics.
 
+pub mod webdriver;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -42,7 +44,8 @@ pub fn policy_wasm(name: &str) -> PathBuf {
         "{} is missing: run scripts/build-policies first",
         p.display()
     );
-    p
+    // Canonical, because browsers refuse file paths with `..` in them.
+    std::fs::canonicalize(&p).unwrap_or(p)
 }
 
 /// Tries a TCP handshake from `client_ns` to a listener on `ip:port` in `server_ns`.

@@ -1,5 +1,6 @@
 //! `/leases`: the cluster's leases, filtered, and one by subnet.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -10,6 +11,7 @@ use utoipa::IntoParams;
 use super::error::{ApiError, ErrorBody};
 use super::views::LeaseView;
 use super::ApiState;
+use crate::lease::Lease;
 use crate::subnet::parse_subnet_key;
 
 /// Filters of the lease list; all optional, all must match.
@@ -26,17 +28,15 @@ pub struct LeaseFilter {
     pub expiring_within: Option<u64>,
 }
 
-async fn all(s: &ApiState) -> Result<Vec<LeaseView>, ApiError> {
-    let own = s.agent.own_lease().map(|l| l.subnet);
-    let mut v: Vec<LeaseView> = s
-        .store
-        .list_leases()
-        .await?
-        .leases
-        .iter()
-        .map(|l| LeaseView::of(l, Some(l.subnet) == own))
-        .collect();
-    v.sort_by_key(|l| l.subnet.parse::<ipnet::Ipv4Net>().map(|n| u32::from(n.network())).unwrap_or(0));
+/// Every lease, in address order. Served from the table this node follows by watch (what it
+/// routes by), so reads cost no store round trip; before the first listing, from the store.
+async fn all(s: &ApiState) -> Result<Vec<Lease>, ApiError> {
+    let mut v: Vec<Lease> = if s.agent.leases_synced.load(Ordering::Relaxed) {
+        s.agent.leases.load().leases().cloned().collect()
+    } else {
+        s.store.list_leases().await?.leases
+    };
+    v.sort_by_key(|l| u32::from(l.subnet.network()));
     Ok(v)
 }
 
@@ -48,13 +48,14 @@ pub async fn list(
     q: Result<Query<LeaseFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<LeaseView>>, ApiError> {
     let Query(f) = q?;
-    let ip = f.public_ip.map(|a| a.to_string());
+    let own = s.agent.own_lease().map(|l| l.subnet);
     Ok(Json(
         all(&s)
             .await?
-            .into_iter()
-            .filter(|l| ip.as_ref().is_none_or(|ip| *ip == l.public_ip))
-            .filter(|l| f.backend.as_ref().is_none_or(|b| *b == l.backend_type))
+            .iter()
+            .filter(|l| f.public_ip.is_none_or(|ip| ip == l.attrs.public_ip))
+            .filter(|l| f.backend.as_ref().is_none_or(|b| *b == l.attrs.backend_type))
+            .map(|l| LeaseView::of(l, Some(l.subnet) == own))
             .filter(|l| f.expiring_within.is_none_or(|w| l.expires_in <= i64::try_from(w).unwrap_or(i64::MAX)))
             .collect(),
     ))
@@ -72,10 +73,13 @@ pub async fn get(
     let net = parse_subnet_key(&raw)
         .or_else(|| raw.parse::<ipnet::Ipv4Net>().ok())
         .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not a subnet (use 10.244.3.0-24)")))?;
-    all(&s)
-        .await?
-        .into_iter()
-        .find(|l| l.subnet == net.to_string())
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no lease on {net}")))
+    let own = s.agent.own_lease().map(|l| l.subnet);
+    let found = if s.agent.leases_synced.load(Ordering::Relaxed) {
+        s.agent.leases.load().get(&net.trunc()).cloned()
+    } else {
+        all(&s).await?.into_iter().find(|l| l.subnet == net.trunc())
+    };
+    found
+        .map(|l| Json(LeaseView::of(&l, Some(l.subnet) == own)))
+        .ok_or_else(|| ApiError::NotFound(format!("no lease on {}", net.trunc())))
 }

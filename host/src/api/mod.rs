@@ -88,6 +88,7 @@ fn routes_and_doc() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(events::events))
         .routes(routes!(modules::list, modules::upload))
         .routes(routes!(modules::get, modules::patch, modules::remove))
+        .routes(routes!(modules::decisions))
         .split_for_parts()
 }
 

@@ -165,6 +165,38 @@ pub async fn patch(
     get(State(s), Path(name)).await
 }
 
+/// Filters of the decision trace.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TraceFilter {
+    /// Only this module's decisions.
+    pub module: Option<String>,
+    /// At most this many, newest first (default 100).
+    pub limit: Option<usize>,
+}
+
+/// The last decisions each module made on this node (bounded per module), newest first.
+#[utoipa::path(get, path = "/decisions", tag = "modules", params(TraceFilter),
+    responses((status = 200, body = [crate::wasm::stats::TraceEntry]), (status = 400, body = ErrorBody)))]
+pub async fn decisions(
+    State(s): State<Arc<ApiState>>,
+    q: Result<axum::extract::Query<TraceFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<crate::wasm::stats::TraceEntry>>, ApiError> {
+    let axum::extract::Query(f) = q?;
+    let mut all: Vec<_> = s
+        .agent
+        .modules
+        .module_stats()
+        .into_iter()
+        .filter(|(n, _)| f.module.as_ref().is_none_or(|m| m == n))
+        .flat_map(|(_, st)| st.traced())
+        .collect();
+    all.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+    all.truncate(f.limit.unwrap_or(100));
+    Ok(Json(all))
+}
+
 /// Removes a module from every node.
 #[utoipa::path(delete, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),

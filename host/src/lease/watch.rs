@@ -23,6 +23,11 @@ impl LeaseTable {
         self.leases.values()
     }
 
+    /// The lease on `subnet`, if known.
+    pub fn get(&self, subnet: &Ipv4Net) -> Option<&Lease> {
+        self.leases.get(subnet)
+    }
+
     /// Number of leases known.
     pub fn len(&self) -> usize {
         self.leases.len()

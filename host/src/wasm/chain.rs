@@ -17,7 +17,7 @@ use super::flow::{self, Direction, FlowMeta, Local};
 use super::instance::{CallError, Entry, HostCtx, Instance, Leases};
 use super::runtime::{Compiled, Runtime};
 use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
-use super::stats::{ModuleStats, VerdictKind};
+use super::stats::{ModuleStats, TraceEntry, VerdictKind};
 use super::WasmError;
 use crate::backend::route::RouteTable;
 
@@ -367,6 +367,40 @@ impl WorkerChain {
     }
 
     fn evaluate(&mut self, m: &FlowMeta, dir: Direction, established: bool, pkt: &[u8], now_ms: u64) -> (Verdict, Ttl) {
+        let (verdict, ttl, trail) = self.decide_all(m, dir, established, pkt, now_ms);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for (lm, kind, reason) in trail {
+            lm.stats.trace(TraceEntry {
+                at_ms,
+                module: lm.name.to_string(),
+                direction: match dir {
+                    Direction::Egress => "egress",
+                    Direction::Ingress => "ingress",
+                },
+                protocol: m.protocol,
+                src: format!("{}:{}", m.src, m.src_port),
+                dst: format!("{}:{}", m.dst, m.dst_port),
+                verdict: kind.label(),
+                reason,
+            });
+        }
+        (verdict, ttl)
+    }
+
+    /// Asks every module in order; returns the verdict, its lifetime, and what each module said.
+    #[allow(clippy::type_complexity)]
+    fn decide_all(
+        &mut self,
+        m: &FlowMeta,
+        dir: Direction,
+        established: bool,
+        pkt: &[u8],
+        now_ms: u64,
+    ) -> (Verdict, Ttl, Vec<(Arc<LoadedModule>, VerdictKind, String)>) {
+        let mut trail = Vec::new();
         let leases = self.pipeline.leases.load();
         let local = Local { node: self.chain.local };
         flow::record(m, dir, established, pkt, &leases, local).encode(&mut self.record);
@@ -384,6 +418,11 @@ impl WorkerChain {
                             _ => VerdictKind::Allow,
                         };
                         lm.stats.verdict(kind);
+                        let why = match (lm.dry_run, kind) {
+                            (true, VerdictKind::Drop) => "dry run: the drop was not enforced".to_string(),
+                            _ => format!("policy answered{}", if established { " (flow in flight)" } else { "" }),
+                        };
+                        trail.push((lm.clone(), kind, why));
                         if kind == VerdictKind::Log && lm.stats.log_allowed() {
                             tracing::info!(target: "weft::flow", module = %lm.name, direction = ?dir, protocol = m.protocol,
                                 src = %m.src, src_port = m.src_port, dst = %m.dst, dst_port = m.dst_port, dry_run = lm.dry_run, "flow logged");
@@ -393,13 +432,16 @@ impl WorkerChain {
                                 lm.stats.dry_run_drops.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 // First deny wins: later modules are not asked.
-                                return (Verdict::DROP, ttl);
+                                return (Verdict::DROP, ttl, trail);
                             }
                         }
                     }
                     Err(e) => {
-                        if failure_drops(lm, &e, &mut ttl) {
-                            return (Verdict::DROP, ttl);
+                        let drops = failure_drops(lm, &e, &mut ttl);
+                        let policy = if drops { "dropped (fail-closed)" } else { "skipped (fail-open or dry run)" };
+                        trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
+                        if drops {
+                            return (Verdict::DROP, ttl, trail);
                         }
                     }
                 }
@@ -411,6 +453,7 @@ impl WorkerChain {
                         if w.action == abi::route::VIA {
                             lm.stats.verdict(VerdictKind::Via);
                             let via = Ipv4Addr::from(w.addr);
+                            trail.push((lm.clone(), VerdictKind::Via, format!("steer via {via}{}", if lm.dry_run { " (dry run)" } else { "" })));
                             if lm.dry_run {
                                 continue;
                             }
@@ -421,17 +464,21 @@ impl WorkerChain {
                             }
                         } else {
                             lm.stats.verdict(VerdictKind::Owner);
+                            trail.push((lm.clone(), VerdictKind::Owner, "deliver to the owner".into()));
                         }
                     }
                     Err(e) => {
-                        if failure_drops(lm, &e, &mut ttl) {
-                            return (Verdict::DROP, ttl);
+                        let drops = failure_drops(lm, &e, &mut ttl);
+                        let policy = if drops { "dropped (fail-closed)" } else { "skipped (fail-open or dry run)" };
+                        trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
+                        if drops {
+                            return (Verdict::DROP, ttl, trail);
                         }
                     }
                 }
             }
         }
-        (verdict, ttl)
+        (verdict, ttl, trail)
     }
 
     /// One call into module `i`, instantiating it first if needed; failures are counted, can

@@ -47,6 +47,30 @@ impl VerdictKind {
     }
 }
 
+/// Most decisions kept in a module's trace.
+pub const TRACE_LEN: usize = 64;
+
+/// One decision a module made (or its failure policy made for it), for the decision trace.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct TraceEntry {
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+    /// The module.
+    pub module: String,
+    /// `egress` or `ingress`.
+    pub direction: &'static str,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Source address and port.
+    pub src: String,
+    /// Destination address and port.
+    pub dst: String,
+    /// What was decided: allow, drop, log, owner, via, failure.
+    pub verdict: &'static str,
+    /// Why: the module's answer, dry run, or the failure and its policy.
+    pub reason: String,
+}
+
 /// Most counters one module may define.
 pub const MAX_COUNTERS: usize = 64;
 /// Guest log lines let through per second (and as a burst).
@@ -78,6 +102,7 @@ pub struct ModuleStats {
     counters: Mutex<Vec<(String, Arc<AtomicI64>)>>,
     log_bucket: Mutex<(f64, Instant)>,
     quarantine: Mutex<Quarantine>,
+    trace: Mutex<std::collections::VecDeque<TraceEntry>>,
 }
 
 impl Default for ModuleStats {
@@ -96,6 +121,7 @@ impl Default for ModuleStats {
             counters: Mutex::new(Vec::new()),
             log_bucket: Mutex::new((LOG_BURST, Instant::now())),
             quarantine: Mutex::new(Quarantine::default()),
+            trace: Mutex::new(std::collections::VecDeque::with_capacity(TRACE_LEN)),
         }
     }
 }
@@ -204,6 +230,21 @@ impl ModuleStats {
             return true;
         }
         false
+    }
+
+    /// Records a decision in the bounded trace (the oldest goes first).
+    pub fn trace(&self, e: TraceEntry) {
+        if let Ok(mut t) = self.trace.lock() {
+            if t.len() == TRACE_LEN {
+                t.pop_front();
+            }
+            t.push_back(e);
+        }
+    }
+
+    /// The trace, oldest first.
+    pub fn traced(&self) -> Vec<TraceEntry> {
+        self.trace.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Whether the module is benched at `now_ms`.

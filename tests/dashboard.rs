@@ -1,0 +1,79 @@
+//! The dashboard in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`)
+//! driven over WebDriver against the agents of a 3-node cluster.
+
+use std::time::Duration;
+
+use serde_json::json;
+use weft_tests::webdriver::Browser;
+use weft_tests::*;
+
+const RENDERED: &str = "return document.body.dataset.rendered === '1'";
+
+#[test]
+fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
+    let mut c = TestCluster::new("ui", StoreKind::Embedded, 3);
+    c.up(1);
+    let token = c.lab.admin_token().expect("token");
+    let one = Browser::start(c.lab.nodes[0].ns.name(), 9515);
+    let two = Browser::start(c.lab.nodes[1].ns.name(), 9516);
+    for b in [&one, &two] {
+        b.goto("http://127.0.0.1:8286/");
+        assert!(b.wait_for(RENDERED, Duration::from_secs(20)), "the dashboard never rendered");
+    }
+
+    // Each lease sits in its own slot, in the colour of its state; other slots are free.
+    let colors = one.eval("return window.weftMap.colors", json!([]));
+    for n in 1..=3 {
+        let subnet = c.subnet(n).to_string();
+        let slot = one.eval("return window.weftMap.slotOf(arguments[0])", json!([subnet]));
+        let want = u64::from(c.subnet(n).network().octets()[2]);
+        assert_eq!(slot.as_u64(), Some(want), "slot of {subnet}");
+        let color = one.eval("return window.weftMap.colorAt(arguments[0])", json!([slot]));
+        let expected = if n == 1 { &colors["own"] } else { &colors["leased"] };
+        assert_eq!(&color, expected, "{subnet} drawn as {color}");
+    }
+    let free = (0..256u64)
+        .find(|i| (1..=3).all(|n| u64::from(c.subnet(n).network().octets()[2]) != *i) && *i > 0)
+        .expect("a free slot");
+    assert_eq!(one.eval("return window.weftMap.colorAt(arguments[0])", json!([free])), colors["free"]);
+    assert_eq!(
+        one.eval("return window.weftMap.colorAt(0)", json!([])),
+        colors["reserved"],
+        "10.244.0.0/24 is below SubnetMin"
+    );
+    let summary = one.eval("return document.querySelector('#map-summary').textContent", json!([]));
+    assert!(summary.as_str().unwrap_or("").starts_with("3 of "), "{summary}");
+    let rows = one.eval("return document.querySelectorAll('#nodes tbody tr').length", json!([]));
+    assert_eq!(rows, json!(3));
+    let png = one.screenshot("#map-section");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard-map.png");
+    std::fs::write(&out, &png).expect("save the screenshot");
+
+    // Upload a module through the page on node 1; node 2's page shows it after the event stream.
+    assert!(one.wait_for("return document.querySelector('#live').textContent === 'live'", Duration::from_secs(10)));
+    assert!(two.wait_for("return document.querySelector('#live').textContent === 'live'", Duration::from_secs(10)));
+    one.type_into("#token", &token);
+    one.type_into("#upload input[name=name]", "audit");
+    one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
+    one.type_into("#upload textarea[name=config]", r#"{"one_in":5}"#);
+    one.click("#upload button[type=submit]");
+    let listed = "return !!document.querySelector('#modules tbody tr[data-module=audit]')";
+    assert!(
+        one.wait_for(listed, Duration::from_secs(15)),
+        "upload result: {}",
+        one.eval("return document.querySelector('#upload-result').textContent", json!([]))
+    );
+    assert!(two.wait_for(listed, Duration::from_secs(15)), "node 2's dashboard never showed the module");
+    // And it really is stored for the cluster.
+    let r = c.lab.http_get(3, "/api/v1/modules/audit").expect("api");
+    assert_eq!(r.0, 200, "{}", r.1);
+    // A refused upload shows the API's reason on the page.
+    one.type_into("#upload input[name=name]", "audit");
+    one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
+    one.click("#upload button[type=submit]");
+    assert!(one.wait_for(
+        "return document.querySelector('#upload-result').textContent.includes('already exists')",
+        Duration::from_secs(10)
+    ));
+}
