@@ -243,3 +243,69 @@ fn the_event_stream_carries_lease_module_and_counter_events() {
         assert!(text.contains(k), "no {k:?} in the stream:\n{text:.2000}");
     }
 }
+
+/// Runs `weft <args>` in node `n`'s namespace: Ok(stdout) or Err(stderr).
+fn weft_in(c: &TestCluster, n: usize, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", c.lab.nodes[n - 1].ns.name()])
+        .arg(weft_bin())
+        .args(args)
+        .output()
+        .expect("run weft");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn the_command_line_goes_through_the_api() {
+    let mut c = TestCluster::new("cli", StoreKind::Embedded, 2);
+    c.up(0);
+    let tf = c.lab.spec.dir.join("admin-token").display().to_string();
+    let server = "http://127.0.0.1:8286";
+
+    let status = weft_in(&c, 1, &["status", "--token-file", &tf]).expect("status");
+    for n in 1..=2 {
+        assert!(status.contains(&c.subnet(n).to_string()), "{status}");
+    }
+    assert!(status.contains(&format!("{} *", c.subnet(1))), "own lease marked: {status}");
+    let v: serde_json::Value = serde_json::from_str(&weft_in(&c, 2, &["status", "-o", "json"]).expect("status json"))
+        .expect("status -o json is JSON");
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["stats"]["backend"], "udp");
+
+    let leases: serde_json::Value =
+        serde_json::from_str(&weft_in(&c, 1, &["lease", "--server", server, "-o", "json", "ls"]).expect("lease ls"))
+            .expect("lease ls -o json is JSON");
+    assert_eq!(leases.as_array().map(Vec::len), Some(2), "{leases}");
+
+    let module = |args: &[&str]| {
+        let mut all = vec!["module", "--server", server, "--token-file", &tf];
+        all.extend_from_slice(args);
+        weft_in(&c, 1, &all)
+    };
+    let fw = policy_wasm("firewall").display().to_string();
+    let out = module(&["add", "fw", &fw, "--config-json", r#"{"rules":[]}"#, "--order", "3"]).expect("add");
+    assert!(out.starts_with("added module fw (sha256 "), "{out}");
+    assert!(
+        eventually(Duration::from_secs(15), || module(&["ls"]).is_ok_and(|t| t
+            .lines()
+            .any(|l| l.starts_with("fw ") && l.contains(" 2/0")))),
+        "{:?}",
+        module(&["ls"])
+    );
+    let audit = policy_wasm("audit").display().to_string();
+    let out = module(&["set", "fw", "--wasm", &audit, "--config-json", "{}", "--dry-run", "true"]).expect("set");
+    let ls: serde_json::Value = serde_json::from_str(&module(&["-o", "json", "ls"]).expect("ls json")).expect("JSON");
+    assert_eq!(ls[0]["mode"], "dry_run");
+    assert!(out.contains(ls[0]["sha256"].as_str().unwrap_or("none")), "{out} vs {ls}");
+
+    let err = weft_in(&c, 1, &["module", "--server", server, "--token", "nope", "rm", "fw"]).expect_err("bad token");
+    assert!(err.contains("weft: error: 401: missing or invalid bearer token"), "{err}");
+    let err = weft_in(&c, 1, &["status", "--server", "http://127.0.0.1:1"]).expect_err("nobody there");
+    assert!(err.contains("cannot reach the agent at 127.0.0.1:1"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(module(&["rm", "fw"]).expect("rm").contains("removed module fw"));
+}

@@ -226,8 +226,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         protect_reads: opts.admin_auth_reads,
         events: events.clone(),
     });
-    // Room for a module at the size limit, base64 and form overhead included.
-    let body_limit = opts.module_limits.max_module_bytes + (256 << 10);
+    // Room for a module at the size limit in base64 (a PATCH), form and JSON overhead included.
+    let body_limit = opts.module_limits.max_module_bytes / 3 * 4 + (256 << 10);
     let admin_state = state.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::admin::serve(admin, admin_state, api, body_limit).await {

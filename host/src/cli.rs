@@ -28,6 +28,56 @@ enum Command {
     Lease(LeaseArgs),
     /// Manage the Wasm policy and routing modules every node runs.
     Module(ModuleArgs),
+    /// Show the cluster as an agent sees it: nodes, modules and this node's data path.
+    Status(StatusArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// How to reach an agent's API.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// Go through an agent's API (e.g. http://127.0.0.1:8286) instead of the store.
+    #[arg(long, env = "WEFT_SERVER")]
+    server: Option<String>,
+    /// The API's bearer token (else read from --token-file).
+    #[arg(long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API's bearer token.
+    #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", default_value = "/var/lib/weft/admin-token")]
+    token_file: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+impl ServerArgs {
+    /// A client of `--server` (or `default`), with the token if one can be had: reads may not
+    /// need it, so an unreadable token file is not an error here.
+    fn client(&self, default: Option<&str>) -> Result<Option<weft::client::Client>> {
+        let Some(server) = self.server.as_deref().or(default) else {
+            return Ok(None);
+        };
+        let token = self.token.clone().or_else(|| {
+            std::fs::read_to_string(&self.token_file)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        });
+        Ok(Some(weft::client::Client::new(server, token)?))
+    }
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Args, Clone)]
@@ -159,6 +209,8 @@ struct DemoArgs {
 struct LeaseArgs {
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(subcommand)]
     action: LeaseAction,
 }
@@ -175,6 +227,8 @@ enum LeaseAction {
 struct ModuleArgs {
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(subcommand)]
@@ -272,7 +326,63 @@ fn read_wasm(p: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("reading {}", p.display()))
 }
 
+fn print_leases(leases: &[weft::api::views::LeaseView], output: Output) -> Result<()> {
+    if let Output::Json = output {
+        return print_json(&leases);
+    }
+    println!("{:<20} {:<16} {:<8} {:>12} BACKEND DATA", "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN");
+    for l in leases {
+        println!(
+            "{:<20} {:<16} {:<8} {:>11}s {}",
+            l.subnet, l.public_ip, l.backend_type, l.expires_in, l.backend_data
+        );
+    }
+    Ok(())
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_modules(views: &[serde_json::Value]) {
+    println!(
+        "{:<16} {:>6} {:<8} {:<7} {:<14} NODES (loaded/failed)",
+        "NAME", "ORDER", "MODE", "FAILURE", "SHA256"
+    );
+    for m in views {
+        let nodes = m["nodes"].as_array().cloned().unwrap_or_default();
+        let same = |n: &&serde_json::Value| n["sha256"] == m["sha256"];
+        let loaded = nodes.iter().filter(same).filter(|n| n["state"] == "loaded").count();
+        let failed: Vec<String> = nodes
+            .iter()
+            .filter(same)
+            .filter(|n| n["state"] != "loaded")
+            .map(|n| format!("{}: {}", n["name"].as_str().unwrap_or("?"), n["error"].as_str().unwrap_or("failed")))
+            .collect();
+        let sha = m["sha256"].as_str().unwrap_or("");
+        println!(
+            "{:<16} {:>6} {:<8} {:<7} {:<14} {}/{}{}",
+            m["name"].as_str().unwrap_or(""),
+            m["order"],
+            m["mode"].as_str().unwrap_or(""),
+            m["failure"].as_str().unwrap_or(""),
+            &sha[..sha.len().min(12)],
+            loaded,
+            failed.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", failed.join("; "))
+            }
+        );
+    }
+}
+
 async fn module_command(m: ModuleArgs) -> Result<()> {
+    if let Some(client) = m.server.client(None)? {
+        return module_via_api(&client, m.action, m.server.output).await;
+    }
     use weft::wasm::registry;
     let store = m.store.options().open().await.context("opening the lease store")?;
     let rt = weft::wasm::Runtime::new(m.limits.limits())?;
@@ -317,37 +427,150 @@ async fn module_command(m: ModuleArgs) -> Result<()> {
         }
         ModuleAction::Ls => {
             let (specs, nodes) = registry::list(store.as_ref()).await?;
-            println!(
-                "{:<16} {:>6} {:<7} {:<7} {:<14} NODES (loaded/failed)",
-                "NAME", "ORDER", "FAILURE", "DRY-RUN", "SHA256"
-            );
-            for s in &specs {
-                let mut loaded = 0;
-                let mut failed = Vec::new();
-                for n in &nodes {
-                    match n.modules.iter().find(|m| m.name == s.name && m.sha256 == s.sha256) {
-                        Some(m) if m.state == "loaded" => loaded += 1,
-                        Some(m) => failed.push(format!("{}: {}", n.node, m.error.as_deref().unwrap_or("failed"))),
-                        None => {}
-                    }
-                }
-                println!(
-                    "{:<16} {:>6} {:<7} {:<7} {:<14} {}/{}{}",
-                    s.name,
-                    s.order,
-                    format!("{:?}", s.failure).to_lowercase(),
-                    s.dry_run,
-                    &s.sha256[..s.sha256.len().min(12)],
-                    loaded,
-                    failed.len(),
-                    if failed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", failed.join("; "))
-                    }
-                );
+            let views: Vec<serde_json::Value> = specs
+                .iter()
+                .map(|s| {
+                    let v = weft::api::views::ModuleView::of(s, &nodes, Default::default());
+                    serde_json::to_value(v).unwrap_or_default()
+                })
+                .collect();
+            match m.server.output {
+                Output::Json => print_json(&views)?,
+                Output::Table => print_modules(&views),
             }
         }
+    }
+    Ok(())
+}
+
+fn failure_name(f: Failure) -> &'static str {
+    match f {
+        Failure::Closed => "closed",
+        Failure::Open => "open",
+    }
+}
+
+async fn module_via_api(c: &weft::client::Client, action: ModuleAction, output: Output) -> Result<()> {
+    use weft::client::{multipart, Field};
+    type V = serde_json::Value;
+    match action {
+        ModuleAction::Add {
+            name,
+            wasm,
+            config,
+            order,
+            failure,
+            dry_run,
+        } => {
+            let code = read_wasm(&wasm)?;
+            let cfg = config.read()?.unwrap_or_default();
+            let order = order.to_string();
+            let field = |name, value| Field { name, filename: None, value };
+            let (ct, body) = multipart(&[
+                field("name", name.as_bytes()),
+                Field {
+                    name: "wasm",
+                    filename: Some("module.wasm"),
+                    value: &code,
+                },
+                field("config", cfg.as_bytes()),
+                field("order", order.as_bytes()),
+                field("mode", if dry_run { b"dry_run".as_slice() } else { b"enforce".as_slice() }),
+                field("failure", failure_name(failure).as_bytes()),
+            ]);
+            let v: V = c.call("POST", "/modules", Some(&ct), &body).await?;
+            println!("added module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
+        }
+        ModuleAction::Set {
+            name,
+            wasm,
+            config,
+            order,
+            failure,
+            dry_run,
+        } => {
+            use base64::Engine as _;
+            let mut patch = serde_json::Map::new();
+            if let Some(w) = &wasm {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(read_wasm(w)?);
+                patch.insert("wasm_base64".into(), b64.into());
+            }
+            if let Some(cfg) = config.read()? {
+                patch.insert("config".into(), cfg.into());
+            }
+            if let Some(o) = order {
+                patch.insert("order".into(), o.into());
+            }
+            if let Some(f) = failure {
+                patch.insert("failure".into(), failure_name(f).into());
+            }
+            if let Some(d) = dry_run {
+                patch.insert("mode".into(), if d { "dry_run" } else { "enforce" }.into());
+            }
+            let body = serde_json::to_vec(&patch)?;
+            let path = format!("/modules/{name}");
+            let v: V = c.call("PATCH", &path, Some("application/json"), &body).await?;
+            println!("updated module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
+        }
+        ModuleAction::Rm { name } => {
+            let _: V = c.call("DELETE", &format!("/modules/{name}"), None, b"").await?;
+            println!("removed module {name}");
+        }
+        ModuleAction::Ls => {
+            let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
+            match output {
+                Output::Json => print_json(&views)?,
+                Output::Table => print_modules(&views),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn status_command(a: StatusArgs) -> Result<()> {
+    type V = serde_json::Value;
+    let Some(c) = a.server.client(Some("http://127.0.0.1:8286"))? else {
+        unreachable!("a default server is given")
+    };
+    let nodes: Vec<V> = c.call("GET", "/nodes", None, b"").await?;
+    let modules: Vec<V> = c.call("GET", "/modules", None, b"").await?;
+    let stats: V = c.call("GET", "/stats", None, b"").await?;
+    if let Output::Json = a.server.output {
+        return print_json(&serde_json::json!({"nodes": nodes, "modules": modules, "stats": stats}));
+    }
+    println!("{:<20} {:<16} {:<8} {:>12} {:>10} MODULES", "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN", "SEEN");
+    for n in &nodes {
+        let l = &n["lease"];
+        let own = if l["own"] == true { " *" } else { "" };
+        let mods: Vec<String> = n["modules"]
+            .as_array()
+            .map(|a| a.iter().map(|m| format!("{}:{}", m["name"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""))).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<16} {:<8} {:>11}s {:>10} {}",
+            format!("{}{own}", l["subnet"].as_str().unwrap_or("")),
+            n["public_ip"].as_str().unwrap_or(""),
+            l["backend_type"].as_str().unwrap_or(""),
+            l["expires_in"],
+            n["last_seen_secs"].as_u64().map_or("never".to_string(), |s| format!("{s}s ago")),
+            if mods.is_empty() { "-".to_string() } else { mods.join(", ") }
+        );
+    }
+    println!();
+    print_modules(&modules);
+    println!(
+        "\nthis node: tx {} packets / {} bytes, rx {} packets / {} bytes, {} routes, flow cache {} hits / {} misses",
+        stats["tx_packets"], stats["tx_bytes"], stats["rx_packets"], stats["rx_bytes"],
+        stats["routes"].as_array().map_or(0, Vec::len), stats["flow_cache_hits"], stats["flow_cache_misses"]
+    );
+    if let Some(drops) = stats["drops"].as_object() {
+        let nonzero: Vec<String> = drops.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k} {v}")).collect();
+        if !nonzero.is_empty() {
+            println!("drops: {}", nonzero.join(", "));
+        }
+    }
+    if let Some(f) = stats["failure"].as_str() {
+        println!("DATA PATH STOPPED: {f}");
     }
     Ok(())
 }
@@ -434,23 +657,29 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             module_command(m).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(a) => {
+            status_command(a).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Lease(l) => {
-            let store = l.store.options().open().await.context("opening the lease store")?;
-            match l.action {
-                LeaseAction::Ls => {
-                    let snap = store.list_leases().await?;
-                    println!("{:<20} {:<16} {:<8} BACKEND DATA", "SUBNET", "PUBLIC IP", "BACKEND");
-                    for l in snap.leases {
-                        println!(
-                            "{:<20} {:<16} {:<8} {}",
-                            l.subnet.to_string(),
-                            l.attrs.public_ip.to_string(),
-                            l.attrs.backend_type,
-                            l.attrs.backend_data
-                        );
-                    }
+            type LeaseView = weft::api::views::LeaseView;
+            let api = l.server.client(None)?;
+            match (l.action, api) {
+                (LeaseAction::Ls, Some(c)) => {
+                    let leases: Vec<LeaseView> = c.call("GET", "/leases", None, b"").await?;
+                    print_leases(&leases, l.server.output)?;
                 }
-                LeaseAction::Rm { subnet } => {
+                (LeaseAction::Rm { .. }, Some(_)) => {
+                    anyhow::bail!("deleting a lease goes to the store directly: drop --server")
+                }
+                (LeaseAction::Ls, None) => {
+                    let store = l.store.options().open().await.context("opening the lease store")?;
+                    let snap = store.list_leases().await?;
+                    let leases: Vec<LeaseView> = snap.leases.iter().map(|x| LeaseView::of(x, false)).collect();
+                    print_leases(&leases, l.server.output)?;
+                }
+                (LeaseAction::Rm { subnet }, None) => {
+                    let store = l.store.options().open().await.context("opening the lease store")?;
                     if !store.delete_lease(subnet.trunc()).await? {
                         anyhow::bail!("no lease on {subnet}");
                     }

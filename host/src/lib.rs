@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod iface;

@@ -141,7 +141,7 @@ pub async fn upload(
     Ok((StatusCode::CREATED, view))
 }
 
-/// Changes a module's order, mode, failure policy or config.
+/// Changes a module's order, mode, failure policy, config or code.
 #[utoipa::path(patch, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
     request_body = ModulePatch,
     responses((status = 200, body = ModuleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -153,8 +153,18 @@ pub async fn patch(
     body: Result<Json<ModulePatch>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<ModuleView>, ApiError> {
     let Json(p) = body?;
+    let wasm = p
+        .wasm_base64
+        .as_deref()
+        .map(|b| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| ApiError::BadRequest(format!("wasm_base64: {e}")))
+        })
+        .transpose()?;
     let changes = Changes {
-        wasm: None,
+        wasm,
         config: p.config,
         order: p.order,
         failure: p.failure.as_deref().map(failure).transpose()?,

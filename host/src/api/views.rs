@@ -221,6 +221,8 @@ pub struct ModulePatch {
     pub failure: Option<String>,
     /// New config text.
     pub config: Option<String>,
+    /// New code, base64: a hot swap (checked as an upload is, then loaded by every node).
+    pub wasm_base64: Option<String>,
 }
 
 /// The data path's counters on the answering node.

@@ -466,37 +466,13 @@ fn http_here(req: &[u8]) -> Result<HttpResponse, LabError> {
     s.write_all(req)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let resp = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| LabError::Probe(format!("bad HTTP response: {resp:.80}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    Ok(HttpResponse { status, headers, body })
-}
-
-/// Undoes chunked transfer encoding.
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
-    }
-    out
+    let r = crate::client::parse_response(&raw)
+        .ok_or_else(|| LabError::Probe(format!("bad HTTP response: {:.80}", String::from_utf8_lossy(&raw))))?;
+    Ok(HttpResponse {
+        status: r.status,
+        headers: r.headers,
+        body: String::from_utf8_lossy(&r.body).into_owned(),
+    })
 }
 
 impl Drop for Cluster {
