@@ -25,7 +25,15 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
-    fn req(&self, n: usize, method: &str, path: &str, auth: Option<&str>, ctype: Option<&str>, body: &[u8]) -> HttpResponse {
+    fn req(
+        &self,
+        n: usize,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        ctype: Option<&str>,
+        body: &[u8],
+    ) -> HttpResponse {
         let bearer = auth.map(|t| format!("Bearer {t}"));
         let mut h: Vec<(&str, &str)> = Vec::new();
         if let Some(b) = &bearer {
@@ -48,7 +56,9 @@ impl Api<'_> {
         let boundary = "weftboundary7d3a";
         let mut body = Vec::new();
         for (name, value) in fields {
-            body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes());
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes(),
+            );
             if *name == "wasm" {
                 body.extend_from_slice(b"; filename=\"m.wasm\"\r\nContent-Type: application/wasm");
             }
@@ -67,7 +77,10 @@ fn every_route_and_error_status() {
     let mut c = TestCluster::with_config("api", StoreKind::Embedded, 2, NET_CONFIG, &["--module-max-kib", "256"]);
     c.up(1);
     let token = c.lab.admin_token().expect("a token was generated");
-    let api = Api { c: &c, token: token.clone() };
+    let api = Api {
+        c: &c,
+        token: token.clone(),
+    };
     let tok = Some(api.token.as_str());
 
     // Leases: list, filters, one by key, and the errors.
@@ -79,8 +92,28 @@ fn every_route_and_error_status() {
     let only2 = json(&api.get(1, &format!("/leases?public_ip={ip2}")));
     assert_eq!(only2[0]["subnet"], c.subnet(2).to_string(), "{only2}");
     assert_eq!(only2.as_array().map(Vec::len), Some(1));
-    assert_eq!(json(&api.get(1, "/leases?expiring_within=60")).as_array().map(Vec::len), Some(0));
-    assert_eq!(json(&api.get(1, "/leases?expiring_within=90000")).as_array().map(Vec::len), Some(2));
+    let by_node = json(&api.get(1, &format!("/leases?node={}", only2[0]["key"].as_str().unwrap())));
+    assert_eq!(by_node[0]["public_ip"], ip2);
+    assert_eq!(
+        json(&api.get(1, &format!("/leases?node={ip2}")))
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        json(&api.get(1, "/leases?node=10.9.9.0-24")).as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(
+        json(&api.get(1, "/leases?expiring_within=60")).as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(
+        json(&api.get(1, "/leases?expiring_within=90000"))
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
     assert_error(&api.get(1, "/leases?public_ip=not-an-ip"), 400, "bad_request");
     assert_error(&api.get(1, "/leases?colour=red"), 400, "bad_request");
     let key = only2[0]["key"].as_str().unwrap().to_string();
@@ -92,20 +125,47 @@ fn every_route_and_error_status() {
 
     // Config, nodes, stats, the OpenAPI document, an unknown route.
     let cfg = json(&api.get(2, "/config"));
-    assert_eq!((cfg["network"].as_str(), cfg["subnet_len"].as_u64()), (Some("10.244.0.0/16"), Some(24)));
+    assert_eq!(
+        (cfg["network"].as_str(), cfg["subnet_len"].as_u64()),
+        (Some("10.244.0.0/16"), Some(24))
+    );
     assert_eq!(cfg["raw"]["Backend"]["Type"], "udp");
     assert!(eventually(Duration::from_secs(10), || {
         let n = json(&api.get(2, "/nodes"));
-        n.as_array().is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["last_seen_secs"].is_u64()))
+        n.as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["last_seen_secs"].is_u64()))
     }));
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2ip) = c.pod(2, 1);
+    assert!(ping(&p1, p2ip));
     let stats = json(&api.get(1, "/stats"));
     assert_eq!(stats["backend"], "udp");
+    let peer = &stats["peers"][0];
+    assert_eq!(peer["public_ip"], ip2, "{stats}");
+    assert!(
+        peer["tx_packets"].as_u64() >= Some(3) && peer["rx_packets"].as_u64() >= Some(3),
+        "{stats}"
+    );
+    assert!(c.metric(1, &format!("weft_dataplane_peer_rx_packets_total{{peer=\"{ip2}\"}}")) >= 3.0);
     assert_eq!(stats["routes"].as_array().map(Vec::len), Some(1));
     assert!(stats["drops"]["policy"].is_u64());
     let doc = json(&api.get(1, "/openapi.json"));
     assert_eq!(doc["servers"][0]["url"], "/api/v1");
-    for path in ["/leases", "/leases/{subnet}", "/config", "/nodes", "/stats", "/events", "/modules", "/modules/{name}", "/decisions"] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    for path in [
+        "/leases",
+        "/leases/{subnet}",
+        "/config",
+        "/nodes",
+        "/stats",
+        "/events",
+        "/modules",
+        "/modules/{name}",
+        "/decisions",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     assert!(doc["paths"]["/modules/{name}"]["patch"].is_object());
     assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
@@ -122,11 +182,22 @@ fn every_route_and_error_status() {
     let r = api.upload(1, tok, &fields);
     assert_eq!(r.status, 201, "{}", r.body);
     let created = json(&r);
-    assert_eq!((created["name"].as_str(), created["mode"].as_str()), (Some("fw"), Some("enforce")));
+    assert_eq!(
+        (created["name"].as_str(), created["mode"].as_str()),
+        (Some("fw"), Some("enforce"))
+    );
     assert_error(&api.upload(1, tok, &fields), 409, "conflict");
-    assert_error(&api.upload(1, tok, &[("name", b"junk"), ("wasm", b"MZ not wasm")]), 400, "bad_request");
+    assert_error(
+        &api.upload(1, tok, &[("name", b"junk"), ("wasm", b"MZ not wasm")]),
+        400,
+        "bad_request",
+    );
     assert_error(&api.upload(1, tok, &[("wasm", &fw)]), 400, "bad_request");
-    assert_error(&api.upload(1, tok, &[("name", b"Bad Name"), ("wasm", &fw)]), 400, "bad_request");
+    assert_error(
+        &api.upload(1, tok, &[("name", b"Bad Name"), ("wasm", &fw)]),
+        400,
+        "bad_request",
+    );
     let bad_cfg: [(&str, &[u8]); 3] = [("name", b"fw2"), ("wasm", &fw), ("config", b"{\"rules\":5}")];
     let r = api.upload(1, tok, &bad_cfg);
     assert_error(&r, 400, "bad_request");
@@ -136,14 +207,24 @@ fn every_route_and_error_status() {
         b.resize(300 << 10, 0);
         b
     };
-    assert_error(&api.upload(1, tok, &[("name", b"big"), ("wasm", &big)]), 413, "too_large");
+    assert_error(
+        &api.upload(1, tok, &[("name", b"big"), ("wasm", &big)]),
+        413,
+        "too_large",
+    );
     let huge = vec![b'x'; 700 << 10];
-    assert_error(&api.upload(1, tok, &[("name", b"huge"), ("wasm", &huge)]), 413, "too_large");
+    assert_error(
+        &api.upload(1, tok, &[("name", b"huge"), ("wasm", &huge)]),
+        413,
+        "too_large",
+    );
 
     assert!(
         eventually(Duration::from_secs(15), || {
             let m = json(&api.get(2, "/modules/fw"));
-            m["nodes"].as_array().is_some_and(|n| n.len() == 2 && n.iter().all(|x| x["state"] == "loaded"))
+            m["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2 && n.iter().all(|x| x["state"] == "loaded"))
         }),
         "both nodes report fw loaded"
     );
@@ -166,7 +247,14 @@ fn every_route_and_error_status() {
     assert_error(&api.get(1, "/decisions?limit=many"), 400, "bad_request");
 
     let patch = |body: &[u8], t: Option<&str>, name: &str| {
-        api.req(1, "PATCH", &format!("/modules/{name}"), t, Some("application/json"), body)
+        api.req(
+            1,
+            "PATCH",
+            &format!("/modules/{name}"),
+            t,
+            Some("application/json"),
+            body,
+        )
     };
     assert_error(&patch(br#"{"mode":"dry_run"}"#, None, "fw"), 401, "unauthorized");
     assert_error(&patch(b"{not json", tok, "fw"), 400, "bad_request");
@@ -176,9 +264,16 @@ fn every_route_and_error_status() {
     let r = patch(br#"{"mode":"dry_run","order":7,"failure":"open"}"#, tok, "fw");
     assert_eq!(r.status, 200, "{}", r.body);
     let m = json(&r);
-    assert_eq!((m["mode"].as_str(), m["order"].as_i64(), m["failure"].as_str()), (Some("dry_run"), Some(7), Some("open")));
+    assert_eq!(
+        (m["mode"].as_str(), m["order"].as_i64(), m["failure"].as_str()),
+        (Some("dry_run"), Some(7), Some("open"))
+    );
 
-    assert_error(&api.req(1, "DELETE", "/modules/fw", None, None, b""), 401, "unauthorized");
+    assert_error(
+        &api.req(1, "DELETE", "/modules/fw", None, None, b""),
+        401,
+        "unauthorized",
+    );
     assert_eq!(api.req(1, "DELETE", "/modules/fw", tok, None, b"").status, 204);
     assert_error(&api.req(1, "DELETE", "/modules/fw", tok, None, b""), 404, "not_found");
     assert_eq!(json(&api.get(1, "/modules")).as_array().map(Vec::len), Some(0));
@@ -192,7 +287,11 @@ fn every_route_and_error_status() {
     assert_error(&api.get(2, "/leases"), 401, "unauthorized");
     assert_eq!(api.req(2, "GET", "/leases", Some(&api.token), None, b"").status, 200);
     assert_eq!(api.get(1, "/leases").status, 200, "node 1 still serves reads openly");
-    assert_eq!(c.lab.http_get(2, "/metrics").expect("metrics").0, 200, "metrics stay open for scrapers");
+    assert_eq!(
+        c.lab.http_get(2, "/metrics").expect("metrics").0,
+        200,
+        "metrics stay open for scrapers"
+    );
 }
 
 #[test]
@@ -215,7 +314,10 @@ fn the_event_stream_carries_lease_module_and_counter_events() {
                 if let Ok(n) = s.read(&mut buf) {
                     text.push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-                if ["event: hello", "event: stats", "event: modules", "lease_removed"].iter().all(|k| text.contains(k)) {
+                if ["event: hello", "event: stats", "event: modules", "lease_removed"]
+                    .iter()
+                    .all(|k| text.contains(k))
+                {
                     break;
                 }
             }
@@ -233,12 +335,21 @@ fn the_event_stream_carries_lease_module_and_counter_events() {
     let ct = format!("multipart/form-data; boundary={boundary}");
     let r = c
         .lab
-        .http(2, "POST", "/api/v1/modules", &[("Authorization", &auth), ("Content-Type", &ct)], &body)
+        .http(
+            2,
+            "POST",
+            "/api/v1/modules",
+            &[("Authorization", &auth), ("Content-Type", &ct)],
+            &body,
+        )
         .expect("upload");
     assert_eq!(r.status, 201, "{}", r.body);
     c.delete_lease(c.subnet(2));
     let text = reader.join().expect("reader");
-    assert!(text.contains("content-type: text/event-stream") || text.contains("Content-Type: text/event-stream"), "{text:.300}");
+    assert!(
+        text.contains("content-type: text/event-stream") || text.contains("Content-Type: text/event-stream"),
+        "{text:.300}"
+    );
     for k in ["event: hello", "event: stats", "event: modules", "lease_removed"] {
         assert!(text.contains(k), "no {k:?} in the stream:\n{text:.2000}");
     }
@@ -270,7 +381,10 @@ fn the_command_line_goes_through_the_api() {
     for n in 1..=2 {
         assert!(status.contains(&c.subnet(n).to_string()), "{status}");
     }
-    assert!(status.contains(&format!("{} *", c.subnet(1))), "own lease marked: {status}");
+    assert!(
+        status.contains(&format!("{} *", c.subnet(1))),
+        "own lease marked: {status}"
+    );
     let v: serde_json::Value = serde_json::from_str(&weft_in(&c, 2, &["status", "-o", "json"]).expect("status json"))
         .expect("status -o json is JSON");
     assert_eq!(v["nodes"].as_array().map(Vec::len), Some(2), "{v}");
@@ -290,20 +404,35 @@ fn the_command_line_goes_through_the_api() {
     let out = module(&["add", "fw", &fw, "--config-json", r#"{"rules":[]}"#, "--order", "3"]).expect("add");
     assert!(out.starts_with("added module fw (sha256 "), "{out}");
     assert!(
-        eventually(Duration::from_secs(15), || module(&["ls"]).is_ok_and(|t| t
-            .lines()
-            .any(|l| l.starts_with("fw ") && l.contains(" 2/0")))),
+        eventually(Duration::from_secs(15), || module(&["ls"])
+            .is_ok_and(|t| t.lines().any(|l| l.starts_with("fw ") && l.contains(" 2/0")))),
         "{:?}",
         module(&["ls"])
     );
     let audit = policy_wasm("audit").display().to_string();
-    let out = module(&["set", "fw", "--wasm", &audit, "--config-json", "{}", "--dry-run", "true"]).expect("set");
+    let out = module(&[
+        "set",
+        "fw",
+        "--wasm",
+        &audit,
+        "--config-json",
+        "{}",
+        "--dry-run",
+        "true",
+    ])
+    .expect("set");
     let ls: serde_json::Value = serde_json::from_str(&module(&["-o", "json", "ls"]).expect("ls json")).expect("JSON");
     assert_eq!(ls[0]["mode"], "dry_run");
-    assert!(out.contains(ls[0]["sha256"].as_str().unwrap_or("none")), "{out} vs {ls}");
+    assert!(
+        out.contains(ls[0]["sha256"].as_str().unwrap_or("none")),
+        "{out} vs {ls}"
+    );
 
     let err = weft_in(&c, 1, &["module", "--server", server, "--token", "nope", "rm", "fw"]).expect_err("bad token");
-    assert!(err.contains("weft: error: 401: missing or invalid bearer token"), "{err}");
+    assert!(
+        err.contains("weft: error: 401: missing or invalid bearer token"),
+        "{err}"
+    );
     let err = weft_in(&c, 1, &["status", "--server", "http://127.0.0.1:1"]).expect_err("nobody there");
     assert!(err.contains("cannot reach the agent at 127.0.0.1:1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

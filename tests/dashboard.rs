@@ -18,7 +18,10 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     let two = Browser::start(c.lab.nodes[1].ns.name(), 9516);
     for b in [&one, &two] {
         b.goto("http://127.0.0.1:8286/");
-        assert!(b.wait_for(RENDERED, Duration::from_secs(20)), "the dashboard never rendered");
+        assert!(
+            b.wait_for(RENDERED, Duration::from_secs(20)),
+            "the dashboard never rendered"
+        );
     }
 
     // Each lease sits in its own slot, in the colour of its state; other slots are free.
@@ -35,7 +38,10 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     let free = (0..256u64)
         .find(|i| (1..=3).all(|n| u64::from(c.subnet(n).network().octets()[2]) != *i) && *i > 0)
         .expect("a free slot");
-    assert_eq!(one.eval("return window.weftMap.colorAt(arguments[0])", json!([free])), colors["free"]);
+    assert_eq!(
+        one.eval("return window.weftMap.colorAt(arguments[0])", json!([free])),
+        colors["free"]
+    );
     assert_eq!(
         one.eval("return window.weftMap.colorAt(0)", json!([])),
         colors["reserved"],
@@ -51,8 +57,14 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     std::fs::write(&out, &png).expect("save the screenshot");
 
     // Upload a module through the page on node 1; node 2's page shows it after the event stream.
-    assert!(one.wait_for("return document.querySelector('#live').textContent === 'live'", Duration::from_secs(10)));
-    assert!(two.wait_for("return document.querySelector('#live').textContent === 'live'", Duration::from_secs(10)));
+    assert!(one.wait_for(
+        "return document.querySelector('#live').textContent === 'live'",
+        Duration::from_secs(10)
+    ));
+    assert!(two.wait_for(
+        "return document.querySelector('#live').textContent === 'live'",
+        Duration::from_secs(10)
+    ));
     one.type_into("#token", &token);
     one.type_into("#upload input[name=name]", "audit");
     one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
@@ -64,7 +76,10 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         "upload result: {}",
         one.eval("return document.querySelector('#upload-result').textContent", json!([]))
     );
-    assert!(two.wait_for(listed, Duration::from_secs(15)), "node 2's dashboard never showed the module");
+    assert!(
+        two.wait_for(listed, Duration::from_secs(15)),
+        "node 2's dashboard never showed the module"
+    );
     // And it really is stored for the cluster.
     let r = c.lab.http_get(3, "/api/v1/modules/audit").expect("api");
     assert_eq!(r.0, 200, "{}", r.1);

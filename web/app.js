@@ -129,6 +129,18 @@ function td(text, code) {
   return c;
 }
 
+function bytes(n) {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+
+function traffic(ip) {
+  const p = state.stats && state.stats.peers.find((x) => x.public_ip === ip);
+  return p ? `↑ ${bytes(p.tx_bytes)} ↓ ${bytes(p.rx_bytes)}` : "-";
+}
+
 function renderNodes() {
   const body = $("#nodes tbody");
   body.innerHTML = "";
@@ -136,6 +148,7 @@ function renderNodes() {
     const tr = document.createElement("tr");
     tr.append(td(n.lease.subnet + (n.lease.own ? " ★" : "")), td(n.public_ip, true), td(n.lease.backend_type),
       td(fmtSecs(n.lease.expires_in)), td(n.last_seen_secs == null ? "never" : fmtSecs(n.last_seen_secs) + " ago"),
+      td(traffic(n.public_ip)),
       td(n.modules.map((m) => `${m.name}:${m.state}`).join(", ") || "none"));
     body.appendChild(tr);
   }
@@ -240,6 +253,7 @@ function live() {
   es.addEventListener("stats", (e) => {
     state.stats = JSON.parse(e.data);
     renderStats();
+    renderNodes();
     if (++ticks % 3 === 0) loadDecisions().catch(() => {});
   });
   es.onerror = () => { pill.textContent = "reconnecting"; pill.className = "pill off"; };

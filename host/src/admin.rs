@@ -168,8 +168,43 @@ pub fn render(s: &AgentState) -> String {
         "Packets dropped, by reason.",
         &drops,
     );
+    render_peers(&mut o, s);
     render_modules(&mut o, s);
     o
+}
+
+/// Traffic with each peer node.
+fn render_peers(o: &mut String, s: &AgentState) {
+    type Pick = fn(&crate::backend::route::PeerCounters) -> u64;
+    let peers = s.backend.peer_stats();
+    let series: [(&str, &str, Pick); 4] = [
+        (
+            "weft_dataplane_peer_tx_packets_total",
+            "Packets sent to each peer node.",
+            |c| c.tx_packets.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_dataplane_peer_tx_bytes_total",
+            "Inner bytes sent to each peer node.",
+            |c| c.tx_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_dataplane_peer_rx_packets_total",
+            "Packets from each peer node delivered here.",
+            |c| c.rx_packets.load(Ordering::Relaxed),
+        ),
+        (
+            "weft_dataplane_peer_rx_bytes_total",
+            "Inner bytes from each peer node delivered here.",
+            |c| c.rx_bytes.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, pick) in series {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (ip, c) in &peers {
+            let _ = writeln!(o, "{name}{{peer=\"{ip}\"}} {}", pick(c));
+        }
+    }
 }
 
 /// The Wasm modules' series: the chain, each module's counters and its own counters.

@@ -330,7 +330,10 @@ fn print_leases(leases: &[weft::api::views::LeaseView], output: Output) -> Resul
     if let Output::Json = output {
         return print_json(&leases);
     }
-    println!("{:<20} {:<16} {:<8} {:>12} BACKEND DATA", "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN");
+    println!(
+        "{:<20} {:<16} {:<8} {:>12} BACKEND DATA",
+        "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN"
+    );
     for l in leases {
         println!(
             "{:<20} {:<16} {:<8} {:>11}s {}",
@@ -358,7 +361,13 @@ fn print_modules(views: &[serde_json::Value]) {
             .iter()
             .filter(same)
             .filter(|n| n["state"] != "loaded")
-            .map(|n| format!("{}: {}", n["name"].as_str().unwrap_or("?"), n["error"].as_str().unwrap_or("failed")))
+            .map(|n| {
+                format!(
+                    "{}: {}",
+                    n["name"].as_str().unwrap_or("?"),
+                    n["error"].as_str().unwrap_or("failed")
+                )
+            })
             .collect();
         let sha = m["sha256"].as_str().unwrap_or("");
         println!(
@@ -465,7 +474,11 @@ async fn module_via_api(c: &weft::client::Client, action: ModuleAction, output: 
             let code = read_wasm(&wasm)?;
             let cfg = config.read()?.unwrap_or_default();
             let order = order.to_string();
-            let field = |name, value| Field { name, filename: None, value };
+            let field = |name, value| Field {
+                name,
+                filename: None,
+                value,
+            };
             let (ct, body) = multipart(&[
                 field("name", name.as_bytes()),
                 Field {
@@ -475,7 +488,14 @@ async fn module_via_api(c: &weft::client::Client, action: ModuleAction, output: 
                 },
                 field("config", cfg.as_bytes()),
                 field("order", order.as_bytes()),
-                field("mode", if dry_run { b"dry_run".as_slice() } else { b"enforce".as_slice() }),
+                field(
+                    "mode",
+                    if dry_run {
+                        b"dry_run".as_slice()
+                    } else {
+                        b"enforce".as_slice()
+                    },
+                ),
                 field("failure", failure_name(failure).as_bytes()),
             ]);
             let v: V = c.call("POST", "/modules", Some(&ct), &body).await?;
@@ -538,13 +558,26 @@ async fn status_command(a: StatusArgs) -> Result<()> {
     if let Output::Json = a.server.output {
         return print_json(&serde_json::json!({"nodes": nodes, "modules": modules, "stats": stats}));
     }
-    println!("{:<20} {:<16} {:<8} {:>12} {:>10} MODULES", "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN", "SEEN");
+    println!(
+        "{:<20} {:<16} {:<8} {:>12} {:>10} MODULES",
+        "SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES IN", "SEEN"
+    );
     for n in &nodes {
         let l = &n["lease"];
         let own = if l["own"] == true { " *" } else { "" };
         let mods: Vec<String> = n["modules"]
             .as_array()
-            .map(|a| a.iter().map(|m| format!("{}:{}", m["name"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        format!(
+                            "{}:{}",
+                            m["name"].as_str().unwrap_or(""),
+                            m["state"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         println!(
             "{:<20} {:<16} {:<8} {:>11}s {:>10} {}",
@@ -552,19 +585,34 @@ async fn status_command(a: StatusArgs) -> Result<()> {
             n["public_ip"].as_str().unwrap_or(""),
             l["backend_type"].as_str().unwrap_or(""),
             l["expires_in"],
-            n["last_seen_secs"].as_u64().map_or("never".to_string(), |s| format!("{s}s ago")),
-            if mods.is_empty() { "-".to_string() } else { mods.join(", ") }
+            n["last_seen_secs"]
+                .as_u64()
+                .map_or("never".to_string(), |s| format!("{s}s ago")),
+            if mods.is_empty() {
+                "-".to_string()
+            } else {
+                mods.join(", ")
+            }
         );
     }
     println!();
     print_modules(&modules);
     println!(
         "\nthis node: tx {} packets / {} bytes, rx {} packets / {} bytes, {} routes, flow cache {} hits / {} misses",
-        stats["tx_packets"], stats["tx_bytes"], stats["rx_packets"], stats["rx_bytes"],
-        stats["routes"].as_array().map_or(0, Vec::len), stats["flow_cache_hits"], stats["flow_cache_misses"]
+        stats["tx_packets"],
+        stats["tx_bytes"],
+        stats["rx_packets"],
+        stats["rx_bytes"],
+        stats["routes"].as_array().map_or(0, Vec::len),
+        stats["flow_cache_hits"],
+        stats["flow_cache_misses"]
     );
     if let Some(drops) = stats["drops"].as_object() {
-        let nonzero: Vec<String> = drops.iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| format!("{k} {v}")).collect();
+        let nonzero: Vec<String> = drops
+            .iter()
+            .filter(|(_, v)| v.as_u64() != Some(0))
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         if !nonzero.is_empty() {
             println!("drops: {}", nonzero.join(", "));
         }

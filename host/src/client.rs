@@ -60,7 +60,9 @@ pub fn dechunk(mut s: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
         let size = String::from_utf8_lossy(&s[..eol]);
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         let rest = &s[eol + 2..];
         if n == 0 || rest.len() < n {
             break;
@@ -86,7 +88,9 @@ pub fn multipart(fields: &[Field<'_>]) -> (String, Vec<u8>) {
     let boundary = format!("weft{:016x}", rand::random::<u64>());
     let mut body = Vec::new();
     for f in fields {
-        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", f.name).as_bytes());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", f.name).as_bytes(),
+        );
         if let Some(n) = f.filename {
             body.extend_from_slice(format!("; filename=\"{n}\"\r\nContent-Type: application/octet-stream").as_bytes());
         }
@@ -120,7 +124,13 @@ impl Client {
     }
 
     /// Sends one request under `/api/v1`.
-    pub async fn request(&self, method: &str, path: &str, ctype: Option<&str>, body: &[u8]) -> Result<Response, ClientError> {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        ctype: Option<&str>,
+        body: &[u8],
+    ) -> Result<Response, ClientError> {
         let io = |source| ClientError::Io {
             addr: self.addr.clone(),
             source,
@@ -188,14 +198,19 @@ mod tests {
     fn responses_parse_plain_and_chunked() {
         let r = parse_response(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (201, b"{}".as_slice()));
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let r =
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                .unwrap();
         assert_eq!(r.body, b"abcde");
         assert!(parse_response(b"garbage").is_none());
     }
 
     #[test]
     fn servers_parse_and_https_is_refused() {
-        assert_eq!(Client::new("http://127.0.0.1:9000/", None).unwrap().addr, "127.0.0.1:9000");
+        assert_eq!(
+            Client::new("http://127.0.0.1:9000/", None).unwrap().addr,
+            "127.0.0.1:9000"
+        );
         assert_eq!(Client::new("localhost", None).unwrap().addr, "localhost:8286");
         assert!(Client::new("https://x:1", None).is_err());
         assert!(Client::new("http://x:1/api", None).is_err());
@@ -204,8 +219,16 @@ mod tests {
     #[test]
     fn multipart_bodies_carry_every_field() {
         let (ct, body) = multipart(&[
-            Field { name: "name", filename: None, value: b"fw" },
-            Field { name: "wasm", filename: Some("fw.wasm"), value: b"\0asm" },
+            Field {
+                name: "name",
+                filename: None,
+                value: b"fw",
+            },
+            Field {
+                name: "wasm",
+                filename: Some("fw.wasm"),
+                value: b"\0asm",
+            },
         ]);
         let b = ct.strip_prefix("multipart/form-data; boundary=").unwrap();
         let text = String::from_utf8_lossy(&body);

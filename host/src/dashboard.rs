@@ -29,6 +29,12 @@ fn page(ctype: &'static str, body: &'static str) -> impl IntoResponse {
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { page("text/html; charset=utf-8", INDEX) }))
-        .route("/ui/app.js", get(|| async { page("text/javascript; charset=utf-8", APP) }))
-        .route("/ui/style.css", get(|| async { page("text/css; charset=utf-8", STYLE) }))
+        .route(
+            "/ui/app.js",
+            get(|| async { page("text/javascript; charset=utf-8", APP) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { page("text/css; charset=utf-8", STYLE) }),
+        )
 }

@@ -18,7 +18,10 @@ const LEASES: u32 = 5000;
 const NET: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
 
 fn fill(path: &std::path::Path) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let store = EmbeddedStore::open(path).expect("store");
         store.init_network_config(NET).await.expect("config");
@@ -27,7 +30,11 @@ fn fill(path: &std::path::Path) {
             let ip = Ipv4Addr::new(198, 19, (i / 256) as u8, (i % 256) as u8);
             let attrs = LeaseAttrs::new(ip, "udp", serde_json::Value::Null);
             let ttl = Duration::from_secs(3600 + u64::from(i) * 7);
-            store.create_lease(subnet, &attrs, ttl).await.expect("lease").expect("free");
+            store
+                .create_lease(subnet, &attrs, ttl)
+                .await
+                .expect("lease")
+                .expect("free");
         }
     });
 }
@@ -35,7 +42,17 @@ fn fill(path: &std::path::Path) {
 /// (requests/s, p50 ms, p99 ms) from wrk's `--latency` report.
 fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "wrk", "-t2", "-c16", &format!("-d{secs}s"), "--latency", url])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "wrk",
+            "-t2",
+            "-c16",
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -75,7 +92,13 @@ fn main() {
     let list = json!(c.lab.http_get(1, "/api/v1/leases").expect("list").1.len());
     println!("lease list: {list} bytes of JSON");
 
-    println!("\n{:<34} {:>10} {:>9} {:>9}", format!("wrk -t2 -c16 -d{secs}s"), "req/s", "p50 ms", "p99 ms");
+    println!(
+        "\n{:<34} {:>10} {:>9} {:>9}",
+        format!("wrk -t2 -c16 -d{secs}s"),
+        "req/s",
+        "p50 ms",
+        "p99 ms"
+    );
     for (label, path) in [
         ("GET /api/v1/leases (5,001 leases)", "/api/v1/leases"),
         ("GET /api/v1/leases/10.0.77.0-24", "/api/v1/leases/10.0.77.0-24"),

@@ -63,7 +63,8 @@ fn request(ns: &str, port: u16, method: &str, path: &str, body: Option<&Value>) 
     } else {
         body.to_string()
     };
-    let v: Value = serde_json::from_str(&body).map_err(|e| format!("webdriver reply is not JSON ({e}): {body:.300}"))?;
+    let v: Value =
+        serde_json::from_str(&body).map_err(|e| format!("webdriver reply is not JSON ({e}): {body:.300}"))?;
     if let Some(err) = v["value"]["error"].as_str() {
         return Err(format!("webdriver {method} {path}: {err}: {}", v["value"]["message"]));
     }
@@ -134,7 +135,11 @@ impl Browser {
 
     /// Runs `script` (a function body; `arguments` available) and returns its value.
     pub fn eval(&self, script: &str, args: Value) -> Value {
-        self.call("POST", "/execute/sync", Some(&json!({ "script": script, "args": args })))
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(&json!({ "script": script, "args": args })),
+        )
     }
 
     /// Polls `script` until it returns true.
@@ -151,7 +156,11 @@ impl Browser {
 
     /// The element matching a CSS selector.
     pub fn find(&self, css: &str) -> String {
-        let v = self.call("POST", "/element", Some(&json!({ "using": "css selector", "value": css })));
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(&json!({ "using": "css selector", "value": css })),
+        );
         v.as_object()
             .and_then(|o| o.values().next())
             .and_then(Value::as_str)
@@ -184,7 +193,13 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = request(&self.ns, self.port, "DELETE", &format!("/session/{}", self.session), None);
+        let _ = request(
+            &self.ns,
+            self.port,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::Json;
 
 use super::error::ApiError;
-use super::views::{ConfigView, LeaseView, ModuleStatusView, NodeView, StatsView};
+use super::views::{ConfigView, LeaseView, ModuleStatusView, NodeView, PeerView, StatsView};
 use super::ApiState;
 use crate::lease::DocKind;
 use crate::stats::DropReason;
@@ -96,6 +96,17 @@ pub fn stats_view(s: &ApiState) -> StatsView {
             .map(|(n, ip)| (n.to_string(), ip.to_string()))
             .collect(),
         failure: st.failure().map(str::to_string),
+        peers: b
+            .peer_stats()
+            .into_iter()
+            .map(|(ip, c)| PeerView {
+                public_ip: ip.to_string(),
+                tx_packets: c.tx_packets.load(Relaxed),
+                tx_bytes: c.tx_bytes.load(Relaxed),
+                rx_packets: c.rx_packets.load(Relaxed),
+                rx_bytes: c.rx_bytes.load(Relaxed),
+            })
+            .collect(),
     }
 }
 

@@ -63,26 +63,24 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
             st.generation = st.s.agent.modules.chain().generation;
             return Some((Ok(sse("hello", &serde_json::json!({"generation": st.generation}))), st));
         }
-        loop {
-            tokio::select! {
-                ev = st.rx.recv() => match ev {
-                    Ok(ev) => return Some((Ok(sse("lease", &ev)), st)),
-                    // A slow reader lost events: tell it to re-read everything.
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        return Some((Ok(sse("resync", &serde_json::json!({"lost": n}))), st));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-                _ = st.tick.tick() => {
-                    let g = st.s.agent.modules.chain().generation;
-                    if g != st.generation {
-                        st.generation = g;
-                        return Some((Ok(sse("modules", &serde_json::json!({"generation": g}))), st));
-                    }
-                    return Some((Ok(sse("stats", &stats_view(&st.s))), st));
+        let event = tokio::select! {
+            ev = st.rx.recv() => match ev {
+                Ok(ev) => sse("lease", &ev),
+                // A slow reader lost events: tell it to re-read everything.
+                Err(broadcast::error::RecvError::Lagged(n)) => sse("resync", &serde_json::json!({"lost": n})),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+            _ = st.tick.tick() => {
+                let g = st.s.agent.modules.chain().generation;
+                if g != st.generation {
+                    st.generation = g;
+                    sse("modules", &serde_json::json!({"generation": g}))
+                } else {
+                    sse("stats", &stats_view(&st.s))
                 }
             }
-        }
+        };
+        Some((Ok(event), st))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -19,6 +19,8 @@ use crate::subnet::parse_subnet_key;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LeaseFilter {
+    /// Only the node with this PublicIP or subnet (`10.244.3.0-24`): nodes are known by either.
+    pub node: Option<String>,
     /// Only the lease of the node with this underlay address.
     #[param(value_type = Option<String>, format = "ipv4")]
     pub public_ip: Option<std::net::Ipv4Addr>,
@@ -54,9 +56,17 @@ pub async fn list(
             .await?
             .iter()
             .filter(|l| f.public_ip.is_none_or(|ip| ip == l.attrs.public_ip))
+            .filter(|l| {
+                f.node.as_deref().is_none_or(|n| {
+                    n == l.attrs.public_ip.to_string() || parse_subnet_key(n).is_some_and(|s| s == l.subnet)
+                })
+            })
             .filter(|l| f.backend.as_ref().is_none_or(|b| *b == l.attrs.backend_type))
             .map(|l| LeaseView::of(l, Some(l.subnet) == own))
-            .filter(|l| f.expiring_within.is_none_or(|w| l.expires_in <= i64::try_from(w).unwrap_or(i64::MAX)))
+            .filter(|l| {
+                f.expiring_within
+                    .is_none_or(|w| l.expires_in <= i64::try_from(w).unwrap_or(i64::MAX))
+            })
             .collect(),
     ))
 }

@@ -75,7 +75,9 @@ fn failure(v: &str) -> Result<FailurePolicy, ApiError> {
     match v {
         "closed" => Ok(FailurePolicy::Closed),
         "open" => Ok(FailurePolicy::Open),
-        other => Err(ApiError::BadRequest(format!("failure must be closed or open, not {other:?}"))),
+        other => Err(ApiError::BadRequest(format!(
+            "failure must be closed or open, not {other:?}"
+        ))),
     }
 }
 
@@ -83,7 +85,9 @@ fn dry_run(mode: &str) -> Result<bool, ApiError> {
     match mode {
         "enforce" => Ok(false),
         "dry_run" => Ok(true),
-        other => Err(ApiError::BadRequest(format!("mode must be enforce or dry_run, not {other:?}"))),
+        other => Err(ApiError::BadRequest(format!(
+            "mode must be enforce or dry_run, not {other:?}"
+        ))),
     }
 }
 
@@ -112,7 +116,8 @@ pub async fn upload(
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let key = field.name().unwrap_or_default().to_string();
         let bytes = field.bytes().await.map_err(multipart_error)?;
-        let text = || String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::BadRequest(format!("{key} is not UTF-8")));
+        let text =
+            || String::from_utf8(bytes.to_vec()).map_err(|_| ApiError::BadRequest(format!("{key} is not UTF-8")));
         match key.as_str() {
             "name" => name = Some(text()?),
             "wasm" => wasm = Some(bytes.to_vec()),
@@ -202,7 +207,7 @@ pub async fn decisions(
         .filter(|(n, _)| f.module.as_ref().is_none_or(|m| m == n))
         .flat_map(|(_, st)| st.traced())
         .collect();
-    all.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+    all.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
     all.truncate(f.limit.unwrap_or(100));
     Ok(Json(all))
 }

@@ -11,7 +11,9 @@ use crate::wasm::spec::{ModuleSpec, ModuleStatus, NodeStatus};
 use crate::wasm::stats::{ModuleStats, VerdictKind};
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Seconds from now until `t` (negative once past).
@@ -225,6 +227,21 @@ pub struct ModulePatch {
     pub wasm_base64: Option<String>,
 }
 
+/// Traffic with one peer node, from the answering node.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PeerView {
+    /// The peer's underlay address.
+    pub public_ip: String,
+    /// Packets sent to it.
+    pub tx_packets: u64,
+    /// Inner bytes sent to it.
+    pub tx_bytes: u64,
+    /// Packets from it delivered here.
+    pub rx_packets: u64,
+    /// Inner bytes from it delivered here.
+    pub rx_bytes: u64,
+}
+
 /// The data path's counters on the answering node.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StatsView {
@@ -246,6 +263,8 @@ pub struct StatsView {
     pub flow_cache_misses: u64,
     /// Remote subnets routed, as (subnet, PublicIP).
     pub routes: Vec<(String, String)>,
+    /// Traffic with each peer node.
+    pub peers: Vec<PeerView>,
     /// Why the data path stopped, if it did.
     pub failure: Option<String>,
 }

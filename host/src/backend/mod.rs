@@ -71,6 +71,11 @@ pub trait Backend: Send + Sync {
 
     /// The data path's counters.
     fn stats(&self) -> Arc<DataplaneStats>;
+
+    /// Traffic per peer node, as (PublicIP, counters), for backends that count it.
+    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<route::PeerCounters>)> {
+        Vec::new()
+    }
 }
 
 /// Creates the backend the network config asks for; `modules` is the Wasm decision chain the

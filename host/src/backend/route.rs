@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
@@ -18,6 +20,20 @@ pub enum SourceCheck {
     Spoofed,
 }
 
+/// Traffic with one peer node. Shared by the route tables that come and go as leases change,
+/// so counts survive a table swap.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Packets sent to the peer.
+    pub tx_packets: AtomicU64,
+    /// Inner bytes sent to the peer.
+    pub tx_bytes: AtomicU64,
+    /// Packets from the peer delivered here.
+    pub rx_packets: AtomicU64,
+    /// Inner bytes from the peer delivered here.
+    pub rx_bytes: AtomicU64,
+}
+
 /// Remote subnets and their owners. Every subnet of one Network has the same length, so a
 /// lookup is a mask and a hash probe.
 #[derive(Debug, Clone)]
@@ -27,6 +43,7 @@ pub struct RouteTable {
     own: Option<Ipv4Net>,
     by_subnet: HashMap<u32, Ipv4Addr>,
     by_peer: HashMap<Ipv4Addr, Vec<Ipv4Net>>,
+    counters: HashMap<Ipv4Addr, Arc<PeerCounters>>,
 }
 
 impl RouteTable {
@@ -42,6 +59,7 @@ impl RouteTable {
             own,
             by_subnet: HashMap::new(),
             by_peer: HashMap::new(),
+            counters: HashMap::new(),
         }
     }
 
@@ -111,6 +129,22 @@ impl RouteTable {
     /// True when no remote subnet is routed.
     pub fn is_empty(&self) -> bool {
         self.by_subnet.is_empty()
+    }
+
+    /// Attaches each peer's counters from `registry` (creating missing ones) and drops the
+    /// registry's entries for peers that are gone.
+    pub fn attach_counters(&mut self, registry: &mut HashMap<Ipv4Addr, Arc<PeerCounters>>) {
+        registry.retain(|ip, _| self.by_peer.contains_key(ip));
+        for ip in self.by_peer.keys() {
+            let c = registry.entry(*ip).or_default().clone();
+            self.counters.insert(*ip, c);
+        }
+    }
+
+    /// The counters of a peer, if it is routed.
+    #[inline]
+    pub fn counters(&self, peer: Ipv4Addr) -> Option<&PeerCounters> {
+        self.counters.get(&peer).map(|c| &**c)
     }
 
     /// Every route, as (subnet, PublicIP), sorted by subnet.

@@ -438,7 +438,11 @@ impl WorkerChain {
                     }
                     Err(e) => {
                         let drops = failure_drops(lm, &e, &mut ttl);
-                        let policy = if drops { "dropped (fail-closed)" } else { "skipped (fail-open or dry run)" };
+                        let policy = if drops {
+                            "dropped (fail-closed)"
+                        } else {
+                            "skipped (fail-open or dry run)"
+                        };
                         trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
                         if drops {
                             return (Verdict::DROP, ttl, trail);
@@ -453,7 +457,11 @@ impl WorkerChain {
                         if w.action == abi::route::VIA {
                             lm.stats.verdict(VerdictKind::Via);
                             let via = Ipv4Addr::from(w.addr);
-                            trail.push((lm.clone(), VerdictKind::Via, format!("steer via {via}{}", if lm.dry_run { " (dry run)" } else { "" })));
+                            trail.push((
+                                lm.clone(),
+                                VerdictKind::Via,
+                                format!("steer via {via}{}", if lm.dry_run { " (dry run)" } else { "" }),
+                            ));
                             if lm.dry_run {
                                 continue;
                             }
@@ -469,7 +477,11 @@ impl WorkerChain {
                     }
                     Err(e) => {
                         let drops = failure_drops(lm, &e, &mut ttl);
-                        let policy = if drops { "dropped (fail-closed)" } else { "skipped (fail-open or dry run)" };
+                        let policy = if drops {
+                            "dropped (fail-closed)"
+                        } else {
+                            "skipped (fail-open or dry run)"
+                        };
                         trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
                         if drops {
                             return (Verdict::DROP, ttl, trail);

@@ -148,9 +148,19 @@ pub async fn follow(
 ) {
     let mut seen: Option<Vec<(String, i64)>> = None;
     let mut failing = false;
+    let mut reported = std::time::Instant::now();
     loop {
+        // The report doubles as the node's heartbeat (`last_seen` in the API): repeat it even
+        // when nothing changed.
+        if reported.elapsed() >= HEARTBEAT {
+            seen = None;
+        }
         match sync_once(&*store, &pipeline, node, &mut seen).await {
-            Ok(()) => failing = false,
+            Ok(true) => {
+                failing = false;
+                reported = std::time::Instant::now();
+            }
+            Ok(false) => failing = false,
             Err(e) => {
                 if !failing {
                     tracing::warn!(error = %e, "cannot read modules from the store; the current chain keeps running");
@@ -168,7 +178,7 @@ async fn sync_once(
     pipeline: &Arc<Pipeline>,
     node: Ipv4Addr,
     seen: &mut Option<Vec<(String, i64)>>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let heads: Vec<(String, i64)> = store
         .list_docs(DocKind::Module, false)
         .await?
@@ -176,7 +186,7 @@ async fn sync_once(
         .map(|d| (d.name, d.revision))
         .collect();
     if seen.as_ref() == Some(&heads) {
-        return Ok(());
+        return Ok(false);
     }
     let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
     let p = pipeline.clone();
@@ -200,5 +210,8 @@ async fn sync_once(
         )
         .await?;
     *seen = Some(heads);
-    Ok(())
+    Ok(true)
 }
+
+/// How often a node re-reports (and so shows it is alive) when nothing changed.
+const HEARTBEAT: Duration = Duration::from_secs(30);

@@ -244,7 +244,10 @@ impl ModuleStats {
 
     /// The trace, oldest first.
     pub fn traced(&self) -> Vec<TraceEntry> {
-        self.trace.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+        self.trace
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether the module is benched at `now_ms`.

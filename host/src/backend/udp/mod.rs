@@ -57,6 +57,7 @@ pub struct UdpBackend {
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
+    peers: std::sync::Mutex<std::collections::HashMap<Ipv4Addr, Arc<super::route::PeerCounters>>>,
 }
 
 impl UdpBackend {
@@ -98,6 +99,7 @@ impl UdpBackend {
             ))),
             stats: Arc::new(DataplaneStats::default()),
             modules,
+            peers: Default::default(),
         })
     }
 }
@@ -185,7 +187,10 @@ impl Backend for UdpBackend {
     }
 
     fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
+        let mut t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
+        if let Ok(mut peers) = self.peers.lock() {
+            t.attach_counters(&mut peers);
+        }
         self.routes.store(Arc::new(t));
     }
 
@@ -195,6 +200,16 @@ impl Backend for UdpBackend {
 
     fn stats(&self) -> Arc<DataplaneStats> {
         self.stats.clone()
+    }
+
+    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<super::route::PeerCounters>)> {
+        let mut v: Vec<_> = self
+            .peers
+            .lock()
+            .map(|p| p.iter().map(|(ip, c)| (*ip, c.clone())).collect())
+            .unwrap_or_default();
+        v.sort_by_key(|(ip, _)| *ip);
+        v
     }
 }
 
@@ -282,6 +297,12 @@ impl Worker {
         if let Some((peer, segment, count, bytes)) = batch.parts() {
             match self.socket.send_run(peer, segment, count, bytes) {
                 Ok(()) => {
+                    if let Some(c) = self.routes.load().counters(peer) {
+                        c.tx_packets
+                            .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+                        c.tx_bytes
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.stats
                         .tx_packets
                         .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
@@ -373,6 +394,7 @@ impl Worker {
             let now = chain.now_ms();
             let relay = chain.relaying();
             let mut k = 0;
+            let (mut delivered, mut delivered_bytes) = (0u64, 0u64);
             for dgram in read[..n].chunks_mut(segment.max(1)) {
                 match codec::inbound(&routes, *from.ip(), dgram, relay) {
                     Inbound::Deliver { len } => {
@@ -390,12 +412,19 @@ impl Worker {
                         b.extend_from_slice(&dgram[..len]);
                         k += 1;
                         self.stats.received(len);
+                        delivered += 1;
+                        delivered_bytes += len as u64;
                     }
                     Inbound::Drop(reason) => self.stats.dropped(reason),
                 }
             }
             if k > 0 {
                 self.write(&mut gro, &mut out[..k]);
+            }
+            if let Some(c) = routes.counters(*from.ip()).filter(|_| delivered > 0) {
+                c.rx_packets.fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+                c.rx_bytes
+                    .fetch_add(delivered_bytes, std::sync::atomic::Ordering::Relaxed);
             }
             chain.flush_stats();
         }
