@@ -391,7 +391,6 @@ impl WorkerChain {
     }
 
     /// Asks every module in order; returns the verdict, its lifetime, and what each module said.
-    #[allow(clippy::type_complexity)]
     fn decide_all(
         &mut self,
         m: &FlowMeta,
@@ -399,7 +398,7 @@ impl WorkerChain {
         established: bool,
         pkt: &[u8],
         now_ms: u64,
-    ) -> (Verdict, Ttl, Vec<(Arc<LoadedModule>, VerdictKind, String)>) {
+    ) -> (Verdict, Ttl, Vec<Trail>) {
         let mut trail = Vec::new();
         let leases = self.pipeline.leases.load();
         let local = Local { node: self.chain.local };
@@ -437,14 +436,7 @@ impl WorkerChain {
                         }
                     }
                     Err(e) => {
-                        let drops = failure_drops(lm, &e, &mut ttl);
-                        let policy = if drops {
-                            "dropped (fail-closed)"
-                        } else {
-                            "skipped (fail-open or dry run)"
-                        };
-                        trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
-                        if drops {
+                        if failure_drops(lm, &e, &mut ttl, &mut trail) {
                             return (Verdict::DROP, ttl, trail);
                         }
                     }
@@ -476,14 +468,7 @@ impl WorkerChain {
                         }
                     }
                     Err(e) => {
-                        let drops = failure_drops(lm, &e, &mut ttl);
-                        let policy = if drops {
-                            "dropped (fail-closed)"
-                        } else {
-                            "skipped (fail-open or dry run)"
-                        };
-                        trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
-                        if drops {
+                        if failure_drops(lm, &e, &mut ttl, &mut trail) {
                             return (Verdict::DROP, ttl, trail);
                         }
                     }
@@ -550,14 +535,24 @@ impl WorkerChain {
     }
 }
 
-/// Counts a failed call and applies `lm`'s failure policy: true when the flow is to be dropped.
-/// The verdict stands for at most [`FAILURE_TTL_MS`].
-fn failure_drops(lm: &LoadedModule, e: &CallError, ttl: &mut Ttl) -> bool {
+/// Counts a failed call, applies `lm`'s failure policy and notes it in `trail`: true when the
+/// flow is to be dropped. The verdict stands for at most [`FAILURE_TTL_MS`].
+fn failure_drops(lm: &Arc<LoadedModule>, e: &CallError, ttl: &mut Ttl, trail: &mut Vec<Trail>) -> bool {
     lm.stats.verdict(VerdictKind::Failure);
     *ttl = (*ttl).min(FAILURE_TTL_MS);
     tracing::debug!(module = %lm.name, error = %e, "call failed; the failure policy decides");
-    lm.failure == FailurePolicy::Closed && !lm.dry_run
+    let drops = lm.failure == FailurePolicy::Closed && !lm.dry_run;
+    let policy = if drops {
+        "dropped (fail-closed)"
+    } else {
+        "skipped (fail-open or dry run)"
+    };
+    trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
+    drops
 }
+
+/// What one module said about a flow, for the decision trace.
+type Trail = (Arc<LoadedModule>, VerdictKind, String);
 
 /// Milliseconds since the process first asked: the clock of caches and quarantines.
 pub fn clock_ms() -> u64 {
