@@ -45,16 +45,18 @@ attach_pod() {
   ip -n "$pod" route add default via "$s.1"
 }
 
-# setup_weft <tag>: a two-node Weft udp cluster with its own embedded store ($TMP/<tag>.db);
+# setup_weft <tag> [backend]: a two-node Weft cluster (backend udp unless given) with its own
+# embedded store ($TMP/<tag>.db);
 # sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
 declare -A POD2 MTU
 setup_weft() {
   local t=$1
   node_pair "$t"
-  echo '{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}' > "$TMP/net.json"
+  local backend=${2:-udp}
+  echo "{\"Network\":\"10.244.0.0/16\",\"Backend\":{\"Type\":\"$backend\"}}" > "$TMP/$t-net.json"
   for i in 1 2; do
     ip netns exec "$P-$t-n$i" "$WEFT" agent --iface eth0 --store "$TMP/$t.db" \
-      --net-config "$TMP/net.json" --subnet-file "$TMP/$t-n$i.env" >"$TMP/$t-agent$i.log" 2>&1 &
+      --net-config "$TMP/$t-net.json" --subnet-file "$TMP/$t-n$i.env" >"$TMP/$t-agent$i.log" 2>&1 &
     PIDS+=($!)
   done
   for i in 1 2; do

@@ -1,6 +1,7 @@
 //! Backends: how packets for remote subnets reach the nodes that lease them. Each backend
 //! registers by the name used in the network config's `Backend.Type`.
 
+pub mod hostgw;
 pub mod route;
 pub mod udp;
 
@@ -29,7 +30,7 @@ pub struct NodeEnv {
 /// Errors from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("backend {0:?} is not available in this build of weft (available: udp)")]
+    #[error("backend {0:?} is not available in this build of weft (available: udp, host-gw)")]
     Unknown(String),
     #[error("invalid backend config: {0}")]
     Config(String),
@@ -87,6 +88,7 @@ pub fn create(
 ) -> Result<Arc<dyn Backend>, BackendError> {
     match config.backend.kind.as_str() {
         "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node, modules)?)),
+        "host-gw" => Ok(Arc::new(hostgw::HostGwBackend::new(config, node)?)),
         other => Err(BackendError::Unknown(other.to_string())),
     }
 }
