@@ -58,15 +58,23 @@ async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&s))
 }
 
+/// Writes one metric family: its HELP and TYPE lines, then each (labels, value) sample.
+fn family<V: std::fmt::Display>(
+    o: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(o, "{name}{labels} {v}");
+    }
+}
+
 /// The Prometheus text exposition of the agent's state.
 pub fn render(s: &AgentState) -> String {
     let mut o = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "{name}{labels} {v}");
-        }
-    };
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let st = s.backend.stats();
     let routes = s.backend.routes().len() as u64;
@@ -147,7 +155,7 @@ pub fn render(s: &AgentState) -> String {
         ),
     ];
     for (name, kind, help, v) in plain {
-        metric(name, kind, help, &[(String::new(), v)]);
+        family(&mut o, name, kind, help, [(String::new(), v)]);
     }
     if let Some(own) = s.own_lease() {
         let labels = format!(
@@ -156,17 +164,16 @@ pub fn render(s: &AgentState) -> String {
             own.attrs.public_ip,
             s.backend.kind()
         );
-        metric("weft_node_info", "gauge", "This node's lease.", &[(labels, 1)]);
+        family(&mut o, "weft_node_info", "gauge", "This node's lease.", [(labels, 1)]);
     }
-    let drops: Vec<(String, u64)> = DropReason::ALL
-        .iter()
-        .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r)))
-        .collect();
-    metric(
+    family(
+        &mut o,
         "weft_dataplane_dropped_packets_total",
         "counter",
         "Packets dropped, by reason.",
-        &drops,
+        DropReason::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r))),
     );
     render_peers(&mut o, s);
     render_modules(&mut o, s);
@@ -200,10 +207,8 @@ fn render_peers(o: &mut String, s: &AgentState) {
         ),
     ];
     for (name, help, pick) in series {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (ip, c) in &peers {
-            let _ = writeln!(o, "{name}{{peer=\"{ip}\"}} {}", pick(c));
-        }
+        let samples = peers.iter().map(|(ip, c)| (format!("{{peer=\"{ip}\"}}"), pick(c)));
+        family(o, name, "counter", help, samples);
     }
 }
 
@@ -212,9 +217,6 @@ fn render_modules(o: &mut String, s: &AgentState) {
     use crate::wasm::stats::VerdictKind;
     let p = &s.modules;
     let chain = p.chain();
-    let header = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     for (name, help, v) in [
         (
@@ -233,38 +235,30 @@ fn render_modules(o: &mut String, s: &AgentState) {
             load(&p.bad_via),
         ),
     ] {
-        header(o, name, "counter", help);
-        let _ = writeln!(o, "{name} {v}");
+        family(o, name, "counter", help, [(String::new(), v)]);
     }
-    header(
+    family(
         o,
         "weft_module_chain_generation",
         "gauge",
         "Generation of the module chain (bumps on every change).",
+        [(String::new(), chain.generation)],
     );
-    let _ = writeln!(o, "weft_module_chain_generation {}", chain.generation);
-    header(
+    family(
         o,
         "weft_module_info",
         "gauge",
         "Modules in the chain: 1 when loaded, 0 when they failed to load.",
+        chain.modules.iter().enumerate().map(|(i, m)| {
+            (
+                format!(
+                    "{{module=\"{}\",sha256=\"{}\",order=\"{i}\",failure=\"{:?}\",dry_run=\"{}\"}}",
+                    m.name, m.sha256, m.failure, m.dry_run
+                ),
+                u8::from(m.compiled.is_ok()),
+            )
+        }),
     );
-    for m in &chain.modules {
-        let _ = writeln!(
-            o,
-            "weft_module_info{{module=\"{}\",sha256=\"{}\",order=\"{}\",failure=\"{:?}\",dry_run=\"{}\"}} {}",
-            m.name,
-            m.sha256,
-            chain
-                .modules
-                .iter()
-                .position(|x| std::sync::Arc::ptr_eq(x, m))
-                .unwrap_or(0),
-            m.failure,
-            m.dry_run,
-            u8::from(m.compiled.is_ok())
-        );
-    }
     let stats = p.module_stats();
     let now_ms = crate::wasm::chain::clock_ms();
     type Pick = fn(&crate::wasm::stats::ModuleStats, u64) -> u64;
@@ -328,36 +322,34 @@ fn render_modules(o: &mut String, s: &AgentState) {
         ),
     ];
     for (name, kind, help, pick) in per_module {
-        header(o, name, kind, help);
-        for (module, m) in &stats {
-            let _ = writeln!(o, "{name}{{module=\"{module}\"}} {}", pick(m, now_ms));
-        }
+        let samples = stats
+            .iter()
+            .map(|(module, m)| (format!("{{module=\"{module}\"}}"), pick(m, now_ms)));
+        family(o, name, kind, help, samples);
     }
-    header(
+    family(
         o,
         "weft_module_verdicts_total",
         "counter",
         "Verdicts by kind (failure: the failure policy decided).",
+        stats.iter().flat_map(|(module, m)| {
+            VerdictKind::ALL.map(|k| {
+                (
+                    format!("{{module=\"{module}\",verdict=\"{}\"}}", k.label()),
+                    m.verdicts(k),
+                )
+            })
+        }),
     );
-    for (module, m) in &stats {
-        for k in VerdictKind::ALL {
-            let _ = writeln!(
-                o,
-                "weft_module_verdicts_total{{module=\"{module}\",verdict=\"{}\"}} {}",
-                k.label(),
-                m.verdicts(k)
-            );
-        }
-    }
-    header(
+    family(
         o,
         "weft_module_counter",
         "gauge",
         "Counters the modules define, by name.",
+        stats.iter().flat_map(|(module, m)| {
+            m.counters()
+                .into_iter()
+                .map(move |(name, v)| (format!("{{module=\"{module}\",name=\"{name}\"}}"), v))
+        }),
     );
-    for (module, m) in &stats {
-        for (name, v) in m.counters() {
-            let _ = writeln!(o, "weft_module_counter{{module=\"{module}\",name=\"{name}\"}} {v}");
-        }
-    }
 }

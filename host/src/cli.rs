@@ -388,53 +388,78 @@ fn print_modules(views: &[serde_json::Value]) {
     }
 }
 
+/// A module command with its files read: what both the store path and the API path carry out.
+enum ModuleOp {
+    Add(weft::wasm::ModuleSpec),
+    Set(String, weft::wasm::registry::Changes),
+    Rm(String),
+    Ls,
+}
+
+impl ModuleOp {
+    fn read(action: ModuleAction) -> Result<ModuleOp> {
+        Ok(match action {
+            ModuleAction::Add {
+                name,
+                wasm,
+                config,
+                order,
+                failure,
+                dry_run,
+            } => {
+                let mut spec =
+                    weft::wasm::ModuleSpec::new(&name, &read_wasm(&wasm)?, config.read()?.unwrap_or_default());
+                spec.order = order;
+                spec.failure = failure.into();
+                spec.dry_run = dry_run;
+                ModuleOp::Add(spec)
+            }
+            ModuleAction::Set {
+                name,
+                wasm,
+                config,
+                order,
+                failure,
+                dry_run,
+            } => ModuleOp::Set(
+                name,
+                weft::wasm::registry::Changes {
+                    wasm: wasm.as_ref().map(read_wasm).transpose()?,
+                    config: config.read()?,
+                    order,
+                    failure: failure.map(Into::into),
+                    dry_run,
+                },
+            ),
+            ModuleAction::Rm { name } => ModuleOp::Rm(name),
+            ModuleAction::Ls => ModuleOp::Ls,
+        })
+    }
+}
+
 async fn module_command(m: ModuleArgs) -> Result<()> {
+    let op = ModuleOp::read(m.action)?;
     if let Some(client) = m.server.client(None)? {
-        return module_via_api(&client, m.action, m.server.output).await;
+        return module_via_api(&client, op, m.server.output).await;
     }
     use weft::wasm::registry;
     let store = m.store.options().open().await.context("opening the lease store")?;
     let rt = weft::wasm::Runtime::new(m.limits.limits())?;
-    match m.action {
-        ModuleAction::Add {
-            name,
-            wasm,
-            config,
-            order,
-            failure,
-            dry_run,
-        } => {
-            let mut spec = weft::wasm::ModuleSpec::new(&name, &read_wasm(&wasm)?, config.read()?.unwrap_or_default());
-            spec.order = order;
-            spec.failure = failure.into();
-            spec.dry_run = dry_run;
-            let sha = spec.sha256.clone();
+    match op {
+        ModuleOp::Add(spec) => {
+            let (name, sha) = (spec.name.clone(), spec.sha256.clone());
             registry::add(store.as_ref(), &rt, spec).await?;
             println!("added module {name} (sha256 {sha})");
         }
-        ModuleAction::Set {
-            name,
-            wasm,
-            config,
-            order,
-            failure,
-            dry_run,
-        } => {
-            let changes = registry::Changes {
-                wasm: wasm.as_ref().map(read_wasm).transpose()?,
-                config: config.read()?,
-                order,
-                failure: failure.map(Into::into),
-                dry_run,
-            };
+        ModuleOp::Set(name, changes) => {
             let spec = registry::set(store.as_ref(), &rt, &name, changes).await?;
             println!("updated module {name} (sha256 {})", spec.sha256);
         }
-        ModuleAction::Rm { name } => {
+        ModuleOp::Rm(name) => {
             registry::remove(store.as_ref(), &name).await?;
             println!("removed module {name}");
         }
-        ModuleAction::Ls => {
+        ModuleOp::Ls => {
             let (specs, nodes) = registry::list(store.as_ref()).await?;
             let views: Vec<serde_json::Value> = specs
                 .iter()
@@ -452,91 +477,83 @@ async fn module_command(m: ModuleArgs) -> Result<()> {
     Ok(())
 }
 
-fn failure_name(f: Failure) -> &'static str {
+fn failure_name(f: weft::wasm::FailurePolicy) -> &'static str {
     match f {
-        Failure::Closed => "closed",
-        Failure::Open => "open",
+        weft::wasm::FailurePolicy::Closed => "closed",
+        weft::wasm::FailurePolicy::Open => "open",
     }
 }
 
-async fn module_via_api(c: &weft::client::Client, action: ModuleAction, output: Output) -> Result<()> {
+fn mode_name(dry_run: bool) -> &'static str {
+    if dry_run {
+        "dry_run"
+    } else {
+        "enforce"
+    }
+}
+
+async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) -> Result<()> {
     use weft::client::{multipart, Field};
     type V = serde_json::Value;
-    match action {
-        ModuleAction::Add {
-            name,
-            wasm,
-            config,
-            order,
-            failure,
-            dry_run,
-        } => {
-            let code = read_wasm(&wasm)?;
-            let cfg = config.read()?.unwrap_or_default();
-            let order = order.to_string();
+    match op {
+        ModuleOp::Add(spec) => {
+            let code = spec.code()?;
+            let order = spec.order.to_string();
             let field = |name, value| Field {
                 name,
                 filename: None,
                 value,
             };
             let (ct, body) = multipart(&[
-                field("name", name.as_bytes()),
+                field("name", spec.name.as_bytes()),
                 Field {
                     name: "wasm",
                     filename: Some("module.wasm"),
                     value: &code,
                 },
-                field("config", cfg.as_bytes()),
+                field("config", spec.config.as_bytes()),
                 field("order", order.as_bytes()),
-                field(
-                    "mode",
-                    if dry_run {
-                        b"dry_run".as_slice()
-                    } else {
-                        b"enforce".as_slice()
-                    },
-                ),
-                field("failure", failure_name(failure).as_bytes()),
+                field("mode", mode_name(spec.dry_run).as_bytes()),
+                field("failure", failure_name(spec.failure).as_bytes()),
             ]);
             let v: V = c.call("POST", "/modules", Some(&ct), &body).await?;
-            println!("added module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
+            println!(
+                "added module {} (sha256 {})",
+                spec.name,
+                v["sha256"].as_str().unwrap_or("?")
+            );
         }
-        ModuleAction::Set {
-            name,
-            wasm,
-            config,
-            order,
-            failure,
-            dry_run,
-        } => {
+        ModuleOp::Set(name, changes) => {
             use base64::Engine as _;
             let mut patch = serde_json::Map::new();
-            if let Some(w) = &wasm {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(read_wasm(w)?);
-                patch.insert("wasm_base64".into(), b64.into());
+            if let Some(w) = &changes.wasm {
+                patch.insert(
+                    "wasm_base64".into(),
+                    base64::engine::general_purpose::STANDARD.encode(w).into(),
+                );
             }
-            if let Some(cfg) = config.read()? {
+            if let Some(cfg) = changes.config {
                 patch.insert("config".into(), cfg.into());
             }
-            if let Some(o) = order {
+            if let Some(o) = changes.order {
                 patch.insert("order".into(), o.into());
             }
-            if let Some(f) = failure {
+            if let Some(f) = changes.failure {
                 patch.insert("failure".into(), failure_name(f).into());
             }
-            if let Some(d) = dry_run {
-                patch.insert("mode".into(), if d { "dry_run" } else { "enforce" }.into());
+            if let Some(d) = changes.dry_run {
+                patch.insert("mode".into(), mode_name(d).into());
             }
             let body = serde_json::to_vec(&patch)?;
             let path = format!("/modules/{name}");
             let v: V = c.call("PATCH", &path, Some("application/json"), &body).await?;
             println!("updated module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
         }
-        ModuleAction::Rm { name } => {
+        ModuleOp::Rm(name) => {
             let _: V = c.call("DELETE", &format!("/modules/{name}"), None, b"").await?;
             println!("removed module {name}");
         }
-        ModuleAction::Ls => {
+        ModuleOp::Ls => {
             let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
             match output {
                 Output::Json => print_json(&views)?,

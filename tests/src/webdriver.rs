@@ -46,23 +46,8 @@ fn request(ns: &str, port: u16, method: &str, path: &str, body: Option<&Value>) 
     })
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("webdriver {method} {path}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP body from chromedriver")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = tail[n..].strip_prefix("\r\n").unwrap_or(&tail[n..]);
-        }
-        out
-    } else {
-        body.to_string()
-    };
+    let resp = weft::client::parse_response(&raw).ok_or("no HTTP response from chromedriver")?;
+    let body = String::from_utf8_lossy(&resp.body);
     let v: Value =
         serde_json::from_str(&body).map_err(|e| format!("webdriver reply is not JSON ({e}): {body:.300}"))?;
     if let Some(err) = v["value"]["error"].as_str() {

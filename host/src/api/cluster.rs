@@ -34,7 +34,7 @@ pub async fn config(State(s): State<Arc<ApiState>>) -> Result<Json<ConfigView>, 
     }))
 }
 
-/// Every node (one per lease) with its backend data and its last report.
+/// Every node (one per lease, in address order) with its backend data and its last report.
 #[utoipa::path(get, path = "/nodes", tag = "cluster", responses((status = 200, body = [NodeView])))]
 pub async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>, ApiError> {
     let own = s.agent.own_lease().map(|l| l.subnet);
@@ -49,11 +49,8 @@ pub async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut v: Vec<NodeView> = s
-        .store
-        .list_leases()
+    let v: Vec<NodeView> = super::leases::all(&s)
         .await?
-        .leases
         .iter()
         .map(|l| {
             let ip = l.attrs.public_ip.to_string();
@@ -68,7 +65,6 @@ pub async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>
             }
         })
         .collect();
-    v.sort_by(|a, b| a.lease.subnet.cmp(&b.lease.subnet));
     Ok(Json(v))
 }
 

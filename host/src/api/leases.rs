@@ -32,7 +32,7 @@ pub struct LeaseFilter {
 
 /// Every lease, in address order. Served from the table this node follows by watch (what it
 /// routes by), so reads cost no store round trip; before the first listing, from the store.
-async fn all(s: &ApiState) -> Result<Vec<Lease>, ApiError> {
+pub(super) async fn all(s: &ApiState) -> Result<Vec<Lease>, ApiError> {
     let mut v: Vec<Lease> = if s.agent.leases_synced.load(Ordering::Relaxed) {
         s.agent.leases.load().leases().cloned().collect()
     } else {
