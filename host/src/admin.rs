@@ -177,7 +177,39 @@ pub fn render(s: &AgentState) -> String {
     );
     render_peers(&mut o, s);
     render_modules(&mut o, s);
+    if let Some(k) = &s.kernel_policy {
+        render_kernel_policy(&mut o, k);
+    }
     o
+}
+
+/// The kernel-path (NFQUEUE) policy's series.
+fn render_kernel_policy(o: &mut String, k: &crate::nfq::PolicyStats) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    family(
+        o,
+        "weft_kernel_policy_available",
+        "gauge",
+        "1 while Wasm policy reaches the kernel data path (NFQUEUE bound, rules loaded).",
+        [(String::new(), u64::from(k.available.load(Ordering::Relaxed)))],
+    );
+    family(
+        o,
+        "weft_kernel_policy_packets_total",
+        "counter",
+        "Packets the kernel queued to the agent, by verdict; only each flow's first packet is queued.",
+        [
+            ("{verdict=\"allow\"}".to_string(), load(&k.allowed)),
+            ("{verdict=\"deny\"}".to_string(), load(&k.denied)),
+        ],
+    );
+    family(
+        o,
+        "weft_kernel_policy_errors_total",
+        "counter",
+        "Queue messages that did not parse and verdicts that could not be sent.",
+        [(String::new(), load(&k.errors))],
+    );
 }
 
 /// Traffic with each peer node.

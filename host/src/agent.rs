@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub public_ip: Option<Ipv4Addr>,
     /// Where `subnet.env` goes.
     pub subnet_file: PathBuf,
+    /// Where state that must survive restarts lives.
+    pub state_dir: PathBuf,
     /// Renew this long before expiry.
     pub renew_margin: Duration,
     /// Lease time to live.
@@ -55,6 +57,8 @@ pub struct AgentOptions {
     pub admin_token_file: PathBuf,
     /// Whether API reads need the token too.
     pub admin_auth_reads: bool,
+    /// The NFQUEUE number for Wasm policy on kernel data paths.
+    pub policy_queue: u16,
 }
 
 /// Why the agent stopped.
@@ -106,6 +110,8 @@ pub struct AgentState {
     pub leases: arc_swap::ArcSwap<crate::lease::watch::LeaseTable>,
     /// Whether `leases` holds a first full listing yet.
     pub leases_synced: AtomicBool,
+    /// The kernel-path policy's counters, on backends whose packets stay in the kernel.
+    pub kernel_policy: Option<Arc<crate::nfq::PolicyStats>>,
     own: Mutex<Option<Lease>>,
 }
 
@@ -166,6 +172,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         iface: underlay.iface.clone(),
         iface_mtu: underlay.mtu,
         public_ip: underlay.addr,
+        state_dir: opts.state_dir.clone(),
     };
     let modules = Pipeline::new(wasm::Runtime::new(opts.module_limits)?, underlay.addr);
     let backend = backend::create(&config, &node, modules.clone())?;
@@ -192,6 +199,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         modules: modules.clone(),
         leases: arc_swap::ArcSwap::from_pointee(Default::default()),
         leases_synced: AtomicBool::new(false),
+        kernel_policy: backend.kernel_path().then(Default::default),
         own: Mutex::new(Some(lease.clone())),
     });
     modules.set_own(lease.subnet);
@@ -208,6 +216,12 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     let _ = tokio::time::timeout(Duration::from_secs(30), modules_rx.wait_for(|s| *s)).await;
     ensure_ip_forwarding();
     backend.start(&lease)?;
+    if let Some(stats) = &state.kernel_policy {
+        if let Err(e) = crate::nfq::start(modules.clone(), config.network, opts.policy_queue, stats.clone()) {
+            tracing::error!(error = %e, backend = backend.kind(),
+                "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
+        }
+    }
 
     let (token, source) = crate::api::auth::load_or_create(opts.admin_token.as_deref(), &opts.admin_token_file)?;
     match source {

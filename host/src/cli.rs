@@ -173,6 +173,12 @@ struct AgentArgs {
     /// Where to write flannel's subnet.env.
     #[arg(long, env = "WEFT_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
     subnet_file: PathBuf,
+    /// NFQUEUE number for Wasm policy on kernel data paths (vxlan, host-gw).
+    #[arg(long, env = "WEFT_POLICY_QUEUE", default_value_t = weft::nfq::DEFAULT_QUEUE)]
+    policy_queue: u16,
+    /// Directory for state that must survive restarts and reboots (the VTEP MAC).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
     /// Renew the lease this many minutes before it expires (1..1439).
     #[arg(long, env = "WEFT_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..1440))]
@@ -696,6 +702,8 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 iface: a.iface,
                 public_ip: a.public_ip,
                 subnet_file: a.subnet_file,
+                state_dir: a.state_dir,
+                policy_queue: a.policy_queue,
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 lease_ttl: Duration::from_secs(a.lease_ttl),
                 net_config: a.net_config,

@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod iface;
 pub mod lab;
 pub mod lease;
+pub mod nfq;
 pub mod packet;
 pub mod stats;
 pub mod store;

@@ -47,7 +47,10 @@ pub struct Ipv4Meta {
 
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
 pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
+    !fold(sum16(data, 0))
+}
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -55,10 +58,54 @@ pub fn checksum(data: &[u8]) -> u16 {
     if let [last] = chunks.remainder() {
         sum += u32::from(*last) << 8;
     }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// Completes a TCP or UDP checksum left partial by a sender that offloaded it (the field holds
+/// only the pseudo-header sum). A kernel VXLAN peer whose device keeps TX checksum offload on
+/// sends such packets over virtual links (veth, bridges) where nothing ever finishes them; the
+/// kernel's own VXLAN receive path carries the "partial" state along, a userspace receiver
+/// has to finish the sum itself. Returns whether it did. Complete checksums are left alone.
+pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
+    let Ok(m) = parse_ipv4(pkt) else { return false };
+    let more_fragments = pkt[6] & 0x20 != 0;
+    if m.later_fragment || more_fragments {
+        return false;
+    }
+    let at = match m.protocol {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let l4_len = m.total_len - m.header_len;
+    if l4_len < at + 2 {
+        return false;
+    }
+    let field_at = m.header_len + at;
+    let field = u16::from_be_bytes([pkt[field_at], pkt[field_at + 1]]);
+    if m.protocol == 17 && field == 0 {
+        return false;
+    }
+    let pseudo = sum16(&pkt[12..20], u32::from(m.protocol) + l4_len as u32);
+    let partial = fold(pseudo);
+    if field != partial && field != !partial {
+        return false;
+    }
+    pkt[field_at] = 0;
+    pkt[field_at + 1] = 0;
+    let mut c = !fold(sum16(&pkt[m.header_len..m.total_len], pseudo));
+    if m.protocol == 17 && c == 0 {
+        c = 0xffff;
+    }
+    pkt[field_at..field_at + 2].copy_from_slice(&c.to_be_bytes());
+    true
 }
 
 /// Parses and checks the IPv4 header at the start of `buf`.
@@ -272,5 +319,38 @@ mod tests {
         assert!(icmp_error(&err, a("10.0.0.9"), ICMP_DEST_UNREACH, 0).is_none());
         let echo = build_ipv4(a("10.0.0.1"), a("10.0.0.2"), PROTO_ICMP, 64, &[8, 0, 0, 0, 0, 0, 0, 0]);
         assert!(icmp_error(&echo, a("10.0.0.9"), ICMP_DEST_UNREACH, 0).is_some());
+    }
+
+    #[test]
+    fn partial_l4_checksums_are_completed_and_full_ones_kept() {
+        let src = Ipv4Addr::new(10, 244, 1, 2);
+        let dst = Ipv4Addr::new(10, 244, 2, 2);
+        // A TCP segment: 20-byte header (checksum at 16) and an odd-length payload.
+        let mut seg = vec![0u8; 20];
+        seg[12] = 0x50;
+        seg.extend_from_slice(b"hello, weft!!");
+        let mut pkt = build_ipv4(src, dst, 6, 64, &seg);
+        let verify = |p: &[u8]| {
+            let l4 = &p[20..];
+            let pseudo = sum16(&p[12..20], 6 + l4.len() as u32);
+            !fold(sum16(l4, pseudo))
+        };
+        // What an offloading sender leaves: the pseudo-header sum only.
+        let pseudo = fold(sum16(&pkt[12..20], 6 + seg.len() as u32));
+        pkt[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        assert!(complete_partial_checksum(&mut pkt));
+        assert_eq!(verify(&pkt), 0, "the completed checksum verifies");
+        let full = pkt.clone();
+        assert!(!complete_partial_checksum(&mut pkt), "a full checksum is left alone");
+        assert_eq!(pkt, full);
+        // UDP without a checksum stays without one; fragments and garbage are not touched.
+        let mut udp = build_udp(src, 1, dst, 2, 64, b"x");
+        udp[26] = 0;
+        udp[27] = 0;
+        assert!(!complete_partial_checksum(&mut udp));
+        let mut frag = full.clone();
+        frag[6] = 0x20;
+        assert!(!complete_partial_checksum(&mut frag));
+        assert!(!complete_partial_checksum(&mut [0x45, 0, 0]));
     }
 }

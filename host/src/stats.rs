@@ -23,11 +23,13 @@ pub enum DropReason {
     IoError = 6,
     /// A Wasm policy module (or its failure policy) dropped the flow.
     Policy = 7,
+    /// A datagram on the VXLAN port not for this node (another VNI, another MAC, not IPv4).
+    ForeignFrame = 8,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::SpoofedSource,
@@ -36,6 +38,7 @@ impl DropReason {
         DropReason::OutsideNetwork,
         DropReason::IoError,
         DropReason::Policy,
+        DropReason::ForeignFrame,
     ];
 
     /// The metric label value.
@@ -49,6 +52,7 @@ impl DropReason {
             DropReason::OutsideNetwork => "outside_network",
             DropReason::IoError => "io_error",
             DropReason::Policy => "policy",
+            DropReason::ForeignFrame => "foreign_frame",
         }
     }
 }

@@ -45,18 +45,22 @@ attach_pod() {
   ip -n "$pod" route add default via "$s.1"
 }
 
-# setup_weft <tag> [backend]: a two-node Weft cluster (backend udp unless given) with its own
-# embedded store ($TMP/<tag>.db);
-# sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
+# setup_weft <tag> [backend] [pre-start command]: a two-node Weft cluster with its own embedded
+# store ($TMP/<tag>.db). `backend` is a type name (udp unless given) or a whole Backend JSON
+# object; the pre-start command runs (in node 1) before the agents start, e.g. to store a module.
+# Sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
 declare -A POD2 MTU
 setup_weft() {
   local t=$1
   node_pair "$t"
   local backend=${2:-udp}
-  echo "{\"Network\":\"10.244.0.0/16\",\"Backend\":{\"Type\":\"$backend\"}}" > "$TMP/$t-net.json"
+  [[ $backend == "{"* ]] || backend="{\"Type\":\"$backend\"}"
+  echo "{\"Network\":\"10.244.0.0/16\",\"Backend\":$backend}" > "$TMP/$t-net.json"
+  if [[ -n "${3:-}" ]]; then ip netns exec "$P-$t-n1" bash -c "$3"; fi
   for i in 1 2; do
     ip netns exec "$P-$t-n$i" "$WEFT" agent --iface eth0 --store "$TMP/$t.db" \
-      --net-config "$TMP/$t-net.json" --subnet-file "$TMP/$t-n$i.env" >"$TMP/$t-agent$i.log" 2>&1 &
+      --net-config "$TMP/$t-net.json" --subnet-file "$TMP/$t-n$i.env" \
+      --state-dir "$TMP/$t-state$i" --admin-token-file "$TMP/$t-token" >"$TMP/$t-agent$i.log" 2>&1 &
     PIDS+=($!)
   done
   for i in 1 2; do

@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::Handle;
 use tokio::sync::watch;
 
+use super::netlink::{self, on_link, KernelRoute, NlError, ROUTE_PROTO};
 use super::route::RouteTable;
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
@@ -25,24 +23,27 @@ use crate::lease::watch::LeaseTable;
 use crate::lease::Lease;
 use crate::stats::DataplaneStats;
 
-/// The route protocol number marking Weft's routes (`ip route show proto 87`).
-pub const ROUTE_PROTO: u8 = 87;
 /// How often routes are re-checked when nothing changed (flannel: 10 s).
 pub const DEFAULT_CHECK: Duration = Duration::from_secs(10);
 
 /// A route: remote subnet via a peer's PublicIP.
 pub type Route = (Ipv4Net, Ipv4Addr);
 
-/// What to change so the kernel holds exactly `want`: (to delete, to add).
-pub fn plan(want: &[Route], have: &[Route]) -> (Vec<Route>, Vec<Route>) {
-    let del = have.iter().filter(|r| !want.contains(r)).copied().collect();
-    let add = want.iter().filter(|r| !have.contains(r)).copied().collect();
-    (del, add)
-}
-
-/// Whether `peer` is directly reachable on one of the underlay's networks.
-pub fn on_link(peer: Ipv4Addr, nets: &[Ipv4Net]) -> bool {
-    nets.iter().any(|n| n.contains(&peer))
+/// `Backend.RouteCheckSecs`: the reconcile period of a kernel backend (at least 1 s).
+pub fn check_period(config: &NetworkConfig) -> Result<Duration, BackendError> {
+    config
+        .backend
+        .u64_field("RouteCheckSecs")
+        .map_err(|e| BackendError::Config(e.to_string()))?
+        .map(|s| {
+            if s == 0 {
+                Err(BackendError::Config("Backend.RouteCheckSecs must be at least 1".into()))
+            } else {
+                Ok(Duration::from_secs(s))
+            }
+        })
+        .transpose()
+        .map(|d| d.unwrap_or(DEFAULT_CHECK))
 }
 
 /// The `host-gw` backend.
@@ -60,19 +61,7 @@ pub struct HostGwBackend {
 impl HostGwBackend {
     /// A backend for `config` on `node`; `Backend.RouteCheckSecs` sets the reconcile period.
     pub fn new(config: &NetworkConfig, node: &NodeEnv) -> Result<Self, BackendError> {
-        let check = config
-            .backend
-            .u64_field("RouteCheckSecs")
-            .map_err(|e| BackendError::Config(e.to_string()))?
-            .map(|s| {
-                if s == 0 {
-                    Err(BackendError::Config("Backend.RouteCheckSecs must be at least 1".into()))
-                } else {
-                    Ok(Duration::from_secs(s))
-                }
-            })
-            .transpose()?
-            .unwrap_or(DEFAULT_CHECK);
+        let check = check_period(config)?;
         Ok(HostGwBackend {
             network: config.network,
             subnet_len: config.subnet_len,
@@ -134,15 +123,10 @@ impl Backend for HostGwBackend {
     fn stats(&self) -> Arc<DataplaneStats> {
         self.stats.clone()
     }
-}
 
-/// Why one reconcile round failed.
-#[derive(Debug, thiserror::Error)]
-enum NlError {
-    #[error("netlink: {0}")]
-    Netlink(#[from] rtnetlink::Error),
-    #[error("the underlay interface {0} is gone")]
-    NoIface(String),
+    fn kernel_path(&self) -> bool {
+        true
+    }
 }
 
 /// Keeps the kernel's Weft routes equal to the desired set.
@@ -174,52 +158,10 @@ impl Reconciler {
         }
     }
 
-    async fn index(&self) -> Result<u32, NlError> {
-        let mut links = self.handle.link().get().match_name(self.iface.clone()).execute();
-        match links.try_next().await {
-            Ok(Some(l)) => Ok(l.header.index),
-            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => Err(NlError::NoIface(self.iface.clone())),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn networks(&self, index: u32) -> Result<Vec<Ipv4Net>, NlError> {
-        let mut addrs = self.handle.address().get().set_link_index_filter(index).execute();
-        let mut nets = Vec::new();
-        while let Some(a) = addrs.try_next().await? {
-            for attr in &a.attributes {
-                if let AddressAttribute::Address(std::net::IpAddr::V4(ip)) = attr {
-                    if let Ok(n) = Ipv4Net::new(*ip, a.header.prefix_len) {
-                        nets.push(n.trunc());
-                    }
-                }
-            }
-        }
-        Ok(nets)
-    }
-
-    async fn installed(&self) -> Result<Vec<Route>, NlError> {
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        let mut have = Vec::new();
-        while let Some(r) = routes.try_next().await? {
-            if r.header.protocol != RouteProtocol::Other(ROUTE_PROTO) {
-                continue;
-            }
-            if let Some(route) = parse(&r) {
-                have.push(route);
-            }
-        }
-        Ok(have)
-    }
-
     /// One round; `Ok(Some(reason))` when the node cannot run host-gw at all.
     async fn round(&self, want: &[Route], first: bool) -> Result<Option<String>, NlError> {
-        let index = self.index().await?;
-        let nets = self.networks(index).await?;
+        let index = netlink::require_link(&self.handle, &self.iface).await?;
+        let nets = netlink::networks(&self.handle, index).await?;
         let (reachable, off): (Vec<Route>, Vec<Route>) = want.iter().partition(|(_, via)| on_link(*via, &nets));
         if let Some((net, via)) = off.first() {
             let msg = format!(
@@ -232,72 +174,26 @@ impl Reconciler {
             }
             tracing::error!("{msg}; no route to it");
         }
-        let (del, add) = plan(&reachable, &self.installed().await?);
-        for (net, via) in del {
-            let msg = message(net, via, index);
-            if let Err(e) = self.handle.route().del(msg).execute().await {
-                tracing::warn!(%net, %via, error = %e, "cannot remove a stale route");
-            } else {
-                tracing::info!(%net, %via, "route removed");
+        let want: Vec<KernelRoute> = reachable
+            .iter()
+            .map(|&(dst, via)| KernelRoute {
+                dst,
+                via,
+                dev: index,
+                onlink: false,
+            })
+            .collect();
+        let (del, add) = netlink::diff(&want, &netlink::weft_routes(&self.handle).await?);
+        for r in del {
+            match netlink::del_route(&self.handle, r).await {
+                Ok(()) => tracing::info!(net = %r.dst, via = %r.via, "route removed"),
+                Err(e) => tracing::warn!(net = %r.dst, via = %r.via, error = %e, "cannot remove a stale route"),
             }
         }
-        for (net, via) in add {
-            self.handle
-                .route()
-                .add(message(net, via, index))
-                .replace()
-                .execute()
-                .await?;
-            tracing::info!(%net, %via, dev = %self.iface, "route added");
+        for r in add {
+            netlink::add_route(&self.handle, r).await?;
+            tracing::info!(net = %r.dst, via = %r.via, dev = %self.iface, "route added");
         }
         Ok(None)
-    }
-}
-
-fn message(net: Ipv4Net, via: Ipv4Addr, index: u32) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(net.network(), net.prefix_len())
-        .gateway(via)
-        .output_interface(index)
-        .protocol(RouteProtocol::Other(ROUTE_PROTO))
-        .build()
-}
-
-fn parse(r: &RouteMessage) -> Option<Route> {
-    let mut dst = None;
-    let mut via = None;
-    for a in &r.attributes {
-        match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
-            _ => {}
-        }
-    }
-    Some((Ipv4Net::new(dst?, r.header.destination_prefix_length).ok()?, via?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn r(n: &str, v: &str) -> Route {
-        (n.parse().unwrap(), v.parse().unwrap())
-    }
-
-    #[test]
-    fn plans_remove_stale_and_moved_routes_and_add_missing_ones() {
-        let want = [r("10.244.2.0/24", "198.18.0.2"), r("10.244.3.0/24", "198.18.0.3")];
-        let have = [r("10.244.3.0/24", "198.18.0.9"), r("10.244.9.0/24", "198.18.0.9")];
-        let (del, add) = plan(&want, &have);
-        assert_eq!(del, have.to_vec(), "moved and vanished leases go");
-        assert_eq!(add, want.to_vec());
-        assert_eq!(plan(&want, &want), (vec![], vec![]), "nothing to do twice");
-    }
-
-    #[test]
-    fn peers_must_be_on_an_underlay_network() {
-        let nets = ["198.18.0.0/24".parse().unwrap()];
-        assert!(on_link("198.18.0.7".parse().unwrap(), &nets));
-        assert!(!on_link("203.0.113.7".parse().unwrap(), &nets));
     }
 }

@@ -2,8 +2,10 @@
 //! registers by the name used in the network config's `Backend.Type`.
 
 pub mod hostgw;
+pub mod netlink;
 pub mod route;
 pub mod udp;
+pub mod vxlan;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -25,12 +27,14 @@ pub struct NodeEnv {
     pub iface_mtu: u32,
     /// The address peers reach this node at.
     pub public_ip: Ipv4Addr,
+    /// Where state that must survive restarts lives (the VTEP MAC).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Errors from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("backend {0:?} is not available in this build of weft (available: udp, host-gw)")]
+    #[error("backend {0:?} is not available in this build of weft (available: udp, vxlan, host-gw)")]
     Unknown(String),
     #[error("invalid backend config: {0}")]
     Config(String),
@@ -73,6 +77,11 @@ pub trait Backend: Send + Sync {
     /// The data path's counters.
     fn stats(&self) -> Arc<DataplaneStats>;
 
+    /// Whether packets stay in the kernel on this backend (Wasm policy then needs NFQUEUE).
+    fn kernel_path(&self) -> bool {
+        false
+    }
+
     /// Traffic per peer node, as (PublicIP, counters), for backends that count it.
     fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<route::PeerCounters>)> {
         Vec::new()
@@ -87,7 +96,26 @@ pub fn create(
     modules: Arc<Pipeline>,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     match config.backend.kind.as_str() {
-        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node, modules)?)),
+        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node, modules, udp::Encap::Raw)?)),
+        "vxlan" => {
+            let opts = vxlan::VxlanOptions::from_config(config)?;
+            if opts.userspace {
+                let mac = vxlan::vtep_mac(&node.state_dir, &opts.device())?;
+                let encap = udp::Encap::Vxlan {
+                    vni: opts.vni,
+                    mac,
+                    port: opts.port,
+                };
+                Ok(Arc::new(udp::UdpBackend::new(config, node, modules, encap)?))
+            } else {
+                Ok(Arc::new(vxlan::VxlanBackend::new(
+                    config,
+                    node,
+                    opts,
+                    node.state_dir.clone(),
+                )?))
+            }
+        }
         "host-gw" => Ok(Arc::new(hostgw::HostGwBackend::new(config, node)?)),
         other => Err(BackendError::Unknown(other.to_string())),
     }

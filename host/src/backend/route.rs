@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
+use super::vxlan::wire::Mac;
 use crate::lease::Lease;
 
 /// How an inner source address relates to the node a datagram came from.
@@ -44,6 +45,7 @@ pub struct RouteTable {
     by_subnet: HashMap<u32, Ipv4Addr>,
     by_peer: HashMap<Ipv4Addr, Vec<Ipv4Net>>,
     counters: HashMap<Ipv4Addr, Arc<PeerCounters>>,
+    vteps: HashMap<Ipv4Addr, Mac>,
 }
 
 impl RouteTable {
@@ -60,6 +62,7 @@ impl RouteTable {
             by_subnet: HashMap::new(),
             by_peer: HashMap::new(),
             counters: HashMap::new(),
+            vteps: HashMap::new(),
         }
     }
 
@@ -139,6 +142,19 @@ impl RouteTable {
             let c = registry.entry(*ip).or_default().clone();
             self.counters.insert(*ip, c);
         }
+    }
+
+    /// Records the VTEP MAC of a routed peer (VXLAN framing needs it).
+    pub fn set_vtep(&mut self, peer: Ipv4Addr, mac: Mac) {
+        if self.by_peer.contains_key(&peer) {
+            self.vteps.insert(peer, mac);
+        }
+    }
+
+    /// The VTEP MAC of a peer, if it published one.
+    #[inline]
+    pub fn vtep(&self, peer: Ipv4Addr) -> Option<Mac> {
+        self.vteps.get(&peer).copied()
     }
 
     /// The counters of a peer, if it is routed.

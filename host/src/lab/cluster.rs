@@ -241,6 +241,8 @@ impl Cluster {
             "eth0".into(),
             "--subnet-file".into(),
             n.subnet_file().display().to_string(),
+            "--state-dir".into(),
+            n.dir.join("state").display().to_string(),
             "--net-config".into(),
             self.spec.dir.join("net-conf.json").display().to_string(),
             "--admin-listen".into(),

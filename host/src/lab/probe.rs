@@ -100,8 +100,19 @@ pub fn tcp_transfer_on(
                 }
             };
             let _ = port_tx.send(Ok(l.local_addr()?.port()));
-            l.set_nonblocking(false)?;
-            let (mut s, _) = l.accept()?;
+            // A client that never connects must fail the probe, not hang it.
+            l.set_nonblocking(true)?;
+            let until = Instant::now() + timeout;
+            let mut s = loop {
+                match l.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            s.set_nonblocking(false)?;
             s.set_read_timeout(Some(timeout))?;
             let mut buf = vec![0u8; 64 * 1024];
             let mut off: u64 = 0;
@@ -149,8 +160,10 @@ pub fn tcp_transfer_on(
     })?;
     let received = server
         .join()
-        .map_err(|_| LabError::Probe("server thread panicked".into()))??;
+        .map_err(|_| LabError::Probe("server thread panicked".into()))?;
+    // The client's error says what went wrong; the server's is only its consequence.
     let acked = client?;
+    let received = received?;
     if received != bytes || acked != bytes {
         return Err(LabError::Probe(format!(
             "sent {bytes} bytes, server received {received}, acknowledged {acked}"

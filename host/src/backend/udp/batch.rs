@@ -44,12 +44,20 @@ impl GsoBatch {
     /// Appends a datagram; the caller checked [`GsoBatch::accepts`]. A datagram shorter than the
     /// segment size must be the last one.
     pub fn push(&mut self, peer: Ipv4Addr, pkt: &[u8]) {
+        self.push_parts(peer, &[], pkt);
+    }
+
+    /// Appends one datagram made of `prefix` (an encapsulation header) then `pkt`; the caller
+    /// checked [`GsoBatch::accepts`] for their total length.
+    pub fn push_parts(&mut self, peer: Ipv4Addr, prefix: &[u8], pkt: &[u8]) {
+        let len = prefix.len() + pkt.len();
         if self.peer.is_none() {
             self.peer = Some(peer);
-            self.segment = pkt.len();
-        } else if pkt.len() < self.segment {
+            self.segment = len;
+        } else if len < self.segment {
             self.closed = true;
         }
+        self.buf.extend_from_slice(prefix);
         self.buf.extend_from_slice(pkt);
         self.count += 1;
     }

@@ -28,6 +28,7 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 use self::codec::{Inbound, Outbound};
 use super::route::RouteTable;
+use super::vxlan::wire::{self, Mac};
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
 use crate::lease::watch::LeaseTable;
@@ -46,6 +47,32 @@ const MAX_READ: usize = VIRTIO_NET_HDR_LEN + 65_536;
 /// Room for one segment: an IPv4 packet no larger than the largest MTU we configure.
 const SEGMENT_ROOM: usize = 65_536;
 
+/// How packets are framed on the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// flannel's `udp` backend: the bare inner packet is the UDP payload.
+    Raw,
+    /// VXLAN as the kernel frames it (the `vxlan` backend's userspace mode).
+    Vxlan {
+        /// The VXLAN network identifier.
+        vni: u32,
+        /// This node's VTEP MAC.
+        mac: Mac,
+        /// The UDP port (8472).
+        port: u16,
+    },
+}
+
+impl Encap {
+    /// Bytes this framing adds on the underlay.
+    pub fn overhead(self) -> u32 {
+        match self {
+            Encap::Raw => OVERHEAD,
+            Encap::Vxlan { .. } => wire::OVERHEAD,
+        }
+    }
+}
+
 /// The `udp` backend.
 pub struct UdpBackend {
     network: Ipv4Net,
@@ -58,11 +85,18 @@ pub struct UdpBackend {
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
     peers: std::sync::Mutex<std::collections::HashMap<Ipv4Addr, Arc<super::route::PeerCounters>>>,
+    encap: Encap,
+    device: String,
 }
 
 impl UdpBackend {
     /// A backend for `config` on `node`; nothing is opened until [`Backend::start`].
-    pub fn new(config: &NetworkConfig, node: &NodeEnv, modules: Arc<Pipeline>) -> Result<Self, BackendError> {
+    pub fn new(
+        config: &NetworkConfig,
+        node: &NodeEnv,
+        modules: Arc<Pipeline>,
+        encap: Encap,
+    ) -> Result<Self, BackendError> {
         let port = match config
             .backend
             .u64_field("Port")
@@ -79,19 +113,24 @@ impl UdpBackend {
             .bool_field("Offload")
             .map_err(|e| BackendError::Config(format!("Backend.Offload: {e}")))?
             .unwrap_or(true);
-        if node.iface_mtu <= OVERHEAD + 68 {
+        let overhead = encap.overhead();
+        if node.iface_mtu <= overhead + 68 {
             return Err(BackendError::MtuTooSmall {
                 iface: node.iface.clone(),
                 iface_mtu: node.iface_mtu,
-                overhead: OVERHEAD + 68,
+                overhead: overhead + 68,
             });
         }
+        let (port, device) = match encap {
+            Encap::Raw => (port, DEVICE.to_string()),
+            Encap::Vxlan { vni, port, .. } => (port, format!("weft.{vni}")),
+        };
         Ok(UdpBackend {
             network: config.network,
             subnet_len: config.subnet_len,
             port,
             offload,
-            mtu: node.iface_mtu - OVERHEAD,
+            mtu: node.iface_mtu - overhead,
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
                 config.network,
                 config.subnet_len,
@@ -100,17 +139,25 @@ impl UdpBackend {
             stats: Arc::new(DataplaneStats::default()),
             modules,
             peers: Default::default(),
+            encap,
+            device,
         })
     }
 }
 
 impl Backend for UdpBackend {
     fn kind(&self) -> &'static str {
-        "udp"
+        match self.encap {
+            Encap::Raw => "udp",
+            Encap::Vxlan { .. } => "vxlan",
+        }
     }
 
     fn backend_data(&self) -> serde_json::Value {
-        serde_json::Value::Null
+        match self.encap {
+            Encap::Raw => serde_json::Value::Null,
+            Encap::Vxlan { vni, mac, .. } => serde_json::json!({"VNI": vni, "VtepMAC": mac.to_string()}),
+        }
     }
 
     fn mtu(&self) -> u32 {
@@ -126,14 +173,14 @@ impl Backend for UdpBackend {
         let router = own.subnet.network();
         let build = |offload: bool| {
             DeviceBuilder::new()
-                .name(DEVICE)
+                .name(&self.device)
                 .ipv4(router, self.network.prefix_len(), None)
                 .mtu(u16::try_from(self.mtu).unwrap_or(u16::MAX))
                 .offload(offload)
                 .build_sync()
         };
         let tun_error = |source| BackendError::Tun {
-            name: DEVICE.to_string(),
+            name: self.device.clone(),
             source,
         };
         let device = if self.offload {
@@ -165,6 +212,9 @@ impl Backend for UdpBackend {
             routes: self.routes.clone(),
             stats: self.stats.clone(),
             modules: self.modules.clone(),
+            encap: self.encap,
+            device_name: self.device.clone(),
+            mtu: self.mtu,
         };
         let rx = tx.clone();
         std::thread::Builder::new()
@@ -174,7 +224,8 @@ impl Backend for UdpBackend {
             .name("weft-udp-rx".into())
             .spawn(move || rx.run_rx())?;
         tracing::info!(
-            device = DEVICE,
+            device = %self.device,
+            encap = ?self.encap,
             mtu = self.mtu,
             port = self.port,
             %router,
@@ -188,6 +239,11 @@ impl Backend for UdpBackend {
 
     fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
         let mut t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
+        if let Encap::Vxlan { vni, .. } = self.encap {
+            for p in super::vxlan::peers(table, own, vni) {
+                t.set_vtep(p.public_ip, p.mac);
+            }
+        }
         if let Ok(mut peers) = self.peers.lock() {
             t.attach_counters(&mut peers);
         }
@@ -221,6 +277,9 @@ struct Worker {
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
+    encap: Encap,
+    device_name: String,
+    mtu: u32,
 }
 
 impl Worker {
@@ -246,7 +305,7 @@ impl Worker {
                     self.flush(&mut batch);
                     drained = 0;
                     if let Err(e) = wait_readable(self.device.as_raw_fd()) {
-                        self.stats.fail(format!("TUN device {DEVICE} failed: {e}"));
+                        self.stats.fail(format!("TUN device {} failed: {e}", self.device_name));
                         return;
                     }
                     continue;
@@ -258,7 +317,7 @@ impl Worker {
                     continue;
                 }
                 Err(e) => {
-                    self.stats.fail(format!("TUN device {DEVICE} failed: {e}"));
+                    self.stats.fail(format!("TUN device {} failed: {e}", self.device_name));
                     return;
                 }
             };
@@ -275,10 +334,21 @@ impl Worker {
                 match codec::outbound(&routes, &mut seg[..size]) {
                     Outbound::Send { peer, len } => {
                         let peer = verdict.via.unwrap_or(peer);
-                        if !batch.accepts(peer, len) {
+                        let header = match self.encap {
+                            Encap::Raw => None,
+                            Encap::Vxlan { vni, mac, .. } => match routes.vtep(peer) {
+                                Some(dst) => Some(wire::header(vni, dst, mac)),
+                                None => {
+                                    self.stats.dropped(DropReason::NoRoute);
+                                    continue;
+                                }
+                            },
+                        };
+                        let prefix: &[u8] = header.as_ref().map_or(&[], |h| &h[..]);
+                        if !batch.accepts(peer, prefix.len() + len) {
                             self.flush(&mut batch);
                         }
-                        batch.push(peer, &seg[..len]);
+                        batch.push_parts(peer, prefix, &seg[..len]);
                     }
                     Outbound::Reply(icmp, reason) => {
                         self.stats.dropped(reason);
@@ -369,6 +439,15 @@ impl Worker {
             .collect();
         let mut gro = GROTable::default();
         let mut failures = Failures::default();
+        // Room to segment a kernel peer's VXLAN super-frame and lay its segments out again as
+        // a run of ordinary frames.
+        let mut split: Vec<Vec<u8>> = Vec::new();
+        let mut split_sizes: Vec<usize> = Vec::new();
+        let mut resplit: Vec<u8> = Vec::new();
+        if let Encap::Vxlan { .. } = self.encap {
+            split = (0..MAX_SPLIT).map(|_| vec![0u8; SEGMENT_ROOM.min(16 << 10)]).collect();
+            split_sizes = vec![0; MAX_SPLIT];
+        }
         loop {
             let (n, from, segment) = match self.socket.recv(&mut read) {
                 Ok(r) => {
@@ -395,7 +474,33 @@ impl Worker {
             let relay = chain.relaying();
             let mut k = 0;
             let (mut delivered, mut delivered_bytes) = (0u64, 0u64);
-            for dgram in read[..n].chunks_mut(segment.max(1)) {
+            let mut frames = (&mut read[..n], segment);
+            if let Encap::Vxlan { vni, mac, .. } = self.encap {
+                if let Some(f) = wire::super_frame(frames.0, segment, vni, mac, self.mtu as usize) {
+                    match split_super_frame(frames.0, f, &mut split, &mut split_sizes, &mut resplit) {
+                        Some(seg) => frames = (&mut resplit[..], seg),
+                        None => {
+                            self.stats.dropped(DropReason::Malformed);
+                            continue;
+                        }
+                    }
+                }
+            }
+            for dgram in frames.0.chunks_mut(frames.1.max(1)) {
+                let dgram = match self.encap {
+                    Encap::Raw => dgram,
+                    Encap::Vxlan { vni, mac, .. } => match wire::open(dgram, vni, mac) {
+                        Ok(()) => {
+                            let inner = &mut dgram[wire::HEADER_LEN..];
+                            crate::packet::complete_partial_checksum(inner);
+                            inner
+                        }
+                        Err(_) => {
+                            self.stats.dropped(DropReason::ForeignFrame);
+                            continue;
+                        }
+                    },
+                };
                 match codec::inbound(&routes, *from.ip(), dgram, relay) {
                     Inbound::Deliver { len } => {
                         if chain.decide(Direction::Ingress, &dgram[..len], now).drop {
@@ -436,6 +541,43 @@ impl Worker {
             self.stats.dropped(DropReason::IoError);
         }
     }
+}
+
+/// Most segments one VXLAN super-frame is cut into (64 KiB at the smallest sane MSS).
+const MAX_SPLIT: usize = 128;
+
+/// Cuts the inner super-packet of `frame` into segments (checksums completed) and lays them
+/// out in `out` as ordinary VXLAN frames, each behind a copy of `frame`'s headers; returns the
+/// frame size every one but the last has, or None when the packet does not segment.
+fn split_super_frame(
+    frame: &mut [u8],
+    f: wire::SuperFrame,
+    bufs: &mut [Vec<u8>],
+    sizes: &mut [usize],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    let (head, inner) = frame.split_at_mut(wire::HEADER_LEN);
+    let hdr = tun_rs::VirtioNetHdr {
+        flags: 1, // NEEDS_CSUM: the sender left the checksum partial
+        gso_type: if f.protocol == 6 {
+            tun_rs::VIRTIO_NET_HDR_GSO_TCPV4
+        } else {
+            tun_rs::VIRTIO_NET_HDR_GSO_UDP_L4
+        },
+        hdr_len: u16::try_from(f.ip_header + f.l4_header).ok()?,
+        gso_size: u16::try_from(f.mss).ok()?,
+        csum_start: u16::try_from(f.ip_header).ok()?,
+        csum_offset: if f.protocol == 6 { 16 } else { 6 },
+    };
+    let count = tun_rs::gso_split(inner, hdr, bufs, sizes, 0, false).ok()?;
+    out.clear();
+    let mut stride = None;
+    for (b, &size) in bufs.iter().zip(sizes.iter()).take(count) {
+        out.extend_from_slice(head);
+        out.extend_from_slice(&b[..size]);
+        stride.get_or_insert(wire::HEADER_LEN + size);
+    }
+    stride
 }
 
 /// Tells a passing error (a full buffer, an ICMP error reported on the socket) from a dead

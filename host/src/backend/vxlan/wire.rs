@@ -1,0 +1,273 @@
+//! VXLAN framing (RFC 7348) as the Linux kernel puts it on the wire, sans I/O: an 8-byte VXLAN
+//! header, then an Ethernet header, then the inner IPv4 packet. The userspace mode builds and
+//! strips exactly these 22 bytes, so a kernel VXLAN device is a peer like any other.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// flannel's (and the kernel's `dstport 8472` convention for) VXLAN UDP port.
+pub const DEFAULT_PORT: u16 = 8472;
+/// The VNI flannel uses by default.
+pub const DEFAULT_VNI: u32 = 1;
+/// Bytes added in front of the inner packet: VXLAN header and Ethernet header.
+pub const HEADER_LEN: usize = VXLAN_LEN + ETH_LEN;
+/// Outer IPv4 (20) + UDP (8) + [`HEADER_LEN`]: what the overlay MTU gives up (flannel's 50).
+pub const OVERHEAD: u32 = 20 + 8 + HEADER_LEN as u32;
+
+const VXLAN_LEN: usize = 8;
+const ETH_LEN: usize = 14;
+/// The "I" flag: the VNI field is valid.
+const FLAG_VNI: u8 = 0x08;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// Largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// An Ethernet address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+/// A MAC address that would not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (expected six hex pairs like 02:42:0a:f4:01:00)")]
+pub struct BadMac(pub String);
+
+impl Mac {
+    /// A random unicast, locally administered address (the kernel's own choice for new
+    /// devices, and never one a vendor assigned).
+    pub fn random_local() -> Mac {
+        let mut b: [u8; 6] = rand::random();
+        b[0] = (b[0] & 0xfe) | 0x02;
+        Mac(b)
+    }
+
+    /// Whether the address is unicast and locally administered.
+    pub fn is_local_unicast(&self) -> bool {
+        self.0[0] & 0x01 == 0 && self.0[0] & 0x02 != 0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = BadMac;
+
+    fn from_str(s: &str) -> Result<Mac, BadMac> {
+        let bad = || BadMac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split([':', '-']);
+        for b in &mut out {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+/// Why a datagram on the VXLAN port carried nothing for this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Foreign {
+    /// Too short, or the VNI flag is not set.
+    Malformed,
+    /// Another VXLAN network's frame.
+    OtherVni(u32),
+    /// An Ethernet frame not addressed to this node's VTEP.
+    OtherMac,
+    /// Not IPv4 (ARP, IPv6...): the peers' neighbour entries are permanent, so nothing else is
+    /// expected on this overlay.
+    NotIpv4,
+}
+
+/// The 22 bytes that go in front of an inner IPv4 packet sent to the VTEP `dst`.
+pub fn header(vni: u32, dst: Mac, src: Mac) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = FLAG_VNI;
+    h[4..8].copy_from_slice(&(vni << 8).to_be_bytes());
+    h[8..14].copy_from_slice(&dst.0);
+    h[14..20].copy_from_slice(&src.0);
+    h[20..22].copy_from_slice(&ETHERTYPE_IPV4);
+    h
+}
+
+/// Checks a VXLAN datagram's headers; on success the inner packet starts at [`HEADER_LEN`].
+pub fn open(dgram: &[u8], vni: u32, own: Mac) -> Result<(), Foreign> {
+    if dgram.len() < HEADER_LEN || dgram[0] & FLAG_VNI == 0 {
+        return Err(Foreign::Malformed);
+    }
+    let got = u32::from_be_bytes([dgram[4], dgram[5], dgram[6], dgram[7]]) >> 8;
+    if got != vni {
+        return Err(Foreign::OtherVni(got));
+    }
+    if dgram[8..14] != own.0 {
+        return Err(Foreign::OtherMac);
+    }
+    if dgram[20..22] != ETHERTYPE_IPV4 {
+        return Err(Foreign::NotIpv4);
+    }
+    Ok(())
+}
+
+/// One VXLAN frame carrying a whole TCP or UDP super-packet: what a kernel VXLAN peer hands over
+/// virtual links when its stack offloads segmentation (the outer datagram is never split, so a
+/// receiver that is not the kernel's VXLAN driver must segment the inner packet itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuperFrame {
+    /// Inner IP protocol (6 or 17).
+    pub protocol: u8,
+    /// Inner IPv4 header length.
+    pub ip_header: usize,
+    /// Inner TCP/UDP header length.
+    pub l4_header: usize,
+    /// Payload bytes per segment.
+    pub mss: usize,
+}
+
+/// Recognises a [`SuperFrame`]: `dgram` is one frame for this node whose inner IPv4 packet fills
+/// it and is longer than one segment may be (`segment` is the size the socket reported for the
+/// datagrams it coalesced, `mtu` the overlay MTU).
+pub fn super_frame(dgram: &[u8], segment: usize, vni: u32, own: Mac, mtu: usize) -> Option<SuperFrame> {
+    open(dgram, vni, own).ok()?;
+    let inner = &dgram[HEADER_LEN..];
+    if inner.len() < 20 || inner[0] >> 4 != 4 {
+        return None;
+    }
+    let ip_header = usize::from(inner[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([inner[2], inner[3]]));
+    // A super-packet's IPv4 total length is what the sender's stack wrote: the whole packet.
+    if total != inner.len() || total <= mtu || ip_header < 20 || inner.len() < ip_header + 20 {
+        return None;
+    }
+    let protocol = inner[9];
+    let l4_header = match protocol {
+        6 => usize::from(inner[ip_header + 12] >> 4) * 4,
+        17 => 8,
+        _ => return None,
+    };
+    if l4_header < 8 || inner.len() <= ip_header + l4_header {
+        return None;
+    }
+    let mss = if dgram.len() > segment && segment > 0 {
+        segment
+    } else {
+        mtu.checked_sub(ip_header + l4_header)?
+    };
+    (mss > 0).then_some(SuperFrame {
+        protocol,
+        ip_header,
+        l4_header,
+        mss,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = Mac([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    const B: Mac = Mac([0x0a, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+
+    #[test]
+    fn header_matches_rfc_7348_layout() {
+        let h = header(0x12_3456, B, A);
+        assert_eq!(&h[..8], &[0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+        assert_eq!(&h[8..14], &B.0);
+        assert_eq!(&h[14..20], &A.0);
+        assert_eq!(&h[20..], &[0x08, 0x00]);
+        assert_eq!(OVERHEAD, 50, "flannel's MTU arithmetic");
+    }
+
+    #[test]
+    fn open_accepts_own_frames_only() {
+        let mut d = header(1, A, B).to_vec();
+        d.extend_from_slice(&[0x45; 20]);
+        assert_eq!(open(&d, 1, A), Ok(()));
+        assert_eq!(open(&d, 2, A), Err(Foreign::OtherVni(1)));
+        assert_eq!(open(&d, 1, B), Err(Foreign::OtherMac));
+        assert_eq!(open(&d[..21], 1, A), Err(Foreign::Malformed));
+        let mut arp = d.clone();
+        arp[20..22].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(open(&arp, 1, A), Err(Foreign::NotIpv4));
+        let mut noflag = d.clone();
+        noflag[0] = 0;
+        assert_eq!(open(&noflag, 1, A), Err(Foreign::Malformed));
+        // Reserved bits may be set by other senders; they are ignored, as the RFC asks.
+        let mut reserved = d;
+        reserved[1] = 0xff;
+        reserved[7] = 0xff;
+        assert_eq!(open(&reserved, 1, A), Ok(()));
+    }
+
+    #[test]
+    fn macs_parse_and_print_like_flannel() {
+        let m: Mac = "0a:BB:cc:dd:ee:ff".parse().unwrap();
+        assert_eq!(m, B);
+        assert_eq!(m.to_string(), "0a:bb:cc:dd:ee:ff");
+        assert_eq!("0a-bb-cc-dd-ee-ff".parse::<Mac>().unwrap(), B);
+        for bad in [
+            "",
+            "0a:bb:cc:dd:ee",
+            "0a:bb:cc:dd:ee:ff:00",
+            "0a:bb:cc:dd:ee:fg",
+            "a:bb:cc:dd:ee:ff",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        for _ in 0..100 {
+            let m = Mac::random_local();
+            assert!(m.is_local_unicast(), "{m}");
+        }
+        assert!(!Mac([0x01, 0, 0, 0, 0, 0]).is_local_unicast());
+        assert!(!Mac([0x00, 0x11, 0, 0, 0, 0]).is_local_unicast());
+    }
+
+    #[test]
+    fn super_frames_are_told_from_coalesced_runs() {
+        let mut d = header(1, A, B).to_vec();
+        let mut inner = vec![0u8; 3000];
+        inner[0] = 0x45;
+        inner[2..4].copy_from_slice(&3000u16.to_be_bytes());
+        inner[9] = 6;
+        inner[20 + 12] = 0x80; // TCP header of 32 bytes
+        d.extend_from_slice(&inner);
+        let f = super_frame(&d, 1398, 1, A, 1450).expect("a super frame");
+        assert_eq!((f.protocol, f.ip_header, f.l4_header, f.mss), (6, 20, 32, 1398));
+        // Without a segment size from the socket, one MTU's worth per segment.
+        assert_eq!(super_frame(&d, d.len(), 1, A, 1450).map(|f| f.mss), Some(1450 - 52));
+        // A run of ordinary frames (the first inner packet is small) is not one.
+        let mut run = header(1, A, B).to_vec();
+        let mut small = vec![0u8; 1000];
+        small[0] = 0x45;
+        small[2..4].copy_from_slice(&1000u16.to_be_bytes());
+        small[9] = 6;
+        run.extend_from_slice(&small);
+        run.extend_from_slice(&run.clone());
+        assert_eq!(super_frame(&run, 1022, 1, A, 1450), None);
+        assert_eq!(super_frame(&d, 1398, 2, A, 1450), None, "another VNI");
+        d[HEADER_LEN + 9] = 1;
+        assert_eq!(super_frame(&d, 1398, 1, A, 1450), None, "ICMP is never segmented");
+    }
+}

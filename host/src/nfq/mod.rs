@@ -1,0 +1,319 @@
+//! Wasm policy on the kernel's data paths (`vxlan`, `host-gw`), where packets never reach
+//! userspace on their own: netfilter rules ([`rules`]) queue the first packet of each new flow
+//! (conntrack state NEW) to the agent over nfnetlink_queue ([`msg`]); the module chain decides
+//! as it does for the userspace path (same [`WorkerChain`], same verdict cache); the verdict is
+//! applied and, for allowed flows, remembered in the connection mark, so the rest of the flow
+//! stays in the kernel.
+//!
+//! When the agent is not running, the kernel follows the chain's failure policy: with every
+//! module fail-open the rules carry `--queue-bypass` (packets pass), otherwise new flows are
+//! dropped until the agent is back. The rules stay in place across restarts for that reason.
+//! With no module loaded, nothing is queued at all.
+//!
+//! What the kernel offers is checked at start (the queue socket binds, the rules load); when
+//! either fails, the agent says so once, clearly, and reports the path as unavailable in
+//! `weft_kernel_policy_available`: flows on this path are then not filtered.
+
+pub mod msg;
+pub mod rules;
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+use crate::wasm::{Direction, Pipeline, WorkerChain};
+
+/// The default queue number (any of 0..=65535 not used by another program on the node).
+pub const DEFAULT_QUEUE: u16 = 8472;
+/// Bytes of each queued packet copied to the agent: headers are all a flow key needs.
+const COPY_RANGE: u32 = 128;
+/// Packets the kernel may hold waiting for verdicts.
+const QUEUE_MAXLEN: u32 = 4096;
+
+/// Counters of the kernel-path policy.
+#[derive(Debug, Default)]
+pub struct PolicyStats {
+    /// Whether the queue is bound and the rules loaded.
+    pub available: AtomicBool,
+    /// Packets the kernel handed over.
+    pub queued: AtomicU64,
+    /// Packets allowed (their flow is then marked).
+    pub allowed: AtomicU64,
+    /// Packets dropped by a verdict.
+    pub denied: AtomicU64,
+    /// Messages that did not parse or verdicts that could not be sent.
+    pub errors: AtomicU64,
+}
+
+/// Why the kernel path cannot be filtered.
+#[derive(Debug, thiserror::Error)]
+pub enum NfqError {
+    #[error("cannot open a netfilter netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot bind NFQUEUE {queue}: {reason}")]
+    Bind { queue: u16, reason: String },
+    #[error("cannot load the policy rules: {0}")]
+    Rules(#[from] rules::RulesError),
+}
+
+/// A bound nfnetlink_queue socket.
+struct QueueSocket {
+    fd: OwnedFd,
+    queue: u16,
+}
+
+impl QueueSocket {
+    fn open(queue: u16, fail_open: bool) -> Result<QueueSocket, NfqError> {
+        // SAFETY: plain socket calls on a descriptor this function owns from here on.
+        let fd = unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                msg::NETLINK_NETFILTER,
+            );
+            if fd < 0 {
+                return Err(NfqError::Socket(std::io::Error::last_os_error()));
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(NfqError::Socket(std::io::Error::last_os_error()));
+        }
+        // A burst of new flows must not kill the loop with ENOBUFS; big buffers absorb it.
+        let one: libc::c_int = 1;
+        let buf: libc::c_int = 8 << 20;
+        // SAFETY: option values are c_ints that outlive the calls.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_NO_ENOBUFS,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&buf as *const libc::c_int).cast(),
+                4,
+            );
+        }
+        let s = QueueSocket { fd, queue };
+        let flags = msg::CFG_F_GSO | if fail_open { msg::CFG_F_FAIL_OPEN } else { 0 };
+        s.send(&msg::bind(queue, 1, COPY_RANGE, flags, QUEUE_MAXLEN))
+            .map_err(|e| NfqError::Bind {
+                queue,
+                reason: e.to_string(),
+            })?;
+        let mut b = vec![0u8; 8192];
+        let n = s.recv(&mut b).map_err(|e| NfqError::Bind {
+            queue,
+            reason: e.to_string(),
+        })?;
+        let reply = msg::parse(&b[..n]).map_err(|e| NfqError::Bind {
+            queue,
+            reason: e.to_string(),
+        })?;
+        match reply.first() {
+            Some(msg::Message::Ack { errno: 0, .. }) => Ok(s),
+            Some(msg::Message::Ack { errno, .. }) => Err(NfqError::Bind {
+                queue,
+                reason: match *errno {
+                    libc::EBUSY => "another program already listens on this queue".to_string(),
+                    e => std::io::Error::from_raw_os_error(e).to_string(),
+                },
+            }),
+            _ => Err(NfqError::Bind {
+                queue,
+                reason: "no acknowledgement from the kernel".into(),
+            }),
+        }
+    }
+
+    fn send(&self, m: &[u8]) -> std::io::Result<()> {
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `m` and `addr` are valid for the call.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                m.as_ptr().cast(),
+                m.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let r = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
+/// Which way a queued packet goes, seen from this node: out of its subnet or into it.
+pub fn direction(own: Option<Ipv4Net>, src: Ipv4Addr) -> Direction {
+    match own {
+        Some(n) if n.contains(&src) => Direction::Egress,
+        _ => Direction::Ingress,
+    }
+}
+
+/// The rules the current module chain calls for.
+fn wanted(pipeline: &Pipeline, network: Ipv4Net, queue: u16) -> rules::RuleSet {
+    let chain = pipeline.chain();
+    rules::RuleSet {
+        network,
+        queue: (!chain.modules.is_empty()).then_some(queue),
+        bypass: chain
+            .modules
+            .iter()
+            .all(|m| m.failure == crate::wasm::FailurePolicy::Open),
+    }
+}
+
+/// Starts the kernel-path policy: binds `queue`, loads the rules and keeps them matching the
+/// module chain. Errors mean the path cannot be filtered; the caller reports them.
+pub fn start(pipeline: Arc<Pipeline>, network: Ipv4Net, queue: u16, stats: Arc<PolicyStats>) -> Result<(), NfqError> {
+    let first = wanted(&pipeline, network, queue);
+    // Fail-open also means "pass when the queue is full", never a drop the policy did not ask for.
+    let socket = QueueSocket::open(queue, first.bypass)?;
+    rules::install(&first)?;
+    stats.available.store(true, Ordering::Relaxed);
+    tracing::info!(queue, %network, modules_active = first.queue.is_some(), bypass = first.bypass,
+        "Wasm policy on the kernel path: first packets of new flows go through NFQUEUE");
+    {
+        let pipeline = pipeline.clone();
+        let stats = stats.clone();
+        std::thread::Builder::new()
+            .name("weft-nfqueue".into())
+            .spawn(move || serve(socket, pipeline, stats))
+            .map_err(NfqError::Socket)?;
+    }
+    // The rules follow the chain: loading the first module starts queueing, removing the last
+    // stops it, and the failure policies decide the bypass.
+    std::thread::Builder::new()
+        .name("weft-nfq-rules".into())
+        .spawn(move || {
+            let mut current = first;
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let want = wanted(&pipeline, network, queue);
+                if want == current {
+                    continue;
+                }
+                match rules::install(&want) {
+                    Ok(()) => {
+                        tracing::info!(
+                            modules_active = want.queue.is_some(),
+                            bypass = want.bypass,
+                            "kernel-path policy rules updated"
+                        );
+                        current = want;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot update the kernel-path policy rules; retrying"),
+                }
+            }
+        })
+        .map_err(NfqError::Socket)?;
+    Ok(())
+}
+
+/// The verdict loop: one packet at a time, answered from the chain's cache or its modules.
+fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) {
+    let mut chain = WorkerChain::new(pipeline.clone());
+    let mut buf = vec![0u8; 1 << 16];
+    let mut failures = 0u32;
+    loop {
+        let n = match socket.recv(&mut buf) {
+            Ok(n) => {
+                failures = 0;
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(error = %e, "NFQUEUE receive failed");
+                }
+                if failures > 10_000 {
+                    stats.available.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, "NFQUEUE socket keeps failing; kernel-path policy stopped");
+                    return;
+                }
+                continue;
+            }
+        };
+        let msgs = match msg::parse(&buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "unreadable NFQUEUE message");
+                continue;
+            }
+        };
+        chain.refresh();
+        let now = chain.now_ms();
+        let own = pipeline.chain().own;
+        for m in msgs {
+            let msg::Message::Packet { id, payload, .. } = m else {
+                continue;
+            };
+            stats.queued.fetch_add(1, Ordering::Relaxed);
+            let dir = match crate::packet::parse_ipv4(payload) {
+                Ok(meta) => direction(own, meta.src),
+                Err(_) => Direction::Ingress,
+            };
+            let verdict = chain.decide(dir, payload, now);
+            let reply = if verdict.drop {
+                stats.denied.fetch_add(1, Ordering::Relaxed);
+                msg::verdict(socket.queue, id, msg::NF_DROP, None)
+            } else {
+                stats.allowed.fetch_add(1, Ordering::Relaxed);
+                msg::verdict(socket.queue, id, msg::NF_REPEAT, Some(rules::ALLOW))
+            };
+            if let Err(e) = socket.send(&reply) {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "NFQUEUE verdict failed");
+            }
+        }
+        chain.flush_stats();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direction_is_seen_from_the_node() {
+        let own = Some("10.244.1.0/24".parse().unwrap());
+        assert_eq!(direction(own, "10.244.1.7".parse().unwrap()), Direction::Egress);
+        assert_eq!(direction(own, "10.244.2.7".parse().unwrap()), Direction::Ingress);
+    }
+}

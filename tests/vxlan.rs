@@ -1,0 +1,490 @@
+//! The `vxlan` backend across the wire: the kernel data path Weft programs (device, neighbour,
+//! FDB, onlink route per peer), kept right through restarts, lease removals and a device
+//! deleted by hand; the userspace mode exchanging traffic with a plain kernel VXLAN device
+//! configured by `ip link`; and Wasm policy on the kernel path through NFQUEUE.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::Duration;
+
+use weft_tests::*;
+
+const VXLAN: &str =
+    r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","RouteCheckSecs":1,"TxChecksumOffload":false}}"#;
+const USERSPACE: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Userspace":true}}"#;
+
+/// Runs a command in node `n`'s namespace and returns its stdout.
+fn in_node(c: &TestCluster, n: usize, cmd: &[&str]) -> String {
+    in_ns(c.lab.nodes[n - 1].ns.name(), cmd)
+}
+
+fn in_ns(ns: &str, cmd: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn lines(s: String) -> Vec<String> {
+    s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+/// What the kernel holds for Weft on node `n`: (neighbours, FDB entries, routes).
+fn entries(c: &TestCluster, n: usize) -> (Vec<String>, Vec<String>, Vec<String>) {
+    (
+        lines(in_node(
+            c,
+            n,
+            &["ip", "-4", "neigh", "show", "dev", "weft.1", "nud", "permanent"],
+        )),
+        lines(in_node(c, n, &["bridge", "fdb", "show", "dev", "weft.1"]))
+            .into_iter()
+            .filter(|l| l.contains(" dst "))
+            .collect(),
+        lines(in_node(c, n, &["ip", "-4", "route", "show", "proto", "87"])),
+    )
+}
+
+/// The MAC of node `n`'s VXLAN device, if it exists.
+fn device_mac(c: &TestCluster, n: usize) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-n", c.lab.nodes[n - 1].ns.name(), "-j", "link", "show", "weft.1"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v.get(0)?.get("address")?.as_str().map(str::to_string)
+}
+
+/// The VtepMAC node `n` published in its lease (read with etcdctl, as flannel's tools do).
+fn lease_mac(c: &TestCluster, n: usize) -> String {
+    let s = c.subnet(n);
+    let key = format!("/coreos.com/network/subnets/{}-{}", s.network(), s.prefix_len());
+    let etcd = c.etcd.as_ref().expect("etcd");
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl(&["get", &key, "--print-value-only"]).expect("get")).expect("lease JSON");
+    assert_eq!(v["BackendType"], "vxlan", "{v}");
+    assert_eq!(v["BackendData"]["VNI"], 1, "{v}");
+    v["BackendData"]["VtepMAC"].as_str().expect("VtepMAC").to_string()
+}
+
+fn all_pairs_talk(c: &TestCluster, nodes: usize) {
+    for a in 1..=nodes {
+        for b in (1..=nodes).filter(|b| *b != a) {
+            let (src, _) = c.pod(a, 1);
+            let (dst_ns, dst) = c.pod(b, 1);
+            let (ok, out) = ping_output(&src, dst);
+            assert!(ok, "ping {a} -> {b}:\n{out}\n{}", c.lab.nodes[a - 1].log_tail(20));
+            tcp_transfer(&src, &dst_ns, dst, 2 << 20);
+        }
+    }
+}
+
+#[test]
+fn kernel_vxlan_programs_flannels_entries_and_keeps_them_right() {
+    let mut c = TestCluster::with_config("vx", StoreKind::Etcd, 3, VXLAN, &[]);
+    c.up(1);
+    all_pairs_talk(&c, 3);
+
+    for n in 1..=3 {
+        let detail = in_node(&c, n, &["ip", "-d", "link", "show", "weft.1"]);
+        assert!(detail.contains("vxlan id 1 "), "{detail}");
+        assert!(detail.contains("dstport 8472"), "{detail}");
+        assert!(detail.contains("nolearning"), "{detail}");
+        assert!(detail.contains("mtu 1450"), "underlay 1500 - 50: {detail}");
+        let mac = device_mac(&c, n).expect("device");
+        assert_eq!(mac, lease_mac(&c, n), "the lease carries the device's MAC");
+        let first = u8::from_str_radix(&mac[..2], 16).expect("hex");
+        assert_eq!(first & 0x03, 0x02, "{mac}: unicast, locally administered");
+        let offload = in_node(&c, n, &["ethtool", "-k", "weft.1"]);
+        assert!(
+            offload.contains("tx-checksumming: off"),
+            "TxChecksumOffload=false:\n{offload}"
+        );
+
+        let (neigh, fdb, routes) = entries(&c, n);
+        assert_eq!(
+            (neigh.len(), fdb.len(), routes.len()),
+            (2, 2, 2),
+            "node {n}: {neigh:?} {fdb:?} {routes:?}"
+        );
+        for m in (1..=3).filter(|m| *m != n) {
+            let s = c.subnet(m);
+            let gw = s.network().to_string();
+            let peer_mac = lease_mac(&c, m);
+            assert!(
+                neigh.iter().any(|l| l.starts_with(&format!("{gw} lladdr {peer_mac}"))),
+                "{neigh:?}"
+            );
+            let ip = c.lab.nodes[m - 1].underlay_ip.to_string();
+            assert!(
+                fdb.iter()
+                    .any(|l| l.starts_with(&peer_mac) && l.contains(&format!("dst {ip} "))),
+                "{fdb:?}"
+            );
+            assert!(
+                routes
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{s} via {gw} dev weft.1")) && l.contains("onlink")),
+                "{routes:?}"
+            );
+        }
+    }
+
+    // A restart keeps the MAC and adds nothing twice.
+    let mac1 = device_mac(&c, 1).expect("device");
+    c.lab.stop_agent(1, false).expect("kill");
+    c.lab.start_agent(1).expect("start");
+    c.lab.wait_ready(1, Duration::from_secs(20)).expect("ready");
+    assert_eq!(
+        device_mac(&c, 1).as_deref(),
+        Some(mac1.as_str()),
+        "same MAC after a restart"
+    );
+    assert_eq!(lease_mac(&c, 1), mac1);
+    std::thread::sleep(Duration::from_secs(2));
+    let (neigh, fdb, routes) = entries(&c, 1);
+    assert_eq!(
+        (neigh.len(), fdb.len(), routes.len()),
+        (2, 2, 2),
+        "{neigh:?} {fdb:?} {routes:?}"
+    );
+    let (p1, _) = c.pod(1, 1);
+    let (p2ns, p2) = c.pod(2, 1);
+    assert!(ping(&p1, p2));
+
+    // The device deleted by hand comes back, with its MAC and entries, and traffic resumes.
+    let mac2 = device_mac(&c, 2).expect("device");
+    in_node(&c, 2, &["ip", "link", "del", "weft.1"]);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            device_mac(&c, 2).as_deref() == Some(mac2.as_str()) && {
+                let (n, f, r) = entries(&c, 2);
+                (n.len(), f.len(), r.len()) == (2, 2, 2)
+            }
+        }),
+        "weft.1 not re-created on node 2:\n{}",
+        c.lab.nodes[1].log_tail(20)
+    );
+    assert!(ping(&p1, p2), "traffic after re-creation");
+    tcp_transfer(&p1, &p2ns, p2, 1 << 20);
+
+    // A lease removed: its neighbour, FDB entry and route leave every peer.
+    let s3 = c.subnet(3);
+    let mac3 = lease_mac(&c, 3);
+    c.lab.stop_agent(3, false).expect("kill 3");
+    c.delete_lease(s3);
+    for n in 1..=2 {
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let (neigh, fdb, routes) = entries(&c, n);
+                !neigh.iter().any(|l| l.starts_with(&format!("{} ", s3.network())))
+                    && !fdb.iter().any(|l| l.starts_with(&mac3))
+                    && !routes.iter().any(|l| l.starts_with(&s3.to_string()))
+                    && (neigh.len(), fdb.len(), routes.len()) == (1, 1, 1)
+            }),
+            "node {n} kept entries for {s3}: {:?}\n{}",
+            entries(&c, n),
+            c.lab.nodes[n - 1].log_tail(15)
+        );
+    }
+    assert!(ping(&p1, p2), "the remaining peers still talk");
+}
+
+/// A peer that is nothing but Linux: a kernel VXLAN device set up with `ip`, a bridge and a
+/// pod, wired as flannel would wire it, and a lease written with etcdctl.
+struct KernelPeer {
+    host: String,
+    pod: String,
+    pod_ip: Ipv4Addr,
+}
+
+impl KernelPeer {
+    const SUBNET: &'static str = "10.244.77.0/24";
+    const MAC: &'static str = "0a:77:00:00:00:01";
+
+    fn build(c: &mut TestCluster) -> KernelPeer {
+        let (host, addr) = c.lab.add_host("kv").expect("peer host");
+        let pod = format!("{host}p");
+        let sh = |ns: &str, cmd: &str| {
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            in_ns(ns, &args);
+        };
+        let local = addr.to_string();
+        sh(
+            &host,
+            &format!(
+                "ip link add vx0 address {} type vxlan id 1 dstport 8472 local {local} dev eth0 nolearning",
+                Self::MAC
+            ),
+        );
+        sh(&host, "ip addr add 10.244.77.0/32 dev vx0");
+        sh(&host, "ip link set vx0 mtu 1450 up");
+        sh(&host, "ip link add cni0 type bridge");
+        sh(&host, "ip addr add 10.244.77.1/24 dev cni0");
+        sh(&host, "ip link set cni0 mtu 1450 up");
+        sh(&host, "sysctl -qw net.ipv4.ip_forward=1");
+        let st = Command::new("ip")
+            .args(["netns", "add", &pod])
+            .status()
+            .expect("ip netns add");
+        assert!(st.success());
+        let st = Command::new("ip")
+            .args([
+                "link", "add", "eth0", "netns", &pod, "type", "veth", "peer", "name", "vp1", "netns", &host,
+            ])
+            .status()
+            .expect("veth");
+        assert!(st.success());
+        sh(&host, "ip link set vp1 master cni0 mtu 1450 up");
+        sh(&pod, "ip addr add 10.244.77.2/24 dev eth0");
+        sh(&pod, "ip link set eth0 mtu 1450 up");
+        sh(&pod, "ip link set lo up");
+        sh(&pod, "ip route add default via 10.244.77.1");
+        let lease = format!(
+            r#"{{"PublicIP":"{local}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            Self::MAC
+        );
+        c.etcd
+            .as_ref()
+            .expect("etcd")
+            .etcdctl(&["put", "/coreos.com/network/subnets/10.244.77.0-24", &lease])
+            .expect("put the peer's lease");
+        KernelPeer {
+            host,
+            pod,
+            pod_ip: "10.244.77.2".parse().expect("ip"),
+        }
+    }
+
+    /// Points the peer's kernel at a Weft node: flannel's three entries, written with `ip`.
+    fn route_to(&self, subnet: ipnet::Ipv4Net, node_ip: Ipv4Addr, mac: &str) {
+        let gw = subnet.network().to_string();
+        let node = node_ip.to_string();
+        let net = subnet.to_string();
+        in_ns(
+            &self.host,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                mac,
+                "dev",
+                "vx0",
+                "nud",
+                "permanent",
+            ],
+        );
+        in_ns(
+            &self.host,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                mac,
+                "dev",
+                "vx0",
+                "dst",
+                &node,
+                "self",
+                "permanent",
+            ],
+        );
+        in_ns(
+            &self.host,
+            &["ip", "route", "replace", &net, "via", &gw, "dev", "vx0", "onlink"],
+        );
+    }
+}
+
+impl Drop for KernelPeer {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.pod]).status();
+    }
+}
+
+#[test]
+fn userspace_vxlan_talks_to_a_plain_kernel_vxlan_peer_both_ways() {
+    let mut c = TestCluster::with_config("vu", StoreKind::Etcd, 1, USERSPACE, &[]);
+    c.up(1);
+    let peer = KernelPeer::build(&mut c);
+    let mac = lease_mac(&c, 1);
+    peer.route_to(c.subnet(1), c.lab.nodes[0].underlay_ip, &mac);
+    assert!(
+        eventually(Duration::from_secs(10), || c.lab.metric(1, "weft_routes").ok()
+            == Some(1.0)),
+        "the Weft node never routed the kernel peer's lease"
+    );
+    // The Weft side is a TUN device with Weft's loop behind it, not a kernel VXLAN device.
+    let kind = in_node(&c, 1, &["ip", "-d", "link", "show", "weft.1"]);
+    assert!(kind.contains("tun") && !kind.contains("vxlan id"), "{kind}");
+
+    let (wpod, wip) = c.pod(1, 1);
+    let (ok, out) = ping_output(&wpod, peer.pod_ip);
+    assert!(ok, "Weft pod -> kernel pod:\n{out}\n{}", c.lab.nodes[0].log_tail(20));
+    let (ok, out) = ping_output(&peer.pod, wip);
+    assert!(ok, "kernel pod -> Weft pod:\n{out}");
+    tcp_transfer(&wpod, &peer.pod, peer.pod_ip, 4 << 20);
+    tcp_transfer(&peer.pod, &wpod, wip, 4 << 20);
+    assert!(c.metric(1, "weft_dataplane_rx_packets_total") > 1000.0);
+    assert_eq!(
+        c.metric(1, "weft_dataplane_dropped_packets_total{reason=\"foreign_frame\"}"),
+        0.0,
+        "every frame from the kernel peer was understood"
+    );
+
+    // The kernel peer's frames for another VNI are not ours: counted, not delivered.
+    in_ns(
+        &peer.host,
+        &[
+            "ip",
+            "link",
+            "add",
+            "vx9",
+            "type",
+            "vxlan",
+            "id",
+            "9",
+            "dstport",
+            "8472",
+            "dev",
+            "eth0",
+            "nolearning",
+        ],
+    );
+    in_ns(&peer.host, &["ip", "addr", "add", "10.99.0.1/24", "dev", "vx9"]);
+    in_ns(&peer.host, &["ip", "link", "set", "vx9", "up"]);
+    let node = c.lab.nodes[0].underlay_ip.to_string();
+    in_ns(
+        &peer.host,
+        &[
+            "bridge",
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            "vx9",
+            "dst",
+            &node,
+        ],
+    );
+    let _ = ping(&peer.host, "10.99.0.2".parse().expect("ip"));
+    assert!(
+        c.metric(1, "weft_dataplane_dropped_packets_total{reason=\"foreign_frame\"}") >= 1.0,
+        "a VNI 9 frame was not counted as foreign"
+    );
+    assert_eq!(c.lab.http_get(1, "/healthz").expect("healthz").0, 200);
+}
+
+/// `id_sequence` of NFQUEUE `queue` in namespace `ns`: how many packets the kernel has queued.
+fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
+    let text = in_node(c, n, &["cat", "/proc/net/netfilter/nfnetlink_queue"]);
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first().and_then(|q| q.parse::<u16>().ok()) == Some(queue))
+        .and_then(|f| f.get(7).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn firewall_on_the_kernel_path_queues_only_first_packets() {
+    let mut c = TestCluster::with_config("vq", StoreKind::Etcd, 2, VXLAN, &[]);
+    c.up(1);
+    assert_eq!(
+        c.metric(1, "weft_kernel_policy_available"),
+        1.0,
+        "{}",
+        c.lab.nodes[0].log_tail(20)
+    );
+    let fw = policy_wasm("firewall").display().to_string();
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
+        .expect("add");
+    for n in 1..=2 {
+        assert!(
+            eventually(Duration::from_secs(20), || in_node(
+                &c,
+                n,
+                &["iptables", "-S", "WEFT-POLICY"]
+            )
+            .contains("NFQUEUE")),
+            "node {n} never queued:\n{}",
+            c.lab.nodes[n - 1].log_tail(20)
+        );
+    }
+    let rules = in_node(&c, 1, &["iptables", "-S", "WEFT-POLICY"]);
+    assert!(
+        !rules.contains("--queue-bypass"),
+        "the firewall is fail-closed: {rules}"
+    );
+
+    let (p1, ip1) = c.pod(1, 1);
+    let (p2, ip2) = c.pod(2, 1);
+    assert!(ping(&p1, ip2), "ping passes the firewall");
+    assert!(
+        !tcp_connects(&p1, &p2, ip2, 7777),
+        "tcp/7777 got through on the kernel path"
+    );
+    assert!(!tcp_connects(&p2, &p1, ip1, 7777), "tcp/7777 got through the other way");
+    assert!(c.metric(1, "weft_kernel_policy_packets_total{verdict=\"deny\"}") >= 1.0);
+
+    // One long flow: thousands of packets, a handful queued (the first packet, at each end).
+    let before = (queued(&c, 1, 8472), queued(&c, 2, 8472));
+    tcp_transfer_port(&p1, &p2, ip2, 7778, 16 << 20);
+    let after = (queued(&c, 1, 8472), queued(&c, 2, 8472));
+    let d = (after.0 - before.0, after.1 - before.1);
+    assert!(d.0 >= 1 && d.1 >= 1, "the flow was never asked about: {d:?}");
+    assert!(
+        d.0 <= 4 && d.1 <= 4,
+        "established packets went to userspace: {d:?} queued for 16 MiB"
+    );
+    let returned = in_node(&c, 1, &["iptables", "-L", "WEFT-POLICY", "-v", "-x", "-n"]);
+    let remembered: u64 = returned
+        .lines()
+        .find(|l| l.contains("connmark match") && l.contains("RETURN"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        remembered > 1000,
+        "the connection mark did not carry the flow:\n{returned}"
+    );
+
+    // Agent down, fail-closed: new flows stop at the queue; the agent back, they flow again.
+    c.lab.stop_agent(2, true).expect("stop");
+    assert!(
+        !tcp_connects(&p1, &p2, ip2, 7778),
+        "a new flow passed with no agent to ask (fail-closed)"
+    );
+    c.lab.start_agent(2).expect("start");
+    c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
+    assert!(
+        eventually(Duration::from_secs(20), || tcp_connects(&p1, &p2, ip2, 7778)),
+        "new flows after the agent came back:\n{}",
+        c.lab.nodes[1].log_tail(20)
+    );
+    assert!(!tcp_connects(&p1, &p2, ip2, 7777));
+
+    // The module removed: nothing is queued any more.
+    c.weft_module(1, &["rm", "fw"]).expect("rm");
+    assert!(
+        eventually(Duration::from_secs(20), || !in_node(
+            &c,
+            1,
+            &["iptables", "-S", "WEFT-POLICY"]
+        )
+        .contains("NFQUEUE")),
+        "rules kept queueing without modules"
+    );
+    assert!(eventually(Duration::from_secs(20), || tcp_connects(
+        &p1, &p2, ip2, 7777
+    )));
+}
