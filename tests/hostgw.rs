@@ -1,6 +1,6 @@
-//! The `host-gw` backend across the wire: kernel routes via peers, reconciled against manual
-//! damage, removed with their lease, no duplicates after a restart, and a clear refusal when a
-//! peer is not on the same L2 segment.
+//! The `host-gw` backend across the wire: kernel routes via peers, Wasm policy through NFQUEUE,
+//! routes reconciled against manual damage, removed with their lease, no duplicates after a
+//! restart, and a clear refusal when a peer is not on the same L2 segment.
 
 use std::process::Command;
 use std::time::Duration;
@@ -51,6 +51,25 @@ fn host_gw_routes_traffic_and_keeps_its_routes_right() {
             );
         }
     }
+
+    // Wasm policy on this kernel path too: the firewall, through NFQUEUE.
+    let fw = policy_wasm("firewall").display().to_string();
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
+        .expect("add");
+    let (p1, _) = c.pod(1, 1);
+    let (p3ns, p3) = c.pod(3, 1);
+    assert!(
+        eventually(Duration::from_secs(20), || !tcp_connects(&p1, &p3ns, p3, 7777)),
+        "tcp/7777 passes host-gw with the firewall loaded:\n{}",
+        c.lab.nodes[0].log_tail(10)
+    );
+    assert!(tcp_connects(&p1, &p3ns, p3, 7778), "other ports pass");
+    assert!(c.metric(1, "weft_kernel_policy_packets_total{verdict=\"deny\"}") >= 1.0);
+    c.weft_module(1, &["rm", "fw"]).expect("rm");
+    assert!(eventually(Duration::from_secs(20), || tcp_connects(
+        &p1, &p3ns, p3, 7777
+    )));
 
     // Damage: a route deleted by hand comes back; a stale Weft route goes.
     let s2 = c.subnet(2).to_string();

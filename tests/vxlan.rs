@@ -32,6 +32,22 @@ fn in_ns(ns: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Node `n`'s WEFT-POLICY chain as `iptables -S` prints it; empty when the chain does not exist.
+fn policy_rules(c: &TestCluster, n: usize) -> String {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            c.lab.nodes[n - 1].ns.name(),
+            "iptables",
+            "-S",
+            "WEFT-POLICY",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 fn lines(s: String) -> Vec<String> {
     s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
@@ -108,6 +124,7 @@ fn kernel_vxlan_programs_flannels_entries_and_keeps_them_right() {
             "TxChecksumOffload=false:\n{offload}"
         );
 
+        assert_eq!(policy_rules(&c, n), "", "no module, no rule on the forwarding path");
         let (neigh, fdb, routes) = entries(&c, n);
         assert_eq!(
             (neigh.len(), fdb.len(), routes.len()),
@@ -410,17 +427,12 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
         .expect("add");
     for n in 1..=2 {
         assert!(
-            eventually(Duration::from_secs(20), || in_node(
-                &c,
-                n,
-                &["iptables", "-S", "WEFT-POLICY"]
-            )
-            .contains("NFQUEUE")),
+            eventually(Duration::from_secs(20), || policy_rules(&c, n).contains("NFQUEUE")),
             "node {n} never queued:\n{}",
             c.lab.nodes[n - 1].log_tail(20)
         );
     }
-    let rules = in_node(&c, 1, &["iptables", "-S", "WEFT-POLICY"]);
+    let rules = policy_rules(&c, 1);
     assert!(
         !rules.contains("--queue-bypass"),
         "the firewall is fail-closed: {rules}"
@@ -447,14 +459,15 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
         "established packets went to userspace: {d:?} queued for 16 MiB"
     );
     let returned = in_node(&c, 1, &["iptables", "-L", "WEFT-POLICY", "-v", "-x", "-n"]);
+    // Bytes, not packets: the kernel forwards GRO super-packets, so 16 MiB is a few hundred.
     let remembered: u64 = returned
         .lines()
         .find(|l| l.contains("connmark match") && l.contains("RETURN"))
-        .and_then(|l| l.split_whitespace().next())
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(
-        remembered > 1000,
+        remembered >= 16 << 20,
         "the connection mark did not carry the flow:\n{returned}"
     );
 
@@ -476,12 +489,7 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
     // The module removed: nothing is queued any more.
     c.weft_module(1, &["rm", "fw"]).expect("rm");
     assert!(
-        eventually(Duration::from_secs(20), || !in_node(
-            &c,
-            1,
-            &["iptables", "-S", "WEFT-POLICY"]
-        )
-        .contains("NFQUEUE")),
+        eventually(Duration::from_secs(20), || !policy_rules(&c, 1).contains("NFQUEUE")),
         "rules kept queueing without modules"
     );
     assert!(eventually(Duration::from_secs(20), || tcp_connects(

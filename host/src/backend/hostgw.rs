@@ -4,7 +4,8 @@
 //! number so reconciliation (on every lease change and on a timer) touches only Weft's routes and
 //! leaves none stale after a restart.
 //!
-//! Packets never reach userspace on this backend, so Wasm modules are not consulted here.
+//! Packets never reach userspace on this backend: Wasm modules see each new flow's first
+//! packet through NFQUEUE ([`crate::nfq`]), as on the kernel `vxlan` path.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -105,7 +106,7 @@ impl Backend for HostGwBackend {
         };
         rt.spawn(r.run(self.desired.subscribe()));
         tracing::info!(iface = %self.iface, check_secs = self.check.as_secs(), proto = ROUTE_PROTO,
-            "host-gw backend up: routes via peers on the underlay; Wasm modules are not consulted on this kernel path");
+            "host-gw backend up: routes via peers on the underlay");
         Ok(())
     }
 

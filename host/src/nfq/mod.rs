@@ -8,7 +8,7 @@
 //! When the agent is not running, the kernel follows the chain's failure policy: with every
 //! module fail-open the rules carry `--queue-bypass` (packets pass), otherwise new flows are
 //! dropped until the agent is back. The rules stay in place across restarts for that reason.
-//! With no module loaded, nothing is queued at all.
+//! With no module loaded there are no rules at all, so the path pays nothing for this.
 //!
 //! What the kernel offers is checked at start (the queue socket binds, the rules load); when
 //! either fails, the agent says so once, clearly, and reports the path as unavailable in

@@ -40,12 +40,16 @@ pub fn render(set: &RuleSet) -> String {
     let mut s = String::from("*filter\n");
     // Declaring the chain flushes it: each load replaces the whole chain at once.
     s.push_str(&format!(":{CHAIN} - [0:0]\n"));
-    s.push_str(&format!(
-        "-A {CHAIN} -m mark --mark {ALLOW:#x}/{MASK:#x} -j CONNMARK --save-mark --nfmask {MASK:#x} --ctmask {MASK:#x}\n"
-    ));
+    // Established packets of allowed flows, nearly all of them, match the first rule and leave.
     s.push_str(&format!(
         "-A {CHAIN} -m connmark --mark {ALLOW:#x}/{MASK:#x} -j RETURN\n"
     ));
+    // A packet the agent allowed comes back (NF_REPEAT) with the packet mark: remember it in the
+    // connection and let it go, never to the queue a second time.
+    s.push_str(&format!(
+        "-A {CHAIN} -m mark --mark {ALLOW:#x}/{MASK:#x} -j CONNMARK --save-mark --nfmask {MASK:#x} --ctmask {MASK:#x}\n"
+    ));
+    s.push_str(&format!("-A {CHAIN} -m mark --mark {ALLOW:#x}/{MASK:#x} -j RETURN\n"));
     if let Some(q) = set.queue {
         let bypass = if set.bypass { " --queue-bypass" } else { "" };
         s.push_str(&format!(
@@ -94,8 +98,13 @@ fn run(cmd: &'static str, args: &[&str], input: Option<&str>) -> Result<bool, Ru
     Ok(false)
 }
 
-/// Installs `set`: the chain, then (once) the jump to it at the top of FORWARD.
+/// Installs `set`: the chain, then (once) the jump to it at the top of FORWARD. With no queue
+/// (no module loaded) there is nothing to ask, so nothing is installed at all: the forwarding
+/// path then pays for no rule and no connection tracking.
 pub fn install(set: &RuleSet) -> Result<(), RulesError> {
+    if set.queue.is_none() {
+        return remove();
+    }
     run("iptables-restore", &["-w", "5", "--noflush"], Some(&render(set)))?;
     if !run("iptables", &["-w", "5", "-C", "FORWARD", "-j", CHAIN], None)? {
         run(
@@ -128,12 +137,16 @@ mod tests {
         });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[1], ":WEFT-POLICY - [0:0]");
-        assert!(lines[2].contains("CONNMARK --save-mark"), "{text}");
         assert!(
-            lines[3].contains("connmark --mark 0x100000/0x300000 -j RETURN"),
+            lines[2].contains("connmark --mark 0x100000/0x300000 -j RETURN"),
             "{text}"
         );
-        assert!(lines[4].contains("-s 10.244.0.0/16 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 8472"));
+        assert!(lines[3].contains("CONNMARK --save-mark"), "{text}");
+        assert!(
+            lines[4].contains("-m mark --mark 0x100000/0x300000 -j RETURN"),
+            "{text}"
+        );
+        assert!(lines[5].contains("-s 10.244.0.0/16 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 8472"));
         assert!(!text.contains("--queue-bypass"), "fail-closed: no agent, no new flows");
         assert_eq!(lines.last(), Some(&"COMMIT"));
     }
