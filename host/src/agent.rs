@@ -59,6 +59,8 @@ pub struct AgentOptions {
     pub admin_auth_reads: bool,
     /// The NFQUEUE number for Wasm policy on kernel data paths.
     pub policy_queue: u16,
+    /// Masquerade pod traffic leaving the cluster network (flannel's `--ip-masq`).
+    pub ip_masq: bool,
 }
 
 /// Why the agent stopped.
@@ -86,6 +88,8 @@ pub enum AgentError {
     NetConfigFile { path: PathBuf, source: std::io::Error },
     #[error("cannot listen on --admin-listen {addr}: {source}")]
     AdminListen { addr: SocketAddr, source: std::io::Error },
+    #[error("--ip-masq: {0}")]
+    Masq(#[from] crate::masq::MasqError),
     #[error("cannot write the subnet file {path}: {source}")]
     SubnetFile { path: PathBuf, source: std::io::Error },
 }
@@ -297,11 +301,15 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     // Ready means peers are routable: wait for the first listing to reach the data path.
     let _ = tokio::time::timeout(Duration::from_secs(10), synced_rx.wait_for(|s| *s)).await;
 
+    if opts.ip_masq {
+        crate::masq::install(config.network, lease.subnet)?;
+        tracing::info!(table = crate::masq::TABLE, network = %config.network, "masquerading pod traffic that leaves the cluster network");
+    }
     let env = SubnetEnv {
         network: config.network,
         subnet: lease.subnet,
         mtu: backend.mtu(),
-        ip_masq: false,
+        ip_masq: opts.ip_masq,
     };
     env.write(&opts.subnet_file).map_err(|source| AgentError::SubnetFile {
         path: opts.subnet_file.clone(),
@@ -327,6 +335,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         why = failed => Err(AgentError::Dataplane(why)),
     };
     keep.abort();
+    if opts.ip_masq {
+        if let Err(e) = crate::masq::remove() {
+            tracing::warn!(error = %e, "cannot remove the masquerading rules");
+        }
+    }
     tracing::info!("shutting down: the lease stays for a restart to adopt; the TUN device goes with the process");
     outcome
 }
@@ -374,6 +387,11 @@ async fn keep_lease(
                         tracing::error!(old = %current.subnet, new = %l.subnet,
                             "this node's subnet changed: pods keep old addresses until re-created");
                         env.subnet = l.subnet;
+                        if env.ip_masq {
+                            if let Err(e) = crate::masq::install(env.network, l.subnet) {
+                                tracing::error!(error = %e, "cannot update the masquerading rules");
+                            }
+                        }
                         if let Err(e) = env.write(&subnet_file) {
                             tracing::error!(error = %e, "cannot rewrite the subnet file");
                         }

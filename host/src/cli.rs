@@ -173,6 +173,9 @@ struct AgentArgs {
     /// Where to write flannel's subnet.env.
     #[arg(long, env = "WEFT_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
     subnet_file: PathBuf,
+    /// Masquerade pod traffic leaving the cluster network (never pod-to-pod), in nftables table `ip weft`.
+    #[arg(long, env = "WEFT_IP_MASQ")]
+    ip_masq: bool,
     /// NFQUEUE number for Wasm policy on kernel data paths (vxlan, host-gw).
     #[arg(long, env = "WEFT_POLICY_QUEUE", default_value_t = weft::nfq::DEFAULT_QUEUE)]
     policy_queue: u16,
@@ -704,6 +707,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 subnet_file: a.subnet_file,
                 state_dir: a.state_dir,
                 policy_queue: a.policy_queue,
+                ip_masq: a.ip_masq,
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 lease_ttl: Duration::from_secs(a.lease_ttl),
                 net_config: a.net_config,
