@@ -223,7 +223,6 @@ struct KernelPeer {
 }
 
 impl KernelPeer {
-    const SUBNET: &'static str = "10.244.77.0/24";
     const MAC: &'static str = "0a:77:00:00:00:01";
 
     fn build(c: &mut TestCluster) -> KernelPeer {

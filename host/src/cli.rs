@@ -30,6 +30,24 @@ enum Command {
     Module(ModuleArgs),
     /// Show the cluster as an agent sees it: nodes, modules and this node's data path.
     Status(StatusArgs),
+    /// Install the CNI plugin and its network configuration onto this node (an init container's job).
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(Args)]
+struct InstallCniArgs {
+    /// The plugin binary to install.
+    #[arg(long, default_value = "/weft-cni")]
+    plugin: PathBuf,
+    /// Where the runtime looks for plugins.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// The network configuration (a conflist with a plugin of type "weft", or a single conf).
+    #[arg(long)]
+    conf: PathBuf,
+    /// Where the runtime looks for network configurations.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -719,6 +737,11 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 admin_auth_reads: a.admin_auth_reads,
             };
             agent::run(opts, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InstallCni(i) => {
+            let (bin, conf) = weft::cni::install(&i.plugin, &i.bin_dir, &i.conf, &i.conf_dir)?;
+            println!("installed {} and {}", bin.display(), conf.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(d) => {

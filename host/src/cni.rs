@@ -428,3 +428,95 @@ mod tests {
         assert_eq!(run(&inv("CHECK"), conf.as_bytes()).unwrap_err().code, 3);
     }
 }
+
+/// Why installing the plugin onto a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a CNI network configuration: {why}")]
+    BadConf { path: PathBuf, why: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Installs the plugin binary as `<bin_dir>/weft` and the network configuration `conf` into
+/// `conf_dir` (as `10-weft.conflist`, or `10-weft.conf` for a single plugin), each written aside
+/// and renamed so a runtime never sees half a file. Returns the two paths written.
+pub fn install(
+    plugin: &Path,
+    bin_dir: &Path,
+    conf: &Path,
+    conf_dir: &Path,
+) -> Result<(PathBuf, PathBuf), InstallError> {
+    let text = std::fs::read(conf).map_err(|source| InstallError::Read {
+        path: conf.into(),
+        source,
+    })?;
+    let bad = |why: String| InstallError::BadConf { path: conf.into(), why };
+    let v: Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    if v.get("name").and_then(Value::as_str).is_none() {
+        return Err(bad("it has no \"name\"".into()));
+    }
+    let list = match v.get("plugins") {
+        Some(Value::Array(p)) if p.iter().any(|p| p.get("type") == Some(&json!("weft"))) => true,
+        Some(_) => return Err(bad("no plugin in \"plugins\" has \"type\": \"weft\"".into())),
+        None if v.get("type") == Some(&json!("weft")) => false,
+        None => return Err(bad("its \"type\" is not \"weft\"".into())),
+    };
+    let code = std::fs::read(plugin).map_err(|source| InstallError::Read {
+        path: plugin.into(),
+        source,
+    })?;
+    let bin = bin_dir.join("weft");
+    let conf_out = conf_dir.join(if list { "10-weft.conflist" } else { "10-weft.conf" });
+    write_atomically(&bin, &code, 0o755)?;
+    write_atomically(&conf_out, &text, 0o644)?;
+    Ok((bin, conf_out))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| InstallError::Write {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("weft-tmp");
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod install_tests {
+    use super::*;
+
+    #[test]
+    fn installs_the_binary_and_a_conflist_and_refuses_other_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("weft-cni");
+        std::fs::write(&plugin, b"\x7fELF...").unwrap();
+        let conf = dir.path().join("c.json");
+        std::fs::write(
+            &conf,
+            br#"{"cniVersion":"1.0.0","name":"weft","plugins":[{"type":"weft"},{"type":"portmap"}]}"#,
+        )
+        .unwrap();
+        let (bin, out) = install(&plugin, &dir.path().join("bin"), &conf, &dir.path().join("net.d")).unwrap();
+        assert_eq!(std::fs::read(&bin).unwrap(), b"\x7fELF...");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(out.ends_with("10-weft.conflist"));
+        std::fs::write(&conf, br#"{"cniVersion":"1.0.0","name":"weft","type":"bridge"}"#).unwrap();
+        let e = install(&plugin, &dir.path().join("bin"), &conf, &dir.path().join("net.d")).unwrap_err();
+        assert!(e.to_string().contains("not \"weft\""), "{e}");
+        std::fs::write(&conf, b"{oops").unwrap();
+        assert!(matches!(
+            install(&plugin, dir.path(), &conf, dir.path()),
+            Err(InstallError::BadConf { .. })
+        ));
+    }
+}

@@ -3,7 +3,9 @@
 #   Weft udp                      vs kernel VXLAN set up by hand as flannel does (TCP, UDP 64 B)
 #   Weft vxlan (kernel)           vs kernel VXLAN by hand (TCP)
 #   Weft vxlan (userspace)        vs kernel VXLAN by hand (TCP, UDP 64 B)
-#   Weft vxlan + NFQUEUE firewall vs Weft vxlan without modules (TCP; new connections per second)
+#   Weft vxlan + NFQUEUE firewall vs Weft vxlan without modules (TCP; new connections per second),
+#     both on bare nodes (no connection tracking until the policy needs it) and on nodes running
+#     --ip-masq (connections already tracked, as on most real nodes)
 #   Weft host-gw                  vs routes added by hand (TCP)
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
@@ -55,15 +57,17 @@ setup_plain() {
 # The firewall denies a port nothing here uses: every benchmark flow is asked about once, then
 # allowed and remembered in its connection mark.
 CFG='{"default":"allow","rules":[{"action":"deny","protocol":"tcp","ports":["7777"]}]}'
-echo "setting up 7 paths..."
+echo "setting up 9 paths..."
 setup_weft udp udp
 setup_weft vx '{"Type":"vxlan"}'
 setup_weft vxp '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxp.db' add fw '$FW' --config-json '$CFG' >/dev/null"
+setup_weft vxm '{"Type":"vxlan"}' "" --ip-masq
+setup_weft vxpm '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpm.db' add fw '$FW' --config-json '$CFG' >/dev/null" --ip-masq
 setup_weft vxu '{"Type":"vxlan","Userspace":true}'
 setup_weft hg host-gw
 setup_kernel
 setup_plain
-PATHS="udp vx vxp vxu hg kvx plain"
+PATHS="udp vx vxp vxm vxpm vxu hg kvx plain"
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
 MODES=${MODES:-tcp udp64 conn}
 for t in $PATHS; do
@@ -99,7 +103,7 @@ for mode in tcp udp64 conn; do
     case $mode in
       tcp) for t in $PATHS; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" tcp)"; done ;;
       udp64) for t in udp vxu kvx; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" udp64)"; done ;;
-      conn) for t in vx vxp kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
+      conn) for t in vx vxp vxm vxpm kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
     esac
   done
 done
@@ -119,6 +123,8 @@ row "vxlan userspace / kernel, TCP (Gbit/s)" vxu kvx tcp
 row "vxlan userspace / kernel, UDP 64 B (kpps)" vxu kvx udp64
 row "vxlan+NFQUEUE / vxlan, TCP (Gbit/s)" vxp vx tcp
 row "vxlan+NFQUEUE / vxlan, conn/s" vxp vx conn
+row "same, nodes with --ip-masq, TCP (Gbit/s)" vxpm vxm tcp
+row "same, nodes with --ip-masq, conn/s" vxpm vxm conn
 row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
 row "vxlan / kernel VXLAN, conn/s" vx kvx conn
 echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"

@@ -45,9 +45,10 @@ attach_pod() {
   ip -n "$pod" route add default via "$s.1"
 }
 
-# setup_weft <tag> [backend] [pre-start command]: a two-node Weft cluster with its own embedded
-# store ($TMP/<tag>.db). `backend` is a type name (udp unless given) or a whole Backend JSON
-# object; the pre-start command runs (in node 1) before the agents start, e.g. to store a module.
+# setup_weft <tag> [backend] [pre-start command] [agent flags]: a two-node Weft cluster with its
+# own embedded store ($TMP/<tag>.db). `backend` is a type name (udp unless given) or a whole
+# Backend JSON object; the pre-start command runs (in node 1) before the agents start, e.g. to
+# store a module; the flags are added to both agents' command lines.
 # Sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
 declare -A POD2 MTU
 setup_weft() {
@@ -60,7 +61,7 @@ setup_weft() {
   for i in 1 2; do
     ip netns exec "$P-$t-n$i" "$WEFT" agent --iface eth0 --store "$TMP/$t.db" \
       --net-config "$TMP/$t-net.json" --subnet-file "$TMP/$t-n$i.env" \
-      --state-dir "$TMP/$t-state$i" --admin-token-file "$TMP/$t-token" >"$TMP/$t-agent$i.log" 2>&1 &
+      --state-dir "$TMP/$t-state$i" --admin-token-file "$TMP/$t-token" ${4:-} >"$TMP/$t-agent$i.log" 2>&1 &
     PIDS+=($!)
   done
   for i in 1 2; do
