@@ -278,13 +278,8 @@ pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Vec<u8>, CniError> {
 }
 
 fn save(path: &Path, bytes: &[u8]) -> Result<(), CniError> {
-    let err = |e: std::io::Error| CniError::new(5, format!("cannot save {}", path.display()), e.to_string());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::atomic::write(path, bytes, None)
+        .map_err(|e| CniError::new(5, format!("cannot save {}", path.display()), e.to_string()))
 }
 
 /// Runs the delegate plugin named by `conf.type` from `CNI_PATH` with `command`.
@@ -476,18 +471,10 @@ pub fn install(
 }
 
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| InstallError::Write {
+    crate::atomic::write(path, bytes, Some(mode)).map_err(|source| InstallError::Write {
         path: path.into(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("weft-tmp");
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod atomic;
 pub mod backend;
 pub mod client;
 pub mod cni;

@@ -1,6 +1,5 @@
 //! flannel's `subnet.env`: how CNI plugins learn the node's subnet and MTU.
 
-use std::io::Write;
 use std::path::Path;
 
 use ipnet::Ipv4Net;
@@ -65,22 +64,7 @@ impl SubnetEnv {
 
     /// Writes the file atomically: readers see the old file or the new one, never a torn one.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
+        crate::atomic::write(path, self.render().as_bytes(), None)
     }
 }
 

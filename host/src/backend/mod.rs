@@ -31,6 +31,21 @@ pub struct NodeEnv {
     pub state_dir: std::path::PathBuf,
 }
 
+impl NodeEnv {
+    /// The overlay MTU left after `overhead` bytes of encapsulation, refused when too little
+    /// remains for an IPv4 packet (68 bytes, RFC 791's minimum).
+    pub fn overlay_mtu(&self, overhead: u32) -> Result<u32, BackendError> {
+        if self.iface_mtu <= overhead + 68 {
+            return Err(BackendError::MtuTooSmall {
+                iface: self.iface.clone(),
+                iface_mtu: self.iface_mtu,
+                overhead: overhead + 68,
+            });
+        }
+        Ok(self.iface_mtu - overhead)
+    }
+}
+
 /// Errors from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -108,12 +123,7 @@ pub fn create(
                 };
                 Ok(Arc::new(udp::UdpBackend::new(config, node, modules, encap)?))
             } else {
-                Ok(Arc::new(vxlan::VxlanBackend::new(
-                    config,
-                    node,
-                    opts,
-                    node.state_dir.clone(),
-                )?))
+                Ok(Arc::new(vxlan::VxlanBackend::new(config, node, opts)?))
             }
         }
         "host-gw" => Ok(Arc::new(hostgw::HostGwBackend::new(config, node)?)),

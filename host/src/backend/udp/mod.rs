@@ -113,14 +113,7 @@ impl UdpBackend {
             .bool_field("Offload")
             .map_err(|e| BackendError::Config(format!("Backend.Offload: {e}")))?
             .unwrap_or(true);
-        let overhead = encap.overhead();
-        if node.iface_mtu <= overhead + 68 {
-            return Err(BackendError::MtuTooSmall {
-                iface: node.iface.clone(),
-                iface_mtu: node.iface_mtu,
-                overhead: overhead + 68,
-            });
-        }
+        let mtu = node.overlay_mtu(encap.overhead())?;
         let (port, device) = match encap {
             Encap::Raw => (port, DEVICE.to_string()),
             Encap::Vxlan { vni, port, .. } => (port, format!("weft.{vni}")),
@@ -130,7 +123,7 @@ impl UdpBackend {
             subnet_len: config.subnet_len,
             port,
             offload,
-            mtu: node.iface_mtu - overhead,
+            mtu,
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
                 config.network,
                 config.subnet_len,

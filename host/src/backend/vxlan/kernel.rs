@@ -309,23 +309,20 @@ fn fdb_message(index: u32, mac: Mac, ip: Ipv4Addr) -> NeighbourMessage {
     m
 }
 
-/// Applies the difference between `want` and what the kernel holds on `device`, for the
-/// entries of one kind; `add` installs one missing entry.
-async fn apply<K: PartialEq + Clone + std::fmt::Debug>(
+/// Removes the entries of one kind the kernel holds but `want` lacks; returns the missing ones
+/// (the caller adds them in flannel's order: neighbours, then FDB entries).
+async fn remove_stale<K: PartialEq + Clone + std::fmt::Debug>(
     handle: &Handle,
     what: &str,
     want: &[K],
     have: Vec<Held<K>>,
-    removing: bool,
 ) -> Result<Vec<K>, NlError> {
     let keys: Vec<K> = have.iter().map(|h| h.key.clone()).collect();
     let (del, add) = netlink::diff(want, &keys);
-    if removing {
-        for h in have.into_iter().filter(|h| del.contains(&h.key)) {
-            match handle.neighbours().del(h.msg).execute().await {
-                Ok(()) => tracing::info!(entry = ?h.key, "{what} removed"),
-                Err(e) => tracing::warn!(entry = ?h.key, error = %e, "cannot remove a stale {what}"),
-            }
+    for h in have.into_iter().filter(|h| del.contains(&h.key)) {
+        match handle.neighbours().del(h.msg).execute().await {
+            Ok(()) => tracing::info!(entry = ?h.key, "{what} removed"),
+            Err(e) => tracing::warn!(entry = ?h.key, error = %e, "cannot remove a stale {what}"),
         }
     }
     Ok(add)
@@ -380,8 +377,8 @@ impl Reconciler {
                 Err(e) => tracing::warn!(net = %r.dst, error = %e, "cannot remove a stale route"),
             }
         }
-        let add_fdb = apply(h, "FDB entry", &d.fdb, fdb(h, dev).await?, true).await?;
-        let add_neigh = apply(h, "neighbour", &d.neighbours, neighbours(h, dev).await?, true).await?;
+        let add_fdb = remove_stale(h, "FDB entry", &d.fdb, fdb(h, dev).await?).await?;
+        let add_neigh = remove_stale(h, "neighbour", &d.neighbours, neighbours(h, dev).await?).await?;
         for (ip, mac) in add_neigh {
             h.neighbours()
                 .add(dev, IpAddr::V4(ip))

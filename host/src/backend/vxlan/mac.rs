@@ -2,7 +2,6 @@
 //! peers hold it in permanent neighbour and FDB entries, so a node that came back with a new
 //! one would be unreachable until every peer caught up (flannel's "stale VTEP MAC" bug).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::wire::Mac;
@@ -41,15 +40,8 @@ pub fn load_or_create(file: &Path) -> Result<Mac, MacFileError> {
         Err(e) => return Err(err(e)),
     }
     let mac = Mac::random_local();
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
     // Written aside and renamed, so a crash never leaves a torn file that would change the MAC.
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(format!("{mac}\n").as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, file).map_err(err)?;
+    crate::atomic::write(file, format!("{mac}\n").as_bytes(), None).map_err(err)?;
     tracing::info!(file = %file.display(), %mac, "new VTEP MAC");
     Ok(mac)
 }

@@ -17,7 +17,6 @@ pub mod plan;
 pub mod wire;
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,23 +127,12 @@ pub struct VxlanBackend {
 }
 
 impl VxlanBackend {
-    /// A backend for `config` on `node`; the VTEP MAC is read (or made) under `state_dir`.
-    pub fn new(
-        config: &NetworkConfig,
-        node: &NodeEnv,
-        opts: VxlanOptions,
-        state_dir: PathBuf,
-    ) -> Result<Self, BackendError> {
-        if node.iface_mtu <= wire::OVERHEAD + 68 {
-            return Err(BackendError::MtuTooSmall {
-                iface: node.iface.clone(),
-                iface_mtu: node.iface_mtu,
-                overhead: wire::OVERHEAD + 68,
-            });
-        }
-        let mac = vtep_mac(&state_dir, &opts.device())?;
+    /// A backend for `config` on `node`; the VTEP MAC is read (or made) in the node's state dir.
+    pub fn new(config: &NetworkConfig, node: &NodeEnv, opts: VxlanOptions) -> Result<Self, BackendError> {
+        let mtu = node.overlay_mtu(wire::OVERHEAD)?;
+        let mac = vtep_mac(&node.state_dir, &opts.device())?;
         Ok(VxlanBackend {
-            mtu: node.iface_mtu - wire::OVERHEAD,
+            mtu,
             mac,
             node: node.clone(),
             network: config.network,
