@@ -3,16 +3,12 @@
 //! pods on three nodes talk across the wire, CHECK passes, DEL leaves nothing behind; and
 //! `--ip-masq` gives pods the node's address towards the outside world but never between pods.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use weft_tests::*;
-
-/// Where Debian puts the standard plugins.
-const CNI_PATH: &str = "/usr/lib/cni";
 
 fn cni_bin() -> PathBuf {
     weft_bin().with_file_name("weft-cni")
@@ -44,26 +40,14 @@ fn conf(c: &TestCluster, n: usize) -> String {
 
 /// Runs `weft-cni` in node `n`'s namespace: (exit success, stdout).
 fn cni(c: &TestCluster, n: usize, command: &str, container: &str, netns: &str, stdin: &str) -> (bool, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", c.lab.nodes[n - 1].ns.name()])
-        .arg(cni_bin())
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", format!("/var/run/netns/{netns}"))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", CNI_PATH)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run weft-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write config");
-    let out = child.wait_with_output().expect("weft-cni");
+    let out = run_cni(
+        c.lab.nodes[n - 1].ns.name(),
+        &cni_bin(),
+        command,
+        container,
+        netns,
+        stdin,
+    );
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

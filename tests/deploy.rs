@@ -153,3 +153,57 @@ fn the_systemd_environment_names_only_real_variables() {
     // The JIT compiles Wasm modules to executable memory: this hardening would break modules.
     assert!(!unit.contains("MemoryDenyWriteExecute=yes"));
 }
+
+#[test]
+fn the_compose_file_names_only_real_variables_and_configs() {
+    // `docker-compose config` resolves the anchors and defaults exactly as `up` will.
+    let (ok, out) = run(Command::new("docker-compose")
+        .arg("-f")
+        .arg(root().join("deploy/compose.yaml"))
+        .args(["config"]));
+    assert!(
+        ok,
+        "docker-compose config (scripts/deps installs docker-compose):\n{out}"
+    );
+    let script = "import json,sys,yaml\nd=yaml.safe_load(sys.stdin)\nprint(json.dumps(d['services']))";
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(&mut py.stdin.take().expect("stdin"), out.as_bytes()).expect("write");
+    let services: serde_json::Value =
+        serde_json::from_slice(&py.wait_with_output().expect("python3").stdout).expect("services");
+    let agent_help = help("agent");
+    let mut nodes = 0;
+    for (name, svc) in services.as_object().expect("services") {
+        if name == "etcd" {
+            continue;
+        }
+        nodes += 1;
+        for var in svc["environment"].as_object().expect("environment").keys() {
+            if var != "RUST_LOG" {
+                assert!(
+                    agent_help.contains(&format!("[env: {var}=")),
+                    "weft agent reads no {var}"
+                );
+            }
+        }
+        assert_eq!(
+            svc["cap_add"],
+            serde_json::json!(["NET_ADMIN"]),
+            "{name}: least privilege"
+        );
+        assert_eq!(svc["cap_drop"], serde_json::json!(["ALL"]), "{name}: least privilege");
+        assert_eq!(svc["read_only"], serde_json::json!(true), "{name}: writable root");
+        assert!(svc.get("privileged").is_none(), "{name} is privileged");
+    }
+    assert_eq!(nodes, 3);
+    // Every backend the file offers has a network config Weft accepts.
+    for backend in ["vxlan", "udp", "host-gw"] {
+        let text = std::fs::read_to_string(root().join(format!("deploy/compose/{backend}.json"))).expect("config");
+        let cfg = weft::config::NetworkConfig::parse(&text).unwrap_or_else(|e| panic!("{backend}.json: {e}"));
+        assert_eq!(cfg.backend.kind, backend);
+    }
+}

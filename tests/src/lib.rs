@@ -5,8 +5,8 @@
 pub mod webdriver;
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -534,4 +534,29 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Where Debian's containernetworking-plugins puts the standard plugins.
+pub const CNI_PATH: &str = "/usr/lib/cni";
+
+/// Runs CNI `plugin` in namespace `ns` exactly as a container runtime does: CNI_* variables
+/// (interface `eth0`, plugins from [`CNI_PATH`]), the config on stdin.
+pub fn run_cni(ns: &str, plugin: &Path, command: &str, container: &str, pod_ns: &str, conf: &str) -> Output {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", plugin.display()));
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, conf.as_bytes()).expect("write the CNI config");
+    }
+    child.wait_with_output().expect("wait for the CNI plugin")
 }
