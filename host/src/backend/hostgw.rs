@@ -11,13 +11,12 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 use tokio::sync::watch;
 
 use super::netlink::{self, on_link, KernelRoute, NlError, ROUTE_PROTO};
-use super::route::RouteTable;
+use super::route::SharedRoutes;
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
 use crate::lease::watch::LeaseTable;
@@ -49,12 +48,10 @@ pub fn check_period(config: &NetworkConfig) -> Result<Duration, BackendError> {
 
 /// The `host-gw` backend.
 pub struct HostGwBackend {
-    network: Ipv4Net,
-    subnet_len: u8,
     iface: String,
     mtu: u32,
     check: Duration,
-    routes: Arc<ArcSwap<RouteTable>>,
+    routes: SharedRoutes,
     desired: watch::Sender<Vec<Route>>,
     stats: Arc<DataplaneStats>,
 }
@@ -64,16 +61,10 @@ impl HostGwBackend {
     pub fn new(config: &NetworkConfig, node: &NodeEnv) -> Result<Self, BackendError> {
         let check = check_period(config)?;
         Ok(HostGwBackend {
-            network: config.network,
-            subnet_len: config.subnet_len,
             iface: node.iface.clone(),
             mtu: node.iface_mtu,
             check,
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
-                config.network,
-                config.subnet_len,
-                None,
-            ))),
+            routes: SharedRoutes::new(config.network, config.subnet_len),
             desired: watch::channel(Vec::new()).0,
             stats: Arc::new(DataplaneStats::default()),
         })
@@ -94,10 +85,7 @@ impl Backend for HostGwBackend {
     }
 
     fn start(&self, _own: &Lease) -> Result<(), BackendError> {
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| BackendError::Config(format!("host-gw needs the agent's runtime: {e}")))?;
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        rt.spawn(conn);
+        let (rt, handle) = netlink::connect(self.kind())?;
         let r = Reconciler {
             handle,
             iface: self.iface.clone(),
@@ -111,14 +99,14 @@ impl Backend for HostGwBackend {
     }
 
     fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
+        let t = self.routes.build(own, table.leases());
         let want = t.routes();
-        self.routes.store(Arc::new(t));
+        self.routes.publish(t);
         self.desired.send_replace(want);
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
-        self.routes.load().routes()
+        self.routes.routes()
     }
 
     fn stats(&self) -> Arc<DataplaneStats> {

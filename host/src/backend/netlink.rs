@@ -36,6 +36,16 @@ pub enum NlError {
     NoIface(String),
 }
 
+/// A netlink handle for `backend`'s `start`, its connection running on the agent's runtime
+/// (returned too, for the backend's own tasks).
+pub fn connect(backend: &str) -> Result<(tokio::runtime::Handle, Handle), super::BackendError> {
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|e| super::BackendError::Config(format!("{backend} needs the agent's runtime: {e}")))?;
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    rt.spawn(conn);
+    Ok((rt, handle))
+}
+
 /// What to change so the kernel holds exactly `want`: (to delete, to add).
 pub fn diff<T: PartialEq + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
     let del = have.iter().filter(|r| !want.contains(r)).cloned().collect();

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
 use super::vxlan::wire::Mac;
@@ -217,5 +218,50 @@ mod tests {
             t.check_source(a("198.18.0.99"), a("10.244.2.9")),
             SourceCheck::UnknownPeer
         );
+    }
+}
+
+/// The route table a backend publishes: replaced whole on every lease change, read without
+/// locks by the forwarding threads and the admin API. Every backend keeps one.
+#[derive(Debug, Clone)]
+pub struct SharedRoutes {
+    network: Ipv4Net,
+    subnet_len: u8,
+    table: Arc<ArcSwap<RouteTable>>,
+}
+
+impl SharedRoutes {
+    /// An empty table for `network`, cut into subnets of length `subnet_len`.
+    pub fn new(network: Ipv4Net, subnet_len: u8) -> Self {
+        SharedRoutes {
+            network,
+            subnet_len,
+            table: Arc::new(ArcSwap::from_pointee(RouteTable::new(network, subnet_len, None))),
+        }
+    }
+
+    /// The cluster network.
+    pub fn network(&self) -> Ipv4Net {
+        self.network
+    }
+
+    /// A table of `leases` other than `own`, for the caller to complete and [`publish`](Self::publish).
+    pub fn build<'a>(&self, own: Ipv4Net, leases: impl IntoIterator<Item = &'a Lease>) -> RouteTable {
+        RouteTable::from_leases(self.network, self.subnet_len, Some(own), leases)
+    }
+
+    /// Makes `t` the table every reader sees from now on.
+    pub fn publish(&self, t: RouteTable) {
+        self.table.store(Arc::new(t));
+    }
+
+    /// The current table.
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    /// The current (subnet, next hop) pairs.
+    pub fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        self.table.load().routes()
     }
 }

@@ -22,12 +22,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use self::codec::{Inbound, Outbound};
-use super::route::RouteTable;
+use super::route::SharedRoutes;
 use super::vxlan::wire::{self, Mac};
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
@@ -75,13 +74,11 @@ impl Encap {
 
 /// The `udp` backend.
 pub struct UdpBackend {
-    network: Ipv4Net,
-    subnet_len: u8,
     port: u16,
     /// Whether to use TUN offloads and UDP GSO/GRO (config `Backend.Offload`, default true).
     offload: bool,
     mtu: u32,
-    routes: Arc<ArcSwap<RouteTable>>,
+    routes: SharedRoutes,
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
     peers: std::sync::Mutex<std::collections::HashMap<Ipv4Addr, Arc<super::route::PeerCounters>>>,
@@ -119,16 +116,10 @@ impl UdpBackend {
             Encap::Vxlan { vni, port, .. } => (port, format!("weft.{vni}")),
         };
         Ok(UdpBackend {
-            network: config.network,
-            subnet_len: config.subnet_len,
             port,
             offload,
             mtu,
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
-                config.network,
-                config.subnet_len,
-                None,
-            ))),
+            routes: SharedRoutes::new(config.network, config.subnet_len),
             stats: Arc::new(DataplaneStats::default()),
             modules,
             peers: Default::default(),
@@ -167,7 +158,7 @@ impl Backend for UdpBackend {
         let build = |offload: bool| {
             DeviceBuilder::new()
                 .name(&self.device)
-                .ipv4(router, self.network.prefix_len(), None)
+                .ipv4(router, self.routes.network().prefix_len(), None)
                 .mtu(u16::try_from(self.mtu).unwrap_or(u16::MAX))
                 .offload(offload)
                 .build_sync()
@@ -231,7 +222,7 @@ impl Backend for UdpBackend {
     }
 
     fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let mut t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
+        let mut t = self.routes.build(own, table.leases());
         if let Encap::Vxlan { vni, .. } = self.encap {
             for p in super::vxlan::peers(table, own, vni) {
                 t.set_vtep(p.public_ip, p.mac);
@@ -240,11 +231,11 @@ impl Backend for UdpBackend {
         if let Ok(mut peers) = self.peers.lock() {
             t.attach_counters(&mut peers);
         }
-        self.routes.store(Arc::new(t));
+        self.routes.publish(t);
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
-        self.routes.load().routes()
+        self.routes.routes()
     }
 
     fn stats(&self) -> Arc<DataplaneStats> {
@@ -267,7 +258,7 @@ impl Backend for UdpBackend {
 struct Worker {
     device: Arc<SyncDevice>,
     socket: Arc<sock::UnderlaySocket>,
-    routes: Arc<ArcSwap<RouteTable>>,
+    routes: SharedRoutes,
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
     encap: Encap,

@@ -20,13 +20,12 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
 use self::plan::Peer;
 use self::wire::Mac;
-use super::route::RouteTable;
+use super::route::SharedRoutes;
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
 use crate::lease::watch::LeaseTable;
@@ -119,9 +118,7 @@ pub struct VxlanBackend {
     node: NodeEnv,
     mac: Mac,
     mtu: u32,
-    network: Ipv4Net,
-    subnet_len: u8,
-    routes: Arc<ArcSwap<RouteTable>>,
+    routes: SharedRoutes,
     desired: watch::Sender<Vec<Peer>>,
     stats: Arc<DataplaneStats>,
 }
@@ -135,13 +132,7 @@ impl VxlanBackend {
             mtu,
             mac,
             node: node.clone(),
-            network: config.network,
-            subnet_len: config.subnet_len,
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(
-                config.network,
-                config.subnet_len,
-                None,
-            ))),
+            routes: SharedRoutes::new(config.network, config.subnet_len),
             desired: watch::channel(Vec::new()).0,
             stats: Arc::new(DataplaneStats::default()),
             opts,
@@ -163,10 +154,7 @@ impl Backend for VxlanBackend {
     }
 
     fn start(&self, own: &Lease) -> Result<(), BackendError> {
-        let rt = tokio::runtime::Handle::try_current()
-            .map_err(|e| BackendError::Config(format!("vxlan needs the agent's runtime: {e}")))?;
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        rt.spawn(conn);
+        let (rt, handle) = super::netlink::connect(self.kind())?;
         let r = kernel::Reconciler {
             handle,
             spec: kernel::DeviceSpec {
@@ -199,13 +187,12 @@ impl Backend for VxlanBackend {
     }
 
     fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let t = RouteTable::from_leases(self.network, self.subnet_len, Some(own), table.leases());
-        self.routes.store(Arc::new(t));
+        self.routes.publish(self.routes.build(own, table.leases()));
         self.desired.send_replace(peers(table, own, self.opts.vni));
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
-        self.routes.load().routes()
+        self.routes.routes()
     }
 
     fn stats(&self) -> Arc<DataplaneStats> {
