@@ -42,6 +42,20 @@ fn three_nodes_traffic(store: StoreKind) {
             c.metric(n, "weft_dataplane_dropped_packets_total{reason=\"spoofed_source\"}"),
             0.0
         );
+        // The kernel's own IPv6 chatter (router solicitations, MLD) never reaches the IPv4
+        // overlay: IPv6 is off on the device, so nothing the node emits counts as malformed.
+        assert_eq!(
+            c.metric(n, "weft_dataplane_dropped_packets_total{reason=\"malformed\"}"),
+            0.0
+        );
+        let v6 = weft::lab::cluster::run_checked(
+            c.lab.nodes[n - 1]
+                .ns
+                .command("sysctl")
+                .args(["-n", "net.ipv6.conf.weft0.disable_ipv6"]),
+        )
+        .expect("sysctl");
+        assert_eq!(v6.trim(), "1", "IPv6 still on for weft0 on node {n}");
         // The subnet file is flannel's, complete, and the MTU is the underlay's minus 28.
         let env = std::fs::read_to_string(c.lab.nodes[n - 1].subnet_file()).expect("subnet.env");
         let gw = weft::subnet::first_host(&c.subnet(n));

@@ -1,8 +1,12 @@
 //! The agent's HTTP endpoint: Prometheus metrics, health checks, and the REST API (`crate::api`).
+//!
+//! Metrics are encoded by the Prometheus project's Rust client (`prometheus-client`, OpenMetrics
+//! text). The counters themselves stay where the data path keeps them (atomics it bumps without
+//! a lock); a collector reads them on each scrape, so a scrape costs the series, never the
+//! packet path.
 
-use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -10,9 +14,21 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-use crate::agent::AgentState;
+use crate::state::AgentState;
 use crate::stats::DropReason;
+
+/// What `/metrics` is served from.
+struct Metrics {
+    state: Arc<AgentState>,
+    registry: Registry,
+}
 
 /// Serves the admin endpoint until the process ends.
 pub async fn serve(
@@ -21,11 +37,15 @@ pub async fn serve(
     api: Arc<crate::api::ApiState>,
     body_limit: usize,
 ) -> std::io::Result<()> {
+    let metrics = Arc::new(Metrics {
+        registry: registry(state.clone()),
+        state,
+    });
     let app = Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(metrics)
         .merge(crate::api::router(api, body_limit))
         .merge(crate::dashboard::router());
     axum::serve(listener, app).await
@@ -36,352 +56,422 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-async fn healthz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
-    match s.backend.stats().failure() {
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.state.backend.stats().failure() {
         None => (StatusCode::OK, "ok\n".to_string()),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("data path stopped: {why}\n")),
     }
 }
 
-async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.state.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no subnet file written yet\n",
+            "not ready: the first lease listing is not in the data path yet\n",
         )
     }
 }
 
-async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&s))
-}
-
-/// Writes one metric family: its HELP and TYPE lines, then each (labels, value) sample.
-fn family<V: std::fmt::Display>(
-    o: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    samples: impl IntoIterator<Item = (String, V)>,
-) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(o, "{name}{labels} {v}");
+async fn metrics_page(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let mut body = String::with_capacity(16 << 10);
+    match prometheus_client::encoding::text::encode(&mut body, &m.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
     }
 }
 
-/// The Prometheus text exposition of the agent's state.
-pub fn render(s: &AgentState) -> String {
-    let mut o = String::with_capacity(4096);
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let st = s.backend.stats();
-    let routes = s.backend.routes().len() as u64;
-    // (name, type, help, value) of every unlabelled series.
-    let plain: [(&str, &str, &str, u64); 13] = [
-        (
-            "weft_ready",
-            "gauge",
-            "1 once the subnet file is written.",
-            u64::from(s.ready.load(Ordering::Relaxed)),
-        ),
-        (
-            "weft_store_connected",
-            "gauge",
-            "1 while the lease store answers.",
-            u64::from(s.store_health.connected.load(Ordering::Relaxed)),
-        ),
-        (
-            "weft_store_watch_restarts_total",
-            "counter",
-            "Times the lease watch was re-established after breaking.",
-            load(&s.store_health.watch_restarts),
-        ),
-        (
-            "weft_lease_acquisitions_total",
-            "counter",
-            "Times this node acquired its lease (1 at start; more means it was lost and re-acquired).",
-            load(&s.acquisitions),
-        ),
-        (
-            "weft_lease_renewals_total",
-            "counter",
-            "Successful renewals of this node's lease.",
-            load(&s.renewals),
-        ),
-        (
-            "weft_leases",
-            "gauge",
-            "Leases known in the cluster.",
-            s.leases_known.load(Ordering::Relaxed) as u64,
-        ),
-        ("weft_routes", "gauge", "Remote subnets the data path routes.", routes),
-        (
-            "weft_dataplane_tx_packets_total",
-            "counter",
-            "Packets sent to peers.",
-            load(&st.tx_packets),
-        ),
-        (
-            "weft_dataplane_tx_bytes_total",
-            "counter",
-            "Inner bytes sent to peers.",
-            load(&st.tx_bytes),
-        ),
-        (
-            "weft_dataplane_rx_packets_total",
-            "counter",
-            "Packets received from peers and delivered.",
-            load(&st.rx_packets),
-        ),
-        (
-            "weft_dataplane_rx_bytes_total",
-            "counter",
-            "Inner bytes received from peers and delivered.",
-            load(&st.rx_bytes),
-        ),
-        (
-            "weft_dataplane_icmp_errors_sent_total",
-            "counter",
-            "ICMP errors generated (net unreachable, time exceeded).",
-            load(&st.icmp_sent),
-        ),
-        (
-            "weft_dataplane_up",
-            "gauge",
-            "1 while the data path runs.",
-            u64::from(st.failure().is_none()),
-        ),
-    ];
-    for (name, kind, help, v) in plain {
-        family(&mut o, name, kind, help, [(String::new(), v)]);
+/// The registry of an agent: one collector over its state.
+pub fn registry(state: Arc<AgentState>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(AgentCollector { state }));
+    r
+}
+
+/// Reads the agent's counters on each scrape.
+struct AgentCollector {
+    state: Arc<AgentState>,
+}
+
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCollector")
     }
+}
+
+/// Label pairs of one sample.
+type Labels = Vec<(&'static str, String)>;
+
+/// One family written through `e`: counters are named without `_total` (the encoder adds it).
+struct Family<'a, 'b> {
+    e: &'a mut DescriptorEncoder<'b>,
+}
+
+impl Family<'_, '_> {
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, u64)>,
+    ) -> std::fmt::Result {
+        let mut m = self.e.encode_descriptor(name, help, None, MetricType::Counter)?;
+        let mut samples = samples.into_iter().peekable();
+        if let Some((_, v)) = samples.next_if(|(l, _)| l.is_empty()) {
+            // An unlabelled series has one sample, written without a label set.
+            return ConstCounter::new(v).encode(m);
+        }
+        for (labels, v) in samples {
+            ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, samples: impl IntoIterator<Item = (Labels, i64)>) -> std::fmt::Result {
+        let mut m = self.e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        let mut samples = samples.into_iter().peekable();
+        if let Some((_, v)) = samples.next_if(|(l, _)| l.is_empty()) {
+            return ConstGauge::new(v).encode(m);
+        }
+        for (labels, v) in samples {
+            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn one<V>(v: V) -> [(Labels, V); 1] {
+    [(Vec::new(), v)]
+}
+
+fn gauge_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &*self.state;
+        let mut f = Family { e: &mut e };
+        node(&mut f, s)?;
+        dataplane(&mut f, s)?;
+        kernel(&mut f, s)?;
+        peers(&mut f, s)?;
+        modules(&mut f, s)?;
+        module_series(&mut f, s)
+    }
+}
+
+fn node(f: &mut Family, s: &AgentState) -> std::fmt::Result {
+    let h = &s.store_health;
+    f.gauge(
+        "weft_ready",
+        "1 once every lease of the first listing is in the data path and the subnet file is written.",
+        one(i64::from(s.ready.load(Ordering::Relaxed))),
+    )?;
+    f.gauge(
+        "weft_store_connected",
+        "1 while the lease store answers and the lease watch stands.",
+        one(i64::from(h.connected.load(Ordering::Relaxed))),
+    )?;
+    f.counter(
+        "weft_store_watch_restarts",
+        "Times the lease watch was re-established after breaking.",
+        one(load(&h.watch_restarts)),
+    )?;
+    f.counter(
+        "weft_store_listings",
+        "Full listings of the leases read from the store.",
+        one(load(&h.listings)),
+    )?;
+    f.counter(
+        "weft_lease_acquisitions",
+        "Times this node acquired its lease (1 at start; more means it was lost and re-acquired).",
+        one(load(&s.acquisitions)),
+    )?;
+    f.counter(
+        "weft_lease_renewals",
+        "Successful renewals of this node's lease.",
+        one(load(&s.renewals)),
+    )?;
+    f.gauge(
+        "weft_leases",
+        "Leases known in the cluster.",
+        one(gauge_of(s.leases_known() as u64)),
+    )?;
+    f.counter(
+        "weft_lease_table_updates",
+        "Lease table updates handed to the data path (a snapshot or a batch of changes).",
+        one(load(&s.table_updates)),
+    )?;
+    f.counter(
+        "weft_lease_table_update_subnets",
+        "Subnets those updates named: what following the table cost.",
+        one(load(&s.table_update_subnets)),
+    )?;
     if let Some(own) = s.own_lease() {
-        let labels = format!(
-            "{{subnet=\"{}\",public_ip=\"{}\",backend=\"{}\"}}",
-            own.subnet,
-            own.attrs.public_ip,
-            s.backend.kind()
-        );
-        family(&mut o, "weft_node_info", "gauge", "This node's lease.", [(labels, 1)]);
+        let labels = vec![
+            ("subnet", own.subnet.to_string()),
+            ("public_ip", own.attrs.public_ip.to_string()),
+            ("backend", s.backend.kind().to_string()),
+        ];
+        f.gauge("weft_node_info", "This node's lease.", [(labels, 1)])?;
     }
-    family(
-        &mut o,
-        "weft_dataplane_dropped_packets_total",
-        "counter",
+    Ok(())
+}
+
+fn dataplane(f: &mut Family, s: &AgentState) -> std::fmt::Result {
+    let st = s.backend.stats();
+    f.gauge(
+        "weft_routes",
+        "Remote subnets the data path routes.",
+        one(gauge_of(s.backend.routes().len() as u64)),
+    )?;
+    f.counter(
+        "weft_dataplane_tx_packets",
+        "Packets sent to peers.",
+        one(load(&st.tx_packets)),
+    )?;
+    f.counter(
+        "weft_dataplane_tx_bytes",
+        "Inner bytes sent to peers.",
+        one(load(&st.tx_bytes)),
+    )?;
+    f.counter(
+        "weft_dataplane_rx_packets",
+        "Packets received from peers and delivered.",
+        one(load(&st.rx_packets)),
+    )?;
+    f.counter(
+        "weft_dataplane_rx_bytes",
+        "Inner bytes received from peers and delivered.",
+        one(load(&st.rx_bytes)),
+    )?;
+    f.counter(
+        "weft_dataplane_icmp_errors_sent",
+        "ICMP errors generated (net unreachable, time exceeded).",
+        one(load(&st.icmp_sent)),
+    )?;
+    f.gauge(
+        "weft_dataplane_up",
+        "1 while the data path runs.",
+        one(i64::from(st.failure().is_none())),
+    )?;
+    f.counter(
+        "weft_dataplane_dropped_packets",
         "Packets dropped, by reason.",
         DropReason::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), st.drops(*r))),
-    );
-    render_peers(&mut o, s);
-    render_modules(&mut o, s);
-    if let Some(k) = &s.kernel_policy {
-        render_kernel_policy(&mut o, k);
-    }
-    o
+            .map(|r| (vec![("reason", r.label().to_string())], st.drops(*r))),
+    )
 }
 
-/// The kernel-path (NFQUEUE) policy's series.
-fn render_kernel_policy(o: &mut String, k: &crate::nfq::PolicyStats) {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    family(
-        o,
+/// What a kernel backend wrote, and the kernel-path policy.
+fn kernel(f: &mut Family, s: &AgentState) -> std::fmt::Result {
+    if let Some(w) = s.backend.kernel_writes() {
+        f.counter(
+            "weft_kernel_entries_written",
+            "Kernel entries (neighbours, FDB entries, routes) written, by operation.",
+            [
+                (vec![("op", "add".to_string())], load(&w.added)),
+                (vec![("op", "delete".to_string())], load(&w.deleted)),
+            ],
+        )?;
+        f.counter(
+            "weft_kernel_full_rounds",
+            "Reconcile rounds that read the kernel's entries back.",
+            one(load(&w.full_rounds)),
+        )?;
+    }
+    let Some(k) = &s.kernel_policy else { return Ok(()) };
+    f.gauge(
         "weft_kernel_policy_available",
-        "gauge",
         "1 while Wasm policy reaches the kernel data path (NFQUEUE bound, rules loaded).",
-        [(String::new(), u64::from(k.available.load(Ordering::Relaxed)))],
-    );
-    family(
-        o,
-        "weft_kernel_policy_packets_total",
-        "counter",
+        one(i64::from(k.available.load(Ordering::Relaxed))),
+    )?;
+    f.counter(
+        "weft_kernel_policy_packets",
         "Packets the kernel queued to the agent, by verdict; only each flow's first packet is queued.",
         [
-            ("{verdict=\"allow\"}".to_string(), load(&k.allowed)),
-            ("{verdict=\"deny\"}".to_string(), load(&k.denied)),
+            (vec![("verdict", "allow".to_string())], load(&k.allowed)),
+            (vec![("verdict", "deny".to_string())], load(&k.denied)),
         ],
-    );
-    family(
-        o,
-        "weft_kernel_policy_errors_total",
-        "counter",
+    )?;
+    f.counter(
+        "weft_kernel_policy_errors",
         "Queue messages that did not parse and verdicts that could not be sent.",
-        [(String::new(), load(&k.errors))],
-    );
+        one(load(&k.errors)),
+    )
 }
 
 /// Traffic with each peer node.
-fn render_peers(o: &mut String, s: &AgentState) {
-    type Pick = fn(&crate::backend::route::PeerCounters) -> u64;
+fn peers(f: &mut Family, s: &AgentState) -> std::fmt::Result {
+    type Pick = fn(&crate::packet::route::PeerCounters) -> u64;
     let peers = s.backend.peer_stats();
     let series: [(&str, &str, Pick); 4] = [
         (
-            "weft_dataplane_peer_tx_packets_total",
+            "weft_dataplane_peer_tx_packets",
             "Packets sent to each peer node.",
-            |c| c.tx_packets.load(Ordering::Relaxed),
+            |c| load(&c.tx_packets),
         ),
         (
-            "weft_dataplane_peer_tx_bytes_total",
+            "weft_dataplane_peer_tx_bytes",
             "Inner bytes sent to each peer node.",
-            |c| c.tx_bytes.load(Ordering::Relaxed),
+            |c| load(&c.tx_bytes),
         ),
         (
-            "weft_dataplane_peer_rx_packets_total",
+            "weft_dataplane_peer_rx_packets",
             "Packets from each peer node delivered here.",
-            |c| c.rx_packets.load(Ordering::Relaxed),
+            |c| load(&c.rx_packets),
         ),
         (
-            "weft_dataplane_peer_rx_bytes_total",
+            "weft_dataplane_peer_rx_bytes",
             "Inner bytes from each peer node delivered here.",
-            |c| c.rx_bytes.load(Ordering::Relaxed),
+            |c| load(&c.rx_bytes),
         ),
     ];
     for (name, help, pick) in series {
-        let samples = peers.iter().map(|(ip, c)| (format!("{{peer=\"{ip}\"}}"), pick(c)));
-        family(o, name, "counter", help, samples);
+        f.counter(
+            name,
+            help,
+            peers.iter().map(|(ip, c)| (vec![("peer", ip.to_string())], pick(c))),
+        )?;
     }
+    Ok(())
 }
 
-/// The Wasm modules' series: the chain, each module's counters and its own counters.
-fn render_modules(o: &mut String, s: &AgentState) {
-    use crate::wasm::stats::VerdictKind;
+/// The chain's series.
+fn modules(f: &mut Family, s: &AgentState) -> std::fmt::Result {
     let p = &s.modules;
     let chain = p.chain();
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    for (name, help, v) in [
-        (
-            "weft_flow_cache_hits_total",
-            "Packets answered from a verdict cache.",
-            load(&p.cache_hits),
-        ),
-        (
-            "weft_flow_cache_misses_total",
-            "Packets that needed the module chain.",
-            load(&p.cache_misses),
-        ),
-        (
-            "weft_module_bad_via_total",
-            "Routing verdicts naming a node without a lease (ignored).",
-            load(&p.bad_via),
-        ),
-    ] {
-        family(o, name, "counter", help, [(String::new(), v)]);
-    }
-    family(
-        o,
+    f.counter(
+        "weft_flow_cache_hits",
+        "Packets answered from a verdict cache.",
+        one(load(&p.cache_hits)),
+    )?;
+    f.counter(
+        "weft_flow_cache_misses",
+        "Packets that needed the module chain.",
+        one(load(&p.cache_misses)),
+    )?;
+    f.counter(
+        "weft_module_bad_via",
+        "Routing verdicts naming a node without a lease (ignored).",
+        one(load(&p.bad_via)),
+    )?;
+    f.gauge(
         "weft_module_chain_generation",
-        "gauge",
         "Generation of the module chain (bumps on every change).",
-        [(String::new(), chain.generation)],
-    );
-    family(
-        o,
+        one(gauge_of(chain.generation)),
+    )?;
+    f.gauge(
         "weft_module_info",
-        "gauge",
         "Modules in the chain: 1 when loaded, 0 when they failed to load.",
-        chain.modules.iter().enumerate().map(|(i, m)| {
-            (
-                format!(
-                    "{{module=\"{}\",sha256=\"{}\",order=\"{i}\",failure=\"{:?}\",dry_run=\"{}\"}}",
-                    m.name, m.sha256, m.failure, m.dry_run
-                ),
-                u8::from(m.compiled.is_ok()),
-            )
+        chain.modules.iter().map(|m| {
+            let labels = vec![
+                ("module", m.name.to_string()),
+                ("sha256", m.sha256.clone()),
+                ("order", m.order.to_string()),
+                ("failure", m.failure.label().to_string()),
+                ("dry_run", m.dry_run.to_string()),
+            ];
+            (labels, i64::from(m.compiled.is_ok()))
         }),
-    );
-    let stats = p.module_stats();
+    )
+}
+
+/// Each module's own counters.
+fn module_series(f: &mut Family, s: &AgentState) -> std::fmt::Result {
+    use crate::wasm::stats::{ModuleStats, VerdictKind};
+    let stats = s.modules.module_stats();
     let now_ms = crate::wasm::chain::clock_ms();
-    type Pick = fn(&crate::wasm::stats::ModuleStats, u64) -> u64;
-    let per_module: [(&str, &str, &str, Pick); 10] = [
-        (
-            "weft_module_calls_total",
-            "counter",
-            "Decision calls into the module.",
-            |m, _| m.calls.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_module_call_nanoseconds_total",
-            "counter",
-            "Time spent in decision calls (divide by calls for ns per call).",
-            |m, _| m.call_ns.load(Ordering::Relaxed),
-        ),
-        ("weft_module_traps_total", "counter", "Calls that trapped.", |m, _| {
-            m.traps.load(Ordering::Relaxed)
+    let by_module = |pick: &dyn Fn(&ModuleStats) -> u64| -> Vec<(Labels, u64)> {
+        stats
+            .iter()
+            .map(|(name, m)| (vec![("module", name.clone())], pick(m)))
+            .collect()
+    };
+    type Pick = fn(&ModuleStats) -> u64;
+    let counters: [(&str, &str, Pick); 9] = [
+        ("weft_module_calls", "Decision calls into the module.", |m| {
+            load(&m.calls)
         }),
         (
-            "weft_module_timeouts_total",
-            "counter",
-            "Calls interrupted at their deadline.",
-            |m, _| m.timeouts.load(Ordering::Relaxed),
+            "weft_module_call_nanoseconds",
+            "Time spent in decision calls (divide by calls for ns per call).",
+            |m| load(&m.call_ns),
         ),
+        ("weft_module_traps", "Calls that trapped.", |m| load(&m.traps)),
+        ("weft_module_timeouts", "Calls interrupted at their deadline.", |m| {
+            load(&m.timeouts)
+        }),
         (
-            "weft_module_bad_verdicts_total",
-            "counter",
+            "weft_module_bad_verdicts",
             "Calls that returned a verdict the ABI does not define.",
-            |m, _| m.bad_verdicts.load(Ordering::Relaxed),
+            |m| load(&m.bad_verdicts),
         ),
         (
-            "weft_module_cache_hits_total",
-            "counter",
+            "weft_module_cache_hits",
             "Packets answered from the verdict cache while the module was in the chain.",
-            |m, _| m.cache_hits.load(Ordering::Relaxed),
+            |m| load(&m.cache_hits),
         ),
         (
-            "weft_module_dry_run_drops_total",
-            "counter",
+            "weft_module_dry_run_drops",
             "Drops a dry-run module asked for and did not get.",
-            |m, _| m.dry_run_drops.load(Ordering::Relaxed),
+            |m| load(&m.dry_run_drops),
         ),
+        ("weft_module_quarantines", "Times the module was quarantined.", |m| {
+            load(&m.quarantines)
+        }),
         (
-            "weft_module_quarantines_total",
-            "counter",
-            "Times the module was quarantined.",
-            |m, _| m.quarantines.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_module_logs_suppressed_total",
-            "counter",
+            "weft_module_logs_suppressed",
             "Module log lines dropped by the rate limit.",
-            |m, _| m.logs_suppressed.load(Ordering::Relaxed),
-        ),
-        (
-            "weft_module_quarantined",
-            "gauge",
-            "1 while the module is quarantined.",
-            |m, now| u64::from(m.quarantined(now)),
+            |m| load(&m.logs_suppressed),
         ),
     ];
-    for (name, kind, help, pick) in per_module {
-        let samples = stats
-            .iter()
-            .map(|(module, m)| (format!("{{module=\"{module}\"}}"), pick(m, now_ms)));
-        family(o, name, kind, help, samples);
+    for (name, help, pick) in counters {
+        f.counter(name, help, by_module(&pick))?;
     }
-    family(
-        o,
-        "weft_module_verdicts_total",
-        "counter",
+    f.gauge(
+        "weft_module_quarantined",
+        "1 while the module is quarantined.",
+        stats
+            .iter()
+            .map(|(name, m)| (vec![("module", name.clone())], i64::from(m.quarantined(now_ms)))),
+    )?;
+    f.counter(
+        "weft_module_verdicts",
         "Verdicts by kind (failure: the failure policy decided).",
-        stats.iter().flat_map(|(module, m)| {
+        stats.iter().flat_map(|(name, m)| {
             VerdictKind::ALL.map(|k| {
                 (
-                    format!("{{module=\"{module}\",verdict=\"{}\"}}", k.label()),
+                    vec![("module", name.clone()), ("verdict", k.label().to_string())],
                     m.verdicts(k),
                 )
             })
         }),
-    );
-    family(
-        o,
+    )?;
+    f.gauge(
         "weft_module_counter",
-        "gauge",
         "Counters the modules define, by name.",
         stats.iter().flat_map(|(module, m)| {
             m.counters()
                 .into_iter()
-                .map(move |(name, v)| (format!("{{module=\"{module}\",name=\"{name}\"}}"), v))
+                .map(move |(name, v)| (vec![("module", module.clone()), ("name", name)], v))
         }),
-    );
+    )
 }

@@ -1,27 +1,31 @@
 //! One node's agent: lease a subnet, bring the data path up, follow the other nodes' leases,
-//! keep the lease alive, and publish `subnet.env` once ready.
+//! keep the lease alive, and publish `subnet.env` once every lease is routable. This file only
+//! wires the parts together; each has its own module.
 //!
-//! Shutdown leaves the lease in the store (a restart adopts it by PublicIP) and the subnet file
-//! in place (CNI DEL still needs it); the TUN device is not persistent, so the kernel removes it
-//! and its routes when the process exits. A restarted agent therefore starts from a clean data
-//! path and the same subnet, with no state to reconcile.
+//! Shutdown leaves the lease in the store (a restart adopts it by PublicIP), the subnet file in
+//! place (CNI DEL still needs it), and on the kernel backends the device and its entries, which
+//! a restart adopts without rewriting. The `udp` backend's TUN device is not persistent: the
+//! kernel removes it and its routes when the process exits.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ipnet::Ipv4Net;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
-use crate::backend::route::RouteTable;
+use crate::api::ApiEvent;
 use crate::backend::{self, Backend, BackendError, NodeEnv};
 use crate::config::{ConfigError, NetworkConfig};
+use crate::follower::{self, Follower, Sink};
 use crate::iface::{self, IfaceError};
 use crate::lease::keeper::{AcquireError, LeaseKeeper};
 use crate::lease::watch::{follow, StoreHealth};
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent, StoreError};
+use crate::lease::{Lease, LeaseAttrs, LeaseStore, StoreError};
+use crate::packet::route::SharedRoutes;
+use crate::state::AgentState;
 use crate::store::StoreOptions;
 use crate::subnet_file::SubnetEnv;
 use crate::wasm::{self, Pipeline, WasmError};
@@ -94,48 +98,6 @@ pub enum AgentError {
     SubnetFile { path: PathBuf, source: std::io::Error },
 }
 
-/// State shared between the agent's tasks and its admin endpoint.
-pub struct AgentState {
-    /// True once the subnet file is written.
-    pub ready: AtomicBool,
-    /// The data path.
-    pub backend: Arc<dyn Backend>,
-    /// Lease store health.
-    pub store_health: Arc<StoreHealth>,
-    /// Leases known in the cluster.
-    pub leases_known: AtomicUsize,
-    /// Times this node acquired its lease.
-    pub acquisitions: AtomicU64,
-    /// Successful renewals.
-    pub renewals: AtomicU64,
-    /// The Wasm decision chain.
-    pub modules: Arc<Pipeline>,
-    /// The cluster's leases as this node follows them (the API serves reads from here).
-    pub leases: arc_swap::ArcSwap<crate::lease::watch::LeaseTable>,
-    /// Whether `leases` holds a first full listing yet.
-    pub leases_synced: AtomicBool,
-    /// The kernel-path policy's counters, on backends whose packets stay in the kernel.
-    pub kernel_policy: Option<Arc<crate::nfq::PolicyStats>>,
-    own: Mutex<Option<Lease>>,
-}
-
-impl AgentState {
-    /// This node's current lease.
-    pub fn own_lease(&self) -> Option<Lease> {
-        self.own.lock().ok().and_then(|g| g.clone())
-    }
-
-    fn set_own(&self, l: Lease) {
-        if let Ok(mut g) = self.own.lock() {
-            *g = Some(l);
-        }
-    }
-
-    fn own_subnet(&self) -> Option<Ipv4Net> {
-        self.own_lease().map(|l| l.subnet)
-    }
-}
-
 async fn load_network_config(
     store: &dyn crate::lease::LeaseStore,
     net_config: Option<&PathBuf>,
@@ -156,6 +118,27 @@ async fn load_network_config(
     Ok(config)
 }
 
+/// What the data path and the decision chain are built from.
+struct DataPath {
+    backend: Arc<dyn Backend>,
+    modules: Arc<Pipeline>,
+    node: NodeEnv,
+}
+
+fn data_path(opts: &AgentOptions, config: &NetworkConfig, underlay: &iface::Underlay) -> Result<DataPath, AgentError> {
+    let node = NodeEnv {
+        iface: underlay.iface.clone(),
+        iface_mtu: underlay.mtu,
+        public_ip: underlay.addr,
+        state_dir: opts.state_dir.clone(),
+    };
+    // One route table for the data path, the modules' lease view and the API.
+    let routes = SharedRoutes::new(config.network, config.subnet_len);
+    let modules = Pipeline::new(wasm::Runtime::new(opts.module_limits)?, underlay.addr, routes.cell());
+    let backend = backend::create(config, &node, modules.clone(), routes)?;
+    Ok(DataPath { backend, modules, node })
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let admin = crate::admin::bind(opts.admin_listen)
@@ -172,14 +155,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     let config = load_network_config(store.as_ref(), opts.net_config.as_ref()).await?;
     tracing::info!(network = %config.network, subnet_len = config.subnet_len, backend = %config.backend.kind, "network config");
 
-    let node = NodeEnv {
-        iface: underlay.iface.clone(),
-        iface_mtu: underlay.mtu,
-        public_ip: underlay.addr,
-        state_dir: opts.state_dir.clone(),
-    };
-    let modules = Pipeline::new(wasm::Runtime::new(opts.module_limits)?, underlay.addr);
-    let backend = backend::create(&config, &node, modules.clone())?;
+    let DataPath { backend, modules, node } = data_path(&opts, &config, &underlay)?;
     let attrs = LeaseAttrs::new(underlay.addr, backend.kind(), backend.backend_data());
     let keeper = Arc::new(LeaseKeeper::new(
         store.clone(),
@@ -188,36 +164,18 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         opts.lease_ttl,
         opts.renew_margin,
     ));
-
     let previous = SubnetEnv::read(&opts.subnet_file).map(|e| e.subnet);
     let lease = keeper.acquire(previous).await?;
     let health = Arc::new(StoreHealth::default());
     health.connected.store(true, Ordering::Relaxed);
-    let state = Arc::new(AgentState {
-        ready: AtomicBool::new(false),
-        backend: backend.clone(),
-        store_health: health.clone(),
-        leases_known: AtomicUsize::new(0),
-        acquisitions: AtomicU64::new(1),
-        renewals: AtomicU64::new(0),
-        modules: modules.clone(),
-        leases: arc_swap::ArcSwap::from_pointee(Default::default()),
-        leases_synced: AtomicBool::new(false),
-        kernel_policy: backend.kernel_path().then(Default::default),
-        own: Mutex::new(Some(lease.clone())),
-    });
-    modules.set_own(lease.subnet);
-    // Modules load before traffic can flow: a node must not forward unfiltered while its
-    // firewall is still being read from the store.
-    let (modules_tx, mut modules_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(wasm::registry::follow(
-        store.clone(),
+    let state = Arc::new(AgentState::new(
+        backend.clone(),
         modules.clone(),
-        underlay.addr,
-        opts.module_poll,
-        modules_tx,
+        health.clone(),
+        lease.clone(),
     ));
-    let _ = tokio::time::timeout(Duration::from_secs(30), modules_rx.wait_for(|s| *s)).await;
+    modules.set_own(lease.subnet);
+    load_modules_first(&store, &modules, node.public_ip, opts.module_poll).await;
     ensure_ip_forwarding();
     backend.start(&lease)?;
     if let Some(stats) = &state.kernel_policy {
@@ -226,80 +184,25 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
                 "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
         }
     }
-
-    let (token, source) = crate::api::auth::load_or_create(opts.admin_token.as_deref(), &opts.admin_token_file)?;
-    match source {
-        crate::api::auth::TokenSource::Generated(p) => {
-            tracing::info!(file = %p.display(), "generated the admin API token (mode 0600)")
-        }
-        crate::api::auth::TokenSource::File(p) => tracing::info!(file = %p.display(), "admin API token read"),
-        crate::api::auth::TokenSource::Given => tracing::info!("admin API token given"),
-    }
-    let (events, _) = tokio::sync::broadcast::channel(1024);
-    let api = Arc::new(crate::api::ApiState {
-        agent: state.clone(),
-        store: store.clone(),
-        config: config.clone(),
-        token,
-        protect_reads: opts.admin_auth_reads,
-        events: events.clone(),
-    });
-    // Room for a module at the size limit in base64 (a PATCH), form and JSON overhead included.
-    let body_limit = opts.module_limits.max_module_bytes / 3 * 4 + (256 << 10);
-    let admin_state = state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = crate::admin::serve(admin, admin_state, api, body_limit).await {
-            tracing::error!(error = %e, "admin endpoint stopped");
-        }
-    });
+    let events = serve_admin(&opts, admin, &state, &store, &config)?;
 
     // Follow the cluster's leases. Losing our own lease wakes the keeper task.
     let lost = Arc::new(Notify::new());
-    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
-    {
-        let state = state.clone();
-        let lost = lost.clone();
-        let backend = backend.clone();
-        let our_ip = underlay.addr;
-        let (network, subnet_len) = (config.network, config.subnet_len);
-        tokio::spawn(follow(store.clone(), health.clone(), move |table, ev| {
-            state
-                .modules
-                .set_leases(RouteTable::from_leases(network, subnet_len, None, table.leases()));
-            let Some(own) = state.own_subnet() else { return };
-            match &ev {
-                LeaseEvent::Removed(net) if *net == own => {
-                    tracing::warn!(subnet = %net, "this node's lease vanished from the store; re-acquiring");
-                    lost.notify_one();
-                }
-                LeaseEvent::Upserted(l) if l.subnet == own && l.attrs.public_ip != our_ip => {
-                    tracing::error!(subnet = %l.subnet, other = %l.attrs.public_ip, "another node took this node's subnet; re-acquiring");
-                    lost.notify_one();
-                }
-                LeaseEvent::Upserted(l) if l.subnet != own => {
-                    tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "route added");
-                }
-                LeaseEvent::Removed(net) => tracing::info!(subnet = %net, "route removed"),
-                _ => {}
-            }
-            // Nobody listening is fine: the send only fails when no stream is open.
-            let _ = events.send(match &ev {
-                LeaseEvent::Upserted(l) => crate::api::ApiEvent::LeaseUpserted {
-                    lease: crate::api::views::LeaseView::of(l, l.subnet == own),
-                },
-                LeaseEvent::Removed(net) => crate::api::ApiEvent::LeaseRemoved {
-                    subnet: net.to_string(),
-                },
-            });
-            state.leases_known.store(table.len(), Ordering::Relaxed);
-            state.leases.store(Arc::new(table.clone()));
-            state.leases_synced.store(true, Ordering::Relaxed);
-            backend.sync_routes(own, table);
-            let _ = synced_tx.send(true);
-        }));
+    let (own_tx, own_rx) = tokio::sync::watch::channel(lease.subnet);
+    follow_leases(
+        &store,
+        &health,
+        &state,
+        events,
+        node.public_ip,
+        lease.subnet,
+        own_rx,
+        lost.clone(),
+    );
+    tokio::select! {
+        () = wait_routable(&*backend, &state) => {}
+        why = dataplane_failure(backend.stats()) => return Err(AgentError::Dataplane(why)),
     }
-    // Ready means peers are routable: wait for the first listing to reach the data path.
-    let _ = tokio::time::timeout(Duration::from_secs(10), synced_rx.wait_for(|s| *s)).await;
 
     if opts.ip_masq {
         crate::masq::install(config.network, lease.subnet)?;
@@ -316,23 +219,20 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         source,
     })?;
     state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(subnet = %lease.subnet, file = %opts.subnet_file.display(), "node ready");
+    tracing::info!(subnet = %lease.subnet, leases = state.leases_known(), file = %opts.subnet_file.display(), "node ready: every lease is in the data path");
 
-    let keep = tokio::spawn(keep_lease(keeper, state.clone(), lost, opts.subnet_file.clone(), env));
-    // A data path that stopped (its device deleted under it, its socket dead) is not repaired in
-    // place: the agent exits so its supervisor restarts it, and a restart starts clean.
-    let stats = backend.stats();
-    let failed = async move {
-        loop {
-            if let Some(why) = stats.failure() {
-                return why.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+    let keep = Keep {
+        keeper,
+        state: state.clone(),
+        lost,
+        own: own_tx,
+        subnet_file: opts.subnet_file.clone(),
+        retry: (opts.lease_ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(10)),
     };
+    let keep = tokio::spawn(keep.run(env));
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
-        why = failed => Err(AgentError::Dataplane(why)),
+        why = dataplane_failure(backend.stats()) => Err(AgentError::Dataplane(why)),
     };
     keep.abort();
     if opts.ip_masq {
@@ -340,73 +240,194 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
             tracing::warn!(error = %e, "cannot remove the masquerading rules");
         }
     }
-    tracing::info!("shutting down: the lease stays for a restart to adopt; the TUN device goes with the process");
+    tracing::info!("shutting down: the lease and the kernel's entries stay for a restart to adopt");
     outcome
 }
 
+/// Modules load before traffic can flow: a node must not forward unfiltered while its firewall
+/// is still being read from the store.
+async fn load_modules_first(store: &Arc<dyn LeaseStore>, modules: &Arc<Pipeline>, node: Ipv4Addr, poll: Duration) {
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(wasm::registry::follow(store.clone(), modules.clone(), node, poll, tx));
+    if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| *s))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the stored modules did not load within 30 s; starting without them");
+    }
+}
+
+/// Starts the admin endpoint; returns the API's event channel.
+fn serve_admin(
+    opts: &AgentOptions,
+    admin: tokio::net::TcpListener,
+    state: &Arc<AgentState>,
+    store: &Arc<dyn LeaseStore>,
+    config: &NetworkConfig,
+) -> Result<broadcast::Sender<ApiEvent>, AgentError> {
+    let (token, source) = crate::api::auth::load_or_create(opts.admin_token.as_deref(), &opts.admin_token_file)?;
+    match source {
+        crate::api::auth::TokenSource::Generated(p) => {
+            tracing::info!(file = %p.display(), "generated the admin API token (mode 0600)")
+        }
+        crate::api::auth::TokenSource::File(p) => tracing::info!(file = %p.display(), "admin API token read"),
+        crate::api::auth::TokenSource::Given => tracing::info!("admin API token given"),
+    }
+    let (events, _) = broadcast::channel(1024);
+    let api = Arc::new(crate::api::ApiState::new(
+        state.clone(),
+        store.clone(),
+        config.clone(),
+        token,
+        opts.admin_auth_reads,
+        events.clone(),
+    ));
+    // Room for a module at the size limit in base64 (a PATCH), form and JSON overhead included.
+    let body_limit = opts.module_limits.max_module_bytes / 3 * 4 + (256 << 10);
+    let admin_state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::admin::serve(admin, admin_state, api, body_limit).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    Ok(events)
+}
+
+/// Follows the store's leases into the data path, the API's table and its event stream.
+#[allow(clippy::too_many_arguments)]
+fn follow_leases(
+    store: &Arc<dyn LeaseStore>,
+    health: &Arc<StoreHealth>,
+    state: &Arc<AgentState>,
+    events: broadcast::Sender<ApiEvent>,
+    node_ip: Ipv4Addr,
+    own: Ipv4Net,
+    own_rx: tokio::sync::watch::Receiver<Ipv4Net>,
+    lost: Arc<Notify>,
+) {
+    let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(follow(store.clone(), health.clone(), move |f| {
+        // The follower ends only with the agent.
+        let _ = feed_tx.send(f);
+    }));
+    let backend = state.backend.clone();
+    let st = state.clone();
+    let sinks: Vec<Sink> = vec![
+        Box::new(move |u| backend.apply(u)),
+        Box::new(move |u| st.publish(u)),
+        Box::new(move |u| crate::api::events::publish(&events, u)),
+    ];
+    tokio::spawn(follower::run(Follower::new(own, node_ip), feed_rx, own_rx, sinks, lost));
+}
+
+/// Ready means routable: waits until the data path holds every lease of the first listing.
+async fn wait_routable(backend: &dyn Backend, state: &AgentState) {
+    let mut applied = backend.applied();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|g| *g >= 1)).await {
+            Ok(_) => return,
+            Err(_) => tracing::info!(
+                leases = state.leases_known(),
+                connected = state.store_health.connected.load(Ordering::Relaxed),
+                "waiting for the first lease listing to reach the data path before reporting ready"
+            ),
+        }
+    }
+}
+
+/// A data path that stopped (its device deleted under it, its socket dead) is not repaired in
+/// place: the agent exits so its supervisor restarts it, and a restart starts clean.
+async fn dataplane_failure(stats: Arc<crate::stats::DataplaneStats>) -> String {
+    loop {
+        if let Some(why) = stats.failure() {
+            return why.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Renews the lease before it expires and re-acquires it if it is lost; never gives up.
-async fn keep_lease(
+struct Keep {
     keeper: Arc<LeaseKeeper>,
     state: Arc<AgentState>,
     lost: Arc<Notify>,
+    own: tokio::sync::watch::Sender<Ipv4Net>,
     subnet_file: PathBuf,
-    mut env: SubnetEnv,
-) {
-    let retry = Duration::from_secs(10);
-    loop {
-        let Some(current) = state.own_lease() else { return };
-        let wait = keeper
-            .renew_at(&current)
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        let reacquire = tokio::select! {
-            () = tokio::time::sleep(wait) => match keeper.renew(&current).await {
-                Ok(Some(l)) => {
-                    tracing::debug!(subnet = %l.subnet, "lease renewed");
-                    state.renewals.fetch_add(1, Ordering::Relaxed);
-                    state.set_own(l);
-                    false
-                }
-                Ok(None) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease renewal failed; retrying");
-                    tokio::time::sleep(retry).await;
-                    false
-                }
-            },
-            () = lost.notified() => true,
-        };
-        if !reacquire {
-            continue;
-        }
+    /// How soon a failed renewal is retried: well within the TTL, so a short-TTL lease cannot
+    /// lapse while its store fails over.
+    retry: Duration,
+}
+
+impl Keep {
+    async fn run(self, mut env: SubnetEnv) {
         loop {
-            match keeper.acquire(Some(current.subnet)).await {
+            let Some(current) = self.state.own_lease() else { return };
+            let wait = self
+                .keeper
+                .renew_at(&current)
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            let reacquire = tokio::select! {
+                () = tokio::time::sleep(wait) => self.renew(&current).await,
+                () = self.lost.notified() => true,
+            };
+            if reacquire {
+                self.reacquire(&current, &mut env).await;
+            }
+        }
+    }
+
+    /// One renewal; true if the lease turned out lost.
+    async fn renew(&self, current: &Lease) -> bool {
+        match self.keeper.renew(current).await {
+            Ok(Some(l)) => {
+                tracing::debug!(subnet = %l.subnet, "lease renewed");
+                self.state.renewals.fetch_add(1, Ordering::Relaxed);
+                self.state.set_own(l);
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = self.retry.as_millis() as u64, "lease renewal failed; retrying");
+                tokio::time::sleep(self.retry).await;
+                false
+            }
+        }
+    }
+
+    async fn reacquire(&self, current: &Lease, env: &mut SubnetEnv) {
+        loop {
+            match self.keeper.acquire(Some(current.subnet)).await {
                 Ok(l) => {
-                    state.acquisitions.fetch_add(1, Ordering::Relaxed);
+                    self.state.acquisitions.fetch_add(1, Ordering::Relaxed);
                     if l.subnet != current.subnet {
-                        tracing::error!(old = %current.subnet, new = %l.subnet,
-                            "this node's subnet changed: pods keep old addresses until re-created");
-                        env.subnet = l.subnet;
-                        if env.ip_masq {
-                            if let Err(e) = crate::masq::install(env.network, l.subnet) {
-                                tracing::error!(error = %e, "cannot update the masquerading rules");
-                            }
-                        }
-                        if let Err(e) = env.write(&subnet_file) {
-                            tracing::error!(error = %e, "cannot rewrite the subnet file");
-                        }
+                        self.moved(current.subnet, l.subnet, env);
                     } else {
                         tracing::info!(subnet = %l.subnet, "re-acquired the same subnet");
                     }
-                    state.modules.set_own(l.subnet);
-                    state.set_own(l);
-                    break;
+                    self.state.modules.set_own(l.subnet);
+                    self.own.send_replace(l.subnet);
+                    self.state.set_own(l);
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "re-acquiring the lease failed; retrying");
-                    tokio::time::sleep(retry).await;
+                    tokio::time::sleep(self.retry).await;
                 }
             }
+        }
+    }
+
+    fn moved(&self, old: Ipv4Net, new: Ipv4Net, env: &mut SubnetEnv) {
+        tracing::error!(%old, %new, "this node's subnet changed: pods keep old addresses until re-created");
+        env.subnet = new;
+        if env.ip_masq {
+            if let Err(e) = crate::masq::install(env.network, new) {
+                tracing::error!(error = %e, "cannot update the masquerading rules");
+            }
+        }
+        if let Err(e) = env.write(&self.subnet_file) {
+            tracing::error!(error = %e, "cannot rewrite the subnet file");
         }
     }
 }

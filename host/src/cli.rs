@@ -62,16 +62,21 @@ enum Output {
 #[derive(Args, Clone)]
 struct ServerArgs {
     /// Go through an agent's API (e.g. http://127.0.0.1:8286) instead of the store.
-    #[arg(long, env = "WEFT_SERVER")]
+    #[arg(global = true, long, env = "WEFT_SERVER")]
     server: Option<String>,
     /// The API's bearer token (else read from --token-file).
-    #[arg(long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(global = true, long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// File holding the API's bearer token.
-    #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", default_value = "/var/lib/weft/admin-token")]
+    #[arg(
+        global = true,
+        long,
+        env = "WEFT_ADMIN_TOKEN_FILE",
+        default_value = "/var/lib/weft/admin-token"
+    )]
     token_file: PathBuf,
     /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    #[arg(global = true, short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
 
@@ -101,22 +106,22 @@ struct StatusArgs {
 #[derive(Args, Clone)]
 struct StoreArgs {
     /// etcd client URLs, comma separated; when empty the embedded store is used.
-    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(global = true, long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
     /// etcd key prefix (flannel's default).
-    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(global = true, long, env = "WEFT_ETCD_PREFIX", default_value = "/coreos.com/network")]
     etcd_prefix: String,
     /// CA certificate to verify etcd.
-    #[arg(long, env = "WEFT_ETCD_CAFILE")]
+    #[arg(global = true, long, env = "WEFT_ETCD_CAFILE")]
     etcd_cafile: Option<PathBuf>,
     /// Client certificate for etcd.
-    #[arg(long, env = "WEFT_ETCD_CERTFILE")]
+    #[arg(global = true, long, env = "WEFT_ETCD_CERTFILE")]
     etcd_certfile: Option<PathBuf>,
     /// Client key for etcd.
-    #[arg(long, env = "WEFT_ETCD_KEYFILE")]
+    #[arg(global = true, long, env = "WEFT_ETCD_KEYFILE")]
     etcd_keyfile: Option<PathBuf>,
     /// The embedded store's database file, used when no etcd endpoint is given.
-    #[arg(long, env = "WEFT_STORE", default_value = "/var/lib/weft/store.db")]
+    #[arg(global = true, long, env = "WEFT_STORE", default_value = "/var/lib/weft/store.db")]
     store: PathBuf,
 }
 
@@ -139,15 +144,15 @@ impl StoreArgs {
 #[derive(Args, Clone)]
 struct LimitArgs {
     /// Largest module accepted, in KiB of Wasm.
-    #[arg(long, env = "WEFT_MODULE_MAX_KIB", default_value_t = 1024,
+    #[arg(global = true, long, env = "WEFT_MODULE_MAX_KIB", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
     module_max_kib: u64,
     /// Most linear memory one module instance may use, in MiB.
-    #[arg(long, env = "WEFT_MODULE_MAX_MEMORY_MIB", default_value_t = 16,
+    #[arg(global = true, long, env = "WEFT_MODULE_MAX_MEMORY_MIB", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     module_max_memory_mib: u64,
     /// Most time one decision may take, in milliseconds, before it is interrupted.
-    #[arg(long, env = "WEFT_MODULE_DEADLINE_MS", default_value_t = 5,
+    #[arg(global = true, long, env = "WEFT_MODULE_DEADLINE_MS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     module_deadline_ms: u64,
 }
@@ -470,7 +475,12 @@ async fn module_command(m: ModuleArgs) -> Result<()> {
         return module_via_api(&client, op, m.server.output).await;
     }
     use weft::wasm::registry;
-    let store = m.store.options().open().await.context("opening the lease store")?;
+    let store = m
+        .store
+        .options()
+        .open_existing()
+        .await
+        .context("opening the lease store")?;
     let rt = weft::wasm::Runtime::new(m.limits.limits())?;
     match op {
         ModuleOp::Add(spec) => {
@@ -773,13 +783,23 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                     anyhow::bail!("deleting a lease goes to the store directly: drop --server")
                 }
                 (LeaseAction::Ls, None) => {
-                    let store = l.store.options().open().await.context("opening the lease store")?;
+                    let store = l
+                        .store
+                        .options()
+                        .open_existing()
+                        .await
+                        .context("opening the lease store")?;
                     let snap = store.list_leases().await?;
                     let leases: Vec<LeaseView> = snap.leases.iter().map(|x| LeaseView::of(x, false)).collect();
                     print_leases(&leases, l.server.output)?;
                 }
                 (LeaseAction::Rm { subnet }, None) => {
-                    let store = l.store.options().open().await.context("opening the lease store")?;
+                    let store = l
+                        .store
+                        .options()
+                        .open_existing()
+                        .await
+                        .context("opening the lease store")?;
                     if !store.delete_lease(subnet.trunc()).await? {
                         anyhow::bail!("no lease on {subnet}");
                     }

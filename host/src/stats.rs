@@ -25,11 +25,15 @@ pub enum DropReason {
     Policy = 7,
     /// A datagram on the VXLAN port not for this node (another VNI, another MAC, not IPv4).
     ForeignFrame = 8,
+    /// An IPv6 packet: the overlay carries IPv4 only for now. The kernel sends a few into the
+    /// node's own device (router solicitations, MLD reports) if IPv6 is left on there; those
+    /// are not malformed, so they have their own reason.
+    Ipv6NotEnabled = 9,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::SpoofedSource,
@@ -39,6 +43,7 @@ impl DropReason {
         DropReason::IoError,
         DropReason::Policy,
         DropReason::ForeignFrame,
+        DropReason::Ipv6NotEnabled,
     ];
 
     /// The metric label value.
@@ -53,6 +58,7 @@ impl DropReason {
             DropReason::IoError => "io_error",
             DropReason::Policy => "policy",
             DropReason::ForeignFrame => "foreign_frame",
+            DropReason::Ipv6NotEnabled => "ipv6_not_enabled",
         }
     }
 }

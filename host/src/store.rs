@@ -26,11 +26,23 @@ impl StoreOptions {
         }
     }
 
-    /// Opens the store.
+    /// Opens the store, creating an embedded one that does not exist yet (the agent's way).
     pub async fn open(&self) -> Result<Arc<dyn LeaseStore>, StoreError> {
         Ok(match self {
             StoreOptions::Embedded(p) => Arc::new(EmbeddedStore::open(p)?),
             StoreOptions::Etcd(o) => Arc::new(EtcdStore::connect(o).await?),
         })
+    }
+
+    /// Opens a store that must exist already (the command line's way): a mistyped `--store`
+    /// path is an error naming it, never a new empty store that lists nothing.
+    pub async fn open_existing(&self) -> Result<Arc<dyn LeaseStore>, StoreError> {
+        match self {
+            StoreOptions::Embedded(p) if !p.exists() => Err(StoreError::Embedded {
+                path: p.display().to_string(),
+                reason: "no such file (an agent creates its store on first start; check --store)".into(),
+            }),
+            _ => self.open().await,
+        }
     }
 }

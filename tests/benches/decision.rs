@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use weft::backend::route::RouteTable;
 use weft::packet::build_udp;
+use weft::packet::route::RouteTable;
 use weft::wasm::chain::{Pipeline, WorkerChain};
 use weft::wasm::instance::{Entry, HostCtx, Instance, Leases};
 use weft::wasm::{Direction, Limits, ModuleSpec, Runtime};
@@ -24,7 +24,8 @@ const CONFIG: &str = r#"{"default":"allow","rules":[
 
 fn leases() -> RouteTable {
     let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, None);
-    for i in 1..=50u8 {
+    t.set_local("10.244.1.0/24".parse().unwrap(), Ipv4Addr::new(198, 18, 0, 1));
+    for i in 2..=50u8 {
         t.insert(
             format!("10.244.{i}.0/24").parse().unwrap(),
             Ipv4Addr::new(198, 18, 0, i),
@@ -34,9 +35,13 @@ fn leases() -> RouteTable {
 }
 
 fn pipeline(with_module: bool) -> Arc<Pipeline> {
-    let p = Pipeline::new(Runtime::new(Limits::default()).unwrap(), Ipv4Addr::new(198, 18, 0, 1));
+    let cell = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(leases()));
+    let p = Pipeline::new(
+        Runtime::new(Limits::default()).unwrap(),
+        Ipv4Addr::new(198, 18, 0, 1),
+        cell,
+    );
     p.set_own("10.244.1.0/24".parse().unwrap());
-    p.set_leases(leases());
     if with_module {
         let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();
         let st = p.load(vec![ModuleSpec::new("fw", &wasm, CONFIG.into())]);

@@ -95,6 +95,8 @@ pub struct TestCluster {
     pub etcd: Option<Etcd>,
     /// Keeps the directory alive as long as the cluster.
     pub tmp: tempfile::TempDir,
+    /// Leases written for nodes that do not exist: routes every node holds besides its peers'.
+    pub fake_routes: usize,
 }
 
 impl TestCluster {
@@ -147,7 +149,22 @@ impl TestCluster {
                 Some(e)
             }
         };
-        TestCluster { lab, etcd, tmp }
+        TestCluster {
+            lab,
+            etcd,
+            tmp,
+            fake_routes: 0,
+        }
+    }
+
+    /// Writes fake leases `range` into etcd (see [`Etcd::put_fake_leases`]).
+    pub fn fake_leases(&mut self, range: std::ops::Range<u32>, kind: Fake) {
+        let n = range.len();
+        self.etcd
+            .as_ref()
+            .expect("fake leases need etcd")
+            .put_fake_leases(range, kind);
+        self.fake_routes += n;
     }
 
     /// Starts every agent, waits for readiness and gives each node `pods` pods.
@@ -157,7 +174,7 @@ impl TestCluster {
         }
         // Ready means a node routes the peers it saw at start; later joiners arrive by watch.
         // Tests start from a converged cluster: every node routes every other.
-        let peers = (self.lab.nodes.len() - 1) as f64;
+        let peers = (self.lab.nodes.len() - 1 + self.fake_routes) as f64;
         for n in 1..=self.lab.nodes.len() {
             assert!(
                 eventually(Duration::from_secs(15), || self.lab.metric(n, "weft_routes").ok()
@@ -323,6 +340,8 @@ pub struct Etcd {
     child: Option<Child>,
     /// Certificates, when it serves TLS only.
     pub tls: Option<TlsFiles>,
+    /// This member's name and the whole cluster (`name=peer-url,...`), for a cluster member.
+    member: Option<(String, String)>,
 }
 
 /// A CA, a server certificate for etcd's address and a client certificate, made with openssl.
@@ -434,9 +453,31 @@ impl Etcd {
             data_dir,
             child: None,
             tls,
+            member: None,
         };
         e.resume();
         e
+    }
+
+    /// Starts one member of a cluster: `cluster` is etcd's `--initial-cluster` (every member's
+    /// `name=http://addr:2380`). Returns at once: a member is healthy only once a quorum runs,
+    /// so call [`wait_healthy`](Self::wait_healthy) after starting them all.
+    pub fn member(ns: String, addr: Ipv4Addr, data_dir: PathBuf, name: &str, cluster: &str) -> Etcd {
+        let mut e = Etcd {
+            ns,
+            addr,
+            data_dir,
+            child: None,
+            tls: None,
+            member: Some((name.to_string(), cluster.to_string())),
+        };
+        e.spawn();
+        e
+    }
+
+    /// Whether the server process is running (not stopped by the test).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The client URL.
@@ -447,6 +488,12 @@ impl Etcd {
 
     /// (Re)starts the server on the same data directory and waits until it is healthy.
     pub fn resume(&mut self) {
+        self.spawn();
+        self.wait_healthy();
+    }
+
+    /// (Re)starts the server process on the same data directory.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "etcd already running");
         std::fs::create_dir_all(&self.data_dir).expect("etcd data dir");
         let log = std::fs::OpenOptions::new()
@@ -467,25 +514,31 @@ impl Etcd {
                 "--client-cert-auth".into(),
             ];
         }
+        let (name, peer, cluster) = match &self.member {
+            None => (
+                "weft-test".to_string(),
+                "http://127.0.0.1:2380".to_string(),
+                "weft-test=http://127.0.0.1:2380".to_string(),
+            ),
+            Some((name, cluster)) => (name.clone(), format!("http://{}:2380", self.addr), cluster.clone()),
+        };
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcd"])
             .args(&tls_args)
-            .args([
-                "--name",
-                "weft-test",
-                "--data-dir",
-                &self.data_dir.display().to_string(),
-            ])
+            .args(["--name", &name, "--data-dir", &self.data_dir.display().to_string()])
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "weft-test=http://127.0.0.1:2380"])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &cluster])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start etcd (is etcd-server installed?)");
         self.child = Some(child);
+    }
+
+    /// Waits until the server answers as healthy (its cluster has a leader).
+    pub fn wait_healthy(&self) {
         let healthy = eventually(Duration::from_secs(20), || {
             self.etcdctl(&["endpoint", "health"]).is_ok()
         });
@@ -559,4 +612,222 @@ pub fn run_cni(ns: &str, plugin: &Path, command: &str, container: &str, pod_ns: 
         std::io::Write::write_all(&mut stdin, conf.as_bytes()).expect("write the CNI config");
     }
     child.wait_with_output().expect("wait for the CNI plugin")
+}
+
+/// A network config for clusters of thousands: 10.0.0.0/8 cut into 65,536 /24 subnets, on
+/// `backend` (a `Backend` JSON object).
+pub fn scale_net(backend: &str) -> String {
+    format!(r#"{{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{backend}}}"#)
+}
+
+/// Which backend the nodes behind fake leases run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fake {
+    /// `vxlan` peers (a VTEP MAC each) at addresses off the underlay, where nothing is sent.
+    Vxlan,
+    /// `host-gw` peers at on-link underlay addresses where no host answers.
+    HostGw,
+    /// `udp` peers off the underlay.
+    Udp,
+}
+
+/// Fake lease `i`'s subnet: 10.16.0.0/24 onward, far above where real nodes lease (real nodes
+/// pick among the lowest free subnets from 10.0.1.0).
+pub fn fake_subnet(i: u32) -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a10_0000 + (i << 8)), 24).expect("a /24")
+}
+
+/// flannel's JSON for fake lease `i`.
+pub fn fake_lease_json(i: u32, kind: Fake) -> String {
+    let off_link = Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8);
+    match kind {
+        Fake::Vxlan => format!(
+            r#"{{"PublicIP":"{off_link}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:0f:00:{:02x}:{:02x}:{:02x}"}}}}"#,
+            (i >> 16) as u8,
+            (i >> 8) as u8,
+            i as u8
+        ),
+        Fake::HostGw => format!(
+            r#"{{"PublicIP":"198.18.0.{}","BackendType":"host-gw","BackendData":null}}"#,
+            100 + i % 100
+        ),
+        Fake::Udp => format!(r#"{{"PublicIP":"{off_link}","BackendType":"udp","BackendData":null}}"#),
+    }
+}
+
+/// The key of a lease on `subnet` in flannel's layout.
+pub fn lease_key(subnet: ipnet::Ipv4Net) -> String {
+    format!("/coreos.com/network/subnets/{}", weft::subnet::subnet_key(&subnet))
+}
+
+impl Etcd {
+    /// Writes fake leases `range` straight into etcd as flannel writes them (no TTL), 64
+    /// requests at a time, from inside etcd's namespace.
+    pub fn put_fake_leases(&self, range: std::ops::Range<u32>, kind: Fake) {
+        let url = self.endpoint();
+        let written = weft::lab::netns::enter_and_run(&self.ns, move || {
+            use futures::StreamExt;
+            use weft::lease::etcd::client::{Cluster, ClusterOptions};
+            use weft::lease::etcd::proto::{path, PutRequest, PutResponse};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let c = Cluster::new(&ClusterOptions {
+                    endpoints: vec![url],
+                    ..Default::default()
+                })
+                .expect("etcd client");
+                let puts = futures::stream::iter(range.map(|i| {
+                    let c = c.clone();
+                    async move {
+                        let req = PutRequest {
+                            key: lease_key(fake_subnet(i)).into_bytes(),
+                            value: fake_lease_json(i, kind).into_bytes(),
+                            lease: 0,
+                        };
+                        c.unary::<_, PutResponse>(path::PUT, req).await.map(|_| ())
+                    }
+                }))
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await;
+                puts.into_iter().collect::<Result<Vec<()>, _>>().map(|v| v.len())
+            })
+        })
+        .expect("enter etcd's namespace");
+        written.expect("write fake leases");
+    }
+
+    /// Deletes fake leases `256 * blocks.start .. 256 * blocks.end` (each block is one second
+    /// octet, 10.16.x.0 onward) with one range delete: one etcd revision. Returns how many went.
+    pub fn delete_fake_blocks(&self, blocks: std::ops::Range<u32>) -> usize {
+        // Two-digit octets sort as numbers do, so the key range holds exactly these blocks.
+        assert!(blocks.end + 16 <= 100, "blocks past 10.99.x do not sort as numbers");
+        let key = |b: u32| format!("/coreos.com/network/subnets/10.{}.", 16 + b);
+        let out = self
+            .etcdctl(&["del", &key(blocks.start), &key(blocks.end)])
+            .expect("etcdctl del range");
+        out.trim().parse().unwrap_or(0)
+    }
+}
+
+/// A command whose output lines are collected until it is dropped (`ip monitor`, `ping`).
+pub struct Watcher {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Watcher {
+    /// Starts `args` (a command in a namespace: `ip netns exec ...`, `ip -n ... monitor`).
+    pub fn start(program: &str, args: &[&str]) -> Watcher {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program} {args:?}: {e}"));
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Ok(mut v) = lines.lock() {
+                        v.push(l);
+                    }
+                }
+            });
+        }
+        // `ip monitor` subscribes before it prints anything: give it a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        Watcher { child, lines }
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the command to end by itself (within `timeout`), then returns every line.
+    pub fn finish(mut self, timeout: Duration) -> Vec<String> {
+        let until = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        self.lines()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Watches namespace `ns` for every route, neighbour and FDB change the kernel reports.
+pub fn kernel_monitor(ns: &str) -> (Watcher, Watcher) {
+    (
+        Watcher::start("ip", &["-n", ns, "monitor", "route", "neigh"]),
+        Watcher::start("bridge", &["-n", ns, "monitor", "fdb"]),
+    )
+}
+
+/// The deletions of Weft's entries among monitor lines: routes with protocol 87, and
+/// neighbours and FDB entries on Weft's devices.
+pub fn weft_deletions(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("Deleted") && (l.contains("proto 87") || l.contains("dev weft.")))
+        .cloned()
+        .collect()
+}
+
+/// A steady ping from `ns` to `dst`: `count` pings at 10 Hz.
+pub fn steady_ping(ns: &str, dst: Ipv4Addr, count: u32) -> Watcher {
+    Watcher::start(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-n",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            "-c",
+            &count.to_string(),
+            &dst.to_string(),
+        ],
+    )
+}
+
+/// (sent, received) from ping's summary line.
+pub fn ping_counts(lines: &[String]) -> Option<(u32, u32)> {
+    lines.iter().find_map(|l| {
+        let (sent, rest) = l.split_once(" packets transmitted, ")?;
+        let received = rest.split_whitespace().next()?;
+        Some((sent.trim().parse().ok()?, received.parse().ok()?))
+    })
 }

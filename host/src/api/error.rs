@@ -28,6 +28,9 @@ pub enum ApiError {
     /// The store did not answer.
     #[error("{0}")]
     Unavailable(String),
+    /// What the request refers to is no longer kept (an old page token).
+    #[error("{0}")]
+    Gone(String),
 }
 
 /// The body of every error response.
@@ -42,7 +45,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// The HTTP status, repeated.
     pub status: u16,
-    /// A stable code: `bad_request`, `unauthorized`, `not_found`, `conflict`, `too_large`, `unavailable`.
+    /// A stable code: `bad_request`, `unauthorized`, `not_found`, `conflict`, `too_large`, `unavailable`, `gone`.
     pub code: &'static str,
     /// A sentence for people.
     pub message: String,
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
         }
     }
 }

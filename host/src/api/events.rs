@@ -29,6 +29,35 @@ pub enum ApiEvent {
         /// Its subnet.
         subnet: String,
     },
+    /// The whole table was re-read (the first listing, a re-listing): read it again.
+    Resync {
+        /// Leases in the table now.
+        leases: usize,
+    },
+}
+
+/// Tells event streams what `u` changed: each lease of a delta, or one `resync` for a snapshot
+/// (5,000 lease events would say less and cost more).
+pub fn publish(events: &broadcast::Sender<ApiEvent>, u: &crate::lease::table::TableUpdate) {
+    use crate::lease::table::Changes;
+    // Nobody listening is fine: the send only fails when no stream is open.
+    match &u.changes {
+        Changes::Snapshot => {
+            let _ = events.send(ApiEvent::Resync { leases: u.table.len() });
+        }
+        Changes::Delta(d) => {
+            for c in d {
+                let _ = events.send(match c.after() {
+                    Some(l) => ApiEvent::LeaseUpserted {
+                        lease: LeaseView::of(l, l.subnet == u.own),
+                    },
+                    None => ApiEvent::LeaseRemoved {
+                        subnet: c.subnet().to_string(),
+                    },
+                });
+            }
+        }
+    }
 }
 
 fn sse(kind: &str, body: &impl Serialize) -> Event {
@@ -65,6 +94,7 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
         }
         let event = tokio::select! {
             ev = st.rx.recv() => match ev {
+                Ok(ev @ ApiEvent::Resync { .. }) => sse("resync", &ev),
                 Ok(ev) => sse("lease", &ev),
                 // A slow reader lost events: tell it to re-read everything.
                 Err(broadcast::error::RecvError::Lagged(n)) => sse("resync", &serde_json::json!({"lost": n})),

@@ -22,9 +22,9 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::agent::AgentState;
 use crate::config::NetworkConfig;
 use crate::lease::LeaseStore;
+use crate::state::AgentState;
 use error::ApiError;
 pub use events::ApiEvent;
 
@@ -42,6 +42,30 @@ pub struct ApiState {
     pub protect_reads: bool,
     /// Lease changes, for event streams.
     pub events: broadcast::Sender<ApiEvent>,
+    /// The serialised full lease list, by table version and second (expiries count down).
+    pub(crate) lease_body: std::sync::Mutex<Option<leases::CachedBody>>,
+}
+
+impl ApiState {
+    /// The API's state over the agent's.
+    pub fn new(
+        agent: Arc<AgentState>,
+        store: Arc<dyn LeaseStore>,
+        config: NetworkConfig,
+        token: String,
+        protect_reads: bool,
+        events: broadcast::Sender<ApiEvent>,
+    ) -> Self {
+        ApiState {
+            agent,
+            store,
+            config,
+            token,
+            protect_reads,
+            events,
+            lease_body: Default::default(),
+        }
+    }
 }
 
 #[derive(OpenApi)]

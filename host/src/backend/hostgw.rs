@@ -7,20 +7,22 @@
 //! Packets never reach userspace on this backend: Wasm modules see each new flow's first
 //! packet through NFQUEUE ([`crate::nfq`]), as on the kernel `vxlan` path.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::netlink::{self, on_link, KernelRoute, NlError, ROUTE_PROTO};
-use super::route::SharedRoutes;
+use super::reconcile::{self, Fatal, Kernel, KernelWrites, Peers, Work};
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
-use crate::lease::watch::LeaseTable;
+use crate::lease::table::TableUpdate;
 use crate::lease::Lease;
+use crate::packet::route::SharedRoutes;
 use crate::stats::DataplaneStats;
 
 /// How often routes are re-checked when nothing changed (flannel: 10 s).
@@ -49,23 +51,32 @@ pub fn check_period(config: &NetworkConfig) -> Result<Duration, BackendError> {
 /// The `host-gw` backend.
 pub struct HostGwBackend {
     iface: String,
+    public_ip: Ipv4Addr,
     mtu: u32,
     check: Duration,
     routes: SharedRoutes,
-    desired: watch::Sender<Vec<Route>>,
+    work: mpsc::UnboundedSender<Work<Route>>,
+    work_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Work<Route>>>>,
+    applied: watch::Sender<u64>,
+    writes: Arc<KernelWrites>,
     stats: Arc<DataplaneStats>,
 }
 
 impl HostGwBackend {
     /// A backend for `config` on `node`; `Backend.RouteCheckSecs` sets the reconcile period.
-    pub fn new(config: &NetworkConfig, node: &NodeEnv) -> Result<Self, BackendError> {
+    pub fn new(config: &NetworkConfig, node: &NodeEnv, routes: SharedRoutes) -> Result<Self, BackendError> {
         let check = check_period(config)?;
+        let (work, rx) = mpsc::unbounded_channel();
         Ok(HostGwBackend {
             iface: node.iface.clone(),
+            public_ip: node.public_ip,
             mtu: node.iface_mtu,
             check,
-            routes: SharedRoutes::new(config.network, config.subnet_len),
-            desired: watch::channel(Vec::new()).0,
+            routes,
+            work,
+            work_rx: std::sync::Mutex::new(Some(rx)),
+            applied: watch::channel(0).0,
+            writes: Arc::default(),
             stats: Arc::new(DataplaneStats::default()),
         })
     }
@@ -86,23 +97,45 @@ impl Backend for HostGwBackend {
 
     fn start(&self, _own: &Lease) -> Result<(), BackendError> {
         let (rt, handle) = netlink::connect(self.kind())?;
-        let r = Reconciler {
+        let rx = self
+            .work_rx
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .ok_or_else(|| BackendError::Config("the host-gw backend was started twice".into()))?;
+        let k = RouteKernel {
             handle,
             iface: self.iface.clone(),
-            check: self.check,
-            stats: self.stats.clone(),
+            index: 0,
+            nets: Vec::new(),
+            writes: self.writes.clone(),
         };
-        rt.spawn(r.run(self.desired.subscribe()));
+        rt.spawn(reconcile::drive(
+            k,
+            rx,
+            self.applied.clone(),
+            self.check,
+            self.stats.clone(),
+        ));
         tracing::info!(iface = %self.iface, check_secs = self.check.as_secs(), proto = ROUTE_PROTO,
             "host-gw backend up: routes via peers on the underlay");
         Ok(())
     }
 
-    fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let t = self.routes.build(own, table.leases());
-        let want = t.routes();
-        self.routes.publish(t);
-        self.desired.send_replace(want);
+    fn apply(&self, update: &TableUpdate) {
+        self.routes.apply(update, self.public_ip);
+        // The receiver lives as long as the data path; once it stopped there is nothing to do.
+        let _ = self
+            .work
+            .send(reconcile::work(update, |l| Some((l.subnet, l.attrs.public_ip))));
+    }
+
+    fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn kernel_writes(&self) -> Option<Arc<KernelWrites>> {
+        Some(self.writes.clone())
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
@@ -118,71 +151,110 @@ impl Backend for HostGwBackend {
     }
 }
 
-/// Keeps the kernel's Weft routes equal to the desired set.
-struct Reconciler {
+/// The kernel side of `host-gw`: one route per peer subnet via the peer's PublicIP.
+struct RouteKernel {
     handle: Handle,
     iface: String,
-    check: Duration,
-    stats: Arc<DataplaneStats>,
+    /// The underlay's index and networks as the last full round found them.
+    index: u32,
+    nets: Vec<Ipv4Net>,
+    writes: Arc<KernelWrites>,
 }
 
-impl Reconciler {
-    async fn run(self, mut desired: watch::Receiver<Vec<Route>>) {
-        // The first round with a lease table decides whether this node can run host-gw at all.
-        let mut first = true;
-        loop {
-            let want = desired.borrow_and_update().clone();
-            match self.round(&want, first && !want.is_empty()).await {
-                Ok(Some(fatal)) => {
-                    self.stats.fail(fatal);
-                    return;
-                }
-                Ok(None) => first &= want.is_empty(),
-                Err(e) => tracing::warn!(error = %e, "host-gw route reconcile failed; retrying"),
+fn route(dst: Ipv4Net, via: Ipv4Addr, dev: u32) -> KernelRoute {
+    KernelRoute {
+        dst,
+        via,
+        dev,
+        onlink: false,
+    }
+}
+
+impl RouteKernel {
+    /// Deletes then adds; a delete of a route that is gone already counts as done.
+    async fn write(&self, del: Vec<KernelRoute>, add: Vec<KernelRoute>) -> Result<(), NlError> {
+        let h = &self.handle;
+        let (deleted, _) = netlink::each(del, "route removed", |r| async move {
+            match netlink::del_route(h, r).await {
+                Err(e) if netlink::already_gone(&e) => Ok(()),
+                other => other,
             }
-            tokio::select! {
-                r = desired.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(self.check) => {}
-            }
+        })
+        .await;
+        let (added, err) = netlink::each(add, "route added", |r| netlink::add_route(h, r)).await;
+        self.writes.count(added, deleted);
+        if added + deleted > 0 {
+            tracing::info!(iface = %self.iface, added, deleted, "routes written");
         }
+        err.map_or(Ok(()), Err)
     }
 
-    /// One round; `Ok(Some(reason))` when the node cannot run host-gw at all.
-    async fn round(&self, want: &[Route], first: bool) -> Result<Option<String>, NlError> {
-        let index = netlink::require_link(&self.handle, &self.iface).await?;
-        let nets = netlink::networks(&self.handle, index).await?;
-        let (reachable, off): (Vec<Route>, Vec<Route>) = want.iter().partition(|(_, via)| on_link(*via, &nets));
-        if let Some((net, via)) = off.first() {
-            let msg = format!(
-                "host-gw needs every node on one L2 segment, but the node leasing {net} ({via}) is not on a network of {} ({})",
+    /// Why `via` cannot be routed to, if it is off the underlay's segment.
+    fn off_link(&self, dst: Ipv4Net, via: Ipv4Addr) -> Option<String> {
+        (!on_link(via, &self.nets)).then(|| {
+            format!(
+                "host-gw needs every node on one L2 segment, but the node leasing {dst} ({via}) is not on a network of {} ({})",
                 self.iface,
-                nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-            );
-            if first {
-                return Ok(Some(msg));
+                self.nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl Kernel for RouteKernel {
+    type Peer = Route;
+
+    /// One full round; `Ok(Some(reason))` when the node cannot run host-gw at all (the first
+    /// round with peers finds one off the L2 segment).
+    async fn full(&mut self, peers: &Peers<Route>, first: bool) -> Result<Option<Fatal>, NlError> {
+        let h = &self.handle;
+        self.index = netlink::require_link(h, &self.iface).await?;
+        self.nets = netlink::networks(h, self.index).await?;
+        let mut want = HashSet::new();
+        for &(dst, via) in peers.values() {
+            match self.off_link(dst, via) {
+                None => {
+                    want.insert(route(dst, via, self.index));
+                }
+                Some(msg) if first => return Ok(Some(msg)),
+                Some(msg) => tracing::error!("{msg}; no route to it"),
             }
-            tracing::error!("{msg}; no route to it");
         }
-        let want: Vec<KernelRoute> = reachable
-            .iter()
-            .map(|&(dst, via)| KernelRoute {
-                dst,
-                via,
-                dev: index,
-                onlink: false,
-            })
+        let have: HashSet<KernelRoute> = netlink::weft_routes(h).await?.into_iter().collect();
+        let add: Vec<KernelRoute> = want.difference(&have).copied().collect();
+        // A route to a subnet that is added anyway is replaced in place, never deleted first.
+        let replaced: HashSet<Ipv4Net> = add.iter().map(|r| r.dst).collect();
+        let del = have
+            .difference(&want)
+            .filter(|r| !replaced.contains(&r.dst))
+            .copied()
             .collect();
-        let (del, add) = netlink::diff(&want, &netlink::weft_routes(&self.handle).await?);
-        for r in del {
-            match netlink::del_route(&self.handle, r).await {
-                Ok(()) => tracing::info!(net = %r.dst, via = %r.via, "route removed"),
-                Err(e) => tracing::warn!(net = %r.dst, via = %r.via, error = %e, "cannot remove a stale route"),
+        self.writes
+            .full_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.write(del, add).await.map(|()| None)
+    }
+
+    async fn delta(
+        &mut self,
+        _peers: &Peers<Route>,
+        changed: &[(Option<Route>, Option<Route>)],
+    ) -> Result<(), NlError> {
+        let mut del = Vec::new();
+        let mut add = Vec::new();
+        for (before, after) in changed {
+            match after {
+                Some((dst, via)) => match self.off_link(*dst, *via) {
+                    // Added in place of whatever route the subnet had.
+                    None => add.push(route(*dst, *via, self.index)),
+                    Some(msg) => {
+                        tracing::error!("{msg}; no route to it");
+                        del.extend(before.map(|(d, v)| route(d, v, self.index)));
+                    }
+                },
+                None => del.extend(before.map(|(d, v)| route(d, v, self.index))),
             }
         }
-        for r in add {
-            netlink::add_route(&self.handle, r).await?;
-            tracing::info!(net = %r.dst, via = %r.via, dev = %self.iface, "route added");
-        }
-        Ok(None)
+        self.write(del, add).await
     }
 }

@@ -3,7 +3,8 @@
 
 pub mod hostgw;
 pub mod netlink;
-pub mod route;
+pub mod reconcile;
+
 pub mod udp;
 pub mod vxlan;
 
@@ -12,9 +13,12 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
+use tokio::sync::watch;
+
 use crate::config::NetworkConfig;
-use crate::lease::watch::LeaseTable;
+use crate::lease::table::TableUpdate;
 use crate::lease::Lease;
+use crate::packet::route::SharedRoutes;
 use crate::stats::DataplaneStats;
 use crate::wasm::Pipeline;
 
@@ -83,8 +87,19 @@ pub trait Backend: Send + Sync {
     /// Brings the data path up for the node holding `own`.
     fn start(&self, own: &Lease) -> Result<(), BackendError>;
 
-    /// Makes the data path follow the lease table: routes for every lease but `own`.
-    fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable);
+    /// Makes the data path follow the lease table: routes for every lease but `update.own`. It
+    /// returns at once and costs what the update changed; [`applied`](Self::applied) tells when
+    /// the data path holds it.
+    fn apply(&self, update: &TableUpdate);
+
+    /// The generation of the last update the data path holds in full (its route table
+    /// published; on kernel backends, its entries written).
+    fn applied(&self) -> watch::Receiver<u64>;
+
+    /// What the backend wrote into the kernel, on backends that write there.
+    fn kernel_writes(&self) -> Option<Arc<reconcile::KernelWrites>> {
+        None
+    }
 
     /// Current routes, as (remote subnet, PublicIP).
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)>;
@@ -98,20 +113,28 @@ pub trait Backend: Send + Sync {
     }
 
     /// Traffic per peer node, as (PublicIP, counters), for backends that count it.
-    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<route::PeerCounters>)> {
+    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<crate::packet::route::PeerCounters>)> {
         Vec::new()
     }
 }
 
 /// Creates the backend the network config asks for; `modules` is the Wasm decision chain the
-/// backend consults on each new flow.
+/// backend consults on each new flow, `routes` the route table it keeps (shared with the
+/// modules' lease view and the API).
 pub fn create(
     config: &NetworkConfig,
     node: &NodeEnv,
     modules: Arc<Pipeline>,
+    routes: SharedRoutes,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     match config.backend.kind.as_str() {
-        "udp" => Ok(Arc::new(udp::UdpBackend::new(config, node, modules, udp::Encap::Raw)?)),
+        "udp" => Ok(Arc::new(udp::UdpBackend::new(
+            config,
+            node,
+            modules,
+            udp::Encap::Raw,
+            routes,
+        )?)),
         "vxlan" => {
             let opts = vxlan::VxlanOptions::from_config(config)?;
             if opts.userspace {
@@ -121,12 +144,13 @@ pub fn create(
                     mac,
                     port: opts.port,
                 };
-                Ok(Arc::new(udp::UdpBackend::new(config, node, modules, encap)?))
+                let routes = routes.reading_entries(vxlan::route_entry(opts.vni));
+                Ok(Arc::new(udp::UdpBackend::new(config, node, modules, encap, routes)?))
             } else {
-                Ok(Arc::new(vxlan::VxlanBackend::new(config, node, opts)?))
+                Ok(Arc::new(vxlan::VxlanBackend::new(node, opts, routes)?))
             }
         }
-        "host-gw" => Ok(Arc::new(hostgw::HostGwBackend::new(config, node)?)),
+        "host-gw" => Ok(Arc::new(hostgw::HostGwBackend::new(config, node, routes)?)),
         other => Err(BackendError::Unknown(other.to_string())),
     }
 }

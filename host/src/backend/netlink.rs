@@ -15,7 +15,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 pub const ROUTE_PROTO: u8 = 87;
 
 /// One kernel route Weft owns: `dst via via dev <dev> [onlink]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelRoute {
     /// The remote subnet.
     pub dst: Ipv4Net,
@@ -46,11 +46,45 @@ pub fn connect(backend: &str) -> Result<(tokio::runtime::Handle, Handle), super:
     Ok((rt, handle))
 }
 
-/// What to change so the kernel holds exactly `want`: (to delete, to add).
-pub fn diff<T: PartialEq + Clone>(want: &[T], have: &[T]) -> (Vec<T>, Vec<T>) {
-    let del = have.iter().filter(|r| !want.contains(r)).cloned().collect();
-    let add = want.iter().filter(|r| !have.contains(r)).cloned().collect();
-    (del, add)
+/// How many netlink requests one batch keeps in flight: the kernel answers each in
+/// microseconds, so a few dozen outstanding hide the round trips without queueing much.
+const IN_FLIGHT: usize = 64;
+
+/// Runs `op` on every item, `IN_FLIGHT` at a time; returns how many succeeded and the first
+/// error (the others are logged by `op`'s caller through `what`).
+pub async fn each<T, F, Fut>(items: Vec<T>, what: &str, op: F) -> (usize, Option<NlError>)
+where
+    T: std::fmt::Debug + Copy,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), NlError>>,
+{
+    use futures::StreamExt;
+    let mut done = 0;
+    let mut first = None;
+    let mut results = futures::stream::iter(items.into_iter().map(|i| {
+        let fut = op(i);
+        async move { (i, fut.await) }
+    }))
+    .buffer_unordered(IN_FLIGHT);
+    while let Some((item, r)) = results.next().await {
+        match r {
+            Ok(()) => {
+                done += 1;
+                tracing::debug!(entry = ?item, "{what}");
+            }
+            Err(e) => {
+                tracing::warn!(entry = ?item, error = %e, "{what} failed");
+                first.get_or_insert(e);
+            }
+        }
+    }
+    (done, first)
+}
+
+/// Whether a failed delete only says the entry is gone already.
+pub fn already_gone(e: &NlError) -> bool {
+    matches!(e, NlError::Netlink(rtnetlink::Error::NetlinkError(m))
+        if m.code.is_some_and(|c| c.get() == -libc::ENOENT || c.get() == -libc::ESRCH))
 }
 
 /// Whether `peer` is directly reachable on one of `nets` (the underlay's networks).
@@ -160,25 +194,6 @@ fn parse(r: &RouteMessage) -> Option<KernelRoute> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn r(n: &str, v: &str) -> KernelRoute {
-        KernelRoute {
-            dst: n.parse().unwrap(),
-            via: v.parse().unwrap(),
-            dev: 2,
-            onlink: false,
-        }
-    }
-
-    #[test]
-    fn diff_removes_stale_and_moved_entries_and_adds_missing_ones() {
-        let want = [r("10.244.2.0/24", "198.18.0.2"), r("10.244.3.0/24", "198.18.0.3")];
-        let have = [r("10.244.3.0/24", "198.18.0.9"), r("10.244.9.0/24", "198.18.0.9")];
-        let (del, add) = diff(&want, &have);
-        assert_eq!(del, have.to_vec(), "moved and vanished leases go");
-        assert_eq!(add, want.to_vec());
-        assert_eq!(diff(&want, &want), (vec![], vec![]), "nothing to do twice");
-    }
 
     #[test]
     fn peers_must_be_on_an_underlay_network() {

@@ -10,7 +10,8 @@ use ipnet::Ipv4Net;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    readable, Doc, DocKind, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream, StoreError,
+    readable, Doc, DocKind, DocWatchStream, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream,
+    StoreError,
 };
 use crate::subnet::{parse_subnet_key, subnet_key};
 
@@ -134,6 +135,11 @@ fn set_meta(tx: &Connection, name: &str, value: &str) -> rusqlite::Result<()> {
         params![name, value],
     )?;
     Ok(())
+}
+
+/// The meta key holding the revision of the last change to documents of `kind`.
+fn docs_changed(kind: DocKind) -> String {
+    format!("docs_changed_{}", kind.segment())
 }
 
 /// Takes the next revision number and records a change under it.
@@ -343,6 +349,7 @@ impl LeaseStore for EmbeddedStore {
                  ON CONFLICT(kind, name) DO UPDATE SET value = excluded.value, revision = excluded.revision",
                 params![kind.segment(), name, value, rev],
             )?;
+            set_meta(&tx, &docs_changed(kind), &rev.to_string())?;
             tx.commit()
         })
         .await
@@ -351,13 +358,66 @@ impl LeaseStore for EmbeddedStore {
     async fn delete_doc(&self, kind: DocKind, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.with_conn(move |c| {
-            let n = c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
                 "DELETE FROM docs WHERE kind = ?1 AND name = ?2",
                 params![kind.segment(), name],
             )?;
+            if n > 0 {
+                let rev = meta_i64(&tx, "doc_revision")? + 1;
+                set_meta(&tx, "doc_revision", &rev.to_string())?;
+                set_meta(&tx, &docs_changed(kind), &rev.to_string())?;
+            }
+            tx.commit()?;
             Ok(n > 0)
         })
         .await
+    }
+
+    async fn watch_docs(&self, kind: DocKind) -> Result<DocWatchStream, StoreError> {
+        let key = docs_changed(kind);
+        let read = {
+            let key = key.clone();
+            move |c: &mut Connection| meta_i64(c, &key)
+        };
+        let mut last = self.with_conn(read.clone()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let conn = self.conn.clone();
+        let path = self.path.display().to_string();
+        tokio::spawn(async move {
+            // A meta row read every poll: one indexed lookup on a local file.
+            while !tx.is_closed() {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                let c = conn.clone();
+                let read = read.clone();
+                let now = tokio::task::spawn_blocking(move || {
+                    c.lock()
+                        .map_err(|_| rusqlite::Error::InvalidQuery)
+                        .and_then(|mut g| read(&mut g))
+                })
+                .await;
+                let msg = match now {
+                    Ok(Ok(r)) if r == last => continue,
+                    Ok(Ok(r)) => {
+                        last = r;
+                        Ok(r)
+                    }
+                    Ok(Err(e)) => Err(StoreError::Embedded {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }),
+                    Err(e) => Err(StoreError::Embedded {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }),
+                };
+                let end = msg.is_err();
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 
     async fn watch_leases(&self, revision: i64) -> Result<LeaseWatchStream, StoreError> {

@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod embedded;
 pub mod etcd;
 pub mod keeper;
+pub mod table;
 pub mod watch;
 
 use std::net::Ipv4Addr;
@@ -106,8 +107,12 @@ pub enum StoreError {
     Embedded { path: String, reason: String },
 }
 
-/// A stream of lease changes from a store, in revision order.
+/// A stream of lease changes from a store, in revision order, each batch with the revision a
+/// watch resumes after.
 pub type LeaseWatchStream = tokio::sync::mpsc::Receiver<Result<(Vec<LeaseEvent>, i64), StoreError>>;
+
+/// A stream of signals that documents of one kind changed (the store's revision of the change).
+pub type DocWatchStream = tokio::sync::mpsc::Receiver<Result<i64, StoreError>>;
 
 /// Kinds of named documents a store keeps beside the leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +187,10 @@ pub trait LeaseStore: Send + Sync {
 
     /// Deletes a document; true if it existed.
     async fn delete_doc(&self, kind: DocKind, name: &str) -> Result<bool, StoreError>;
+
+    /// Signals every change to documents of `kind` made from now on. The stream ends or yields
+    /// an error when the store goes away; the caller then lists and watches again.
+    async fn watch_docs(&self, kind: DocKind) -> Result<DocWatchStream, StoreError>;
 }
 
 /// The readable leases of a listing. One stray or corrupt key must not hide every other lease

@@ -1,146 +1,141 @@
-//! Following the lease table: a snapshot, then a watch from its revision, re-listing and
-//! diffing whenever the watch breaks (store outage, compaction), so the consumer only ever
-//! sees a consistent sequence of upserts and removals.
+//! Following the store's leases: a listing, then a watch from its revision. A watch that
+//! breaks (a member died, a store outage) is resumed from the last revision seen, on whichever
+//! member answers; only a compaction past that revision costs a new listing. What arrives
+//! together is handed on together, so a burst of changes is one batch for the consumer while a
+//! lone change is never held back.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use super::{Lease, LeaseEvent, LeaseStore, LeaseWatchStream, StoreError};
 
-use super::{Lease, LeaseEvent, LeaseStore};
-
-/// The lease table as last seen, and the pure logic that keeps it current.
-#[derive(Debug, Default, Clone)]
-pub struct LeaseTable {
-    leases: HashMap<Ipv4Net, Lease>,
-}
-
-impl LeaseTable {
-    /// The leases currently known.
-    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values()
-    }
-
-    /// The lease on `subnet`, if known.
-    pub fn get(&self, subnet: &Ipv4Net) -> Option<&Lease> {
-        self.leases.get(subnet)
-    }
-
-    /// Number of leases known.
-    pub fn len(&self) -> usize {
-        self.leases.len()
-    }
-
-    /// True when no lease is known.
-    pub fn is_empty(&self) -> bool {
-        self.leases.is_empty()
-    }
-
-    /// Applies one watched event; returns it if it changed anything a consumer cares about
-    /// (a renewal that only moves the expiry or revision is not news to the data path).
-    pub fn apply(&mut self, ev: LeaseEvent) -> Option<LeaseEvent> {
-        match ev {
-            LeaseEvent::Upserted(l) => {
-                let news = self.leases.get(&l.subnet).is_none_or(|old| old.attrs != l.attrs);
-                self.leases.insert(l.subnet, l.clone());
-                news.then_some(LeaseEvent::Upserted(l))
-            }
-            LeaseEvent::Removed(net) => self.leases.remove(&net).map(|_| LeaseEvent::Removed(net)),
-        }
-    }
-
-    /// Replaces the table with a fresh listing and returns the events that turn the old view
-    /// into the new one: what a watch would have said had it not broken.
-    pub fn resync(&mut self, snapshot: Vec<Lease>) -> Vec<LeaseEvent> {
-        let fresh: HashMap<Ipv4Net, Lease> = snapshot.into_iter().map(|l| (l.subnet, l)).collect();
-        let mut events: Vec<LeaseEvent> = self
-            .leases
-            .keys()
-            .filter(|k| !fresh.contains_key(k))
-            .map(|k| LeaseEvent::Removed(*k))
-            .collect();
-        for (k, l) in &fresh {
-            if self.leases.get(k).is_none_or(|old| old.attrs != l.attrs) {
-                events.push(LeaseEvent::Upserted(l.clone()));
-            }
-        }
-        self.leases = fresh;
-        events
-    }
+/// What the store said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feed {
+    /// A full listing: the table is exactly these leases.
+    Listing(Vec<Lease>),
+    /// Changes after the previous feed, in revision order.
+    Events(Vec<LeaseEvent>),
 }
 
 /// Health of the connection to the store, shared with metrics.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
-    /// Whether the last store operation succeeded.
+    /// Whether the lease watch is established and the store answered last.
     pub connected: AtomicBool,
     /// How many times the watch was re-established after breaking.
     pub watch_restarts: AtomicU64,
+    /// How many full listings were read.
+    pub listings: AtomicU64,
 }
 
-/// Follows the store's leases forever, calling `on_event` for each change, in order.
-/// Never returns; store errors are retried with backoff.
-pub async fn follow<F>(store: Arc<dyn LeaseStore>, health: Arc<StoreHealth>, mut on_event: F)
+impl StoreHealth {
+    fn down(&self, what: &str, e: &StoreError) {
+        if self.connected.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "{what}; keeping the last known routes");
+        }
+    }
+
+    fn up(&self, store: &dyn LeaseStore) {
+        if !self.connected.swap(true, Ordering::Relaxed) && self.listings.load(Ordering::Relaxed) > 0 {
+            tracing::info!(store = %store.describe(), "lease store reachable again");
+        }
+    }
+}
+
+/// Most queued watch messages folded into one feed.
+const MAX_FOLD: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Follows the store's leases forever, calling `on_feed` in order. Never returns; store errors
+/// are retried with backoff.
+pub async fn follow<F>(store: Arc<dyn LeaseStore>, health: Arc<StoreHealth>, mut on_feed: F)
 where
-    F: FnMut(&LeaseTable, LeaseEvent) + Send,
+    F: FnMut(Feed) + Send,
 {
-    let mut table = LeaseTable::default();
-    let mut backoff = Duration::from_millis(250);
-    let mut first = true;
+    let mut backoff = BACKOFF_MIN;
     loop {
         let snap = match store.list_leases().await {
             Ok(s) => s,
             Err(e) => {
-                if health.connected.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "lease store unreachable; keeping the last known routes");
-                }
+                health.down("lease store unreachable", &e);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
-        if !health.connected.swap(true, Ordering::Relaxed) && !first {
-            tracing::info!(store = %store.describe(), "lease store reachable again");
-        }
+        backoff = BACKOFF_MIN;
+        health.listings.fetch_add(1, Ordering::Relaxed);
+        on_feed(Feed::Listing(snap.leases));
+        watch_from(&*store, &health, snap.revision, &mut on_feed).await;
+    }
+}
+
+/// Watches from `revision` on, resuming after each break, until the store compacted past the
+/// last revision seen (the caller then lists again).
+async fn watch_from<F: FnMut(Feed)>(store: &dyn LeaseStore, health: &StoreHealth, mut revision: i64, on_feed: &mut F) {
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    loop {
+        let mut stream = match store.watch_leases(revision).await {
+            Ok(s) => s,
+            Err(StoreError::Compacted(_)) => return,
+            Err(e) => {
+                health.down("cannot watch leases", &e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
         if !first {
             health.watch_restarts.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
-        backoff = Duration::from_millis(250);
-        for ev in table.resync(snap.leases) {
-            on_event(&table, ev);
-        }
-        let mut stream = match store.watch_leases(snap.revision).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch leases; will re-list");
-                health.connected.store(false, Ordering::Relaxed);
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        };
-        while let Some(item) = stream.recv().await {
-            match item {
-                Ok((events, _rev)) => {
-                    for ev in events {
-                        if let Some(ev) = table.apply(ev) {
-                            on_event(&table, ev);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease watch broke; re-listing");
-                    if !matches!(e, super::StoreError::Compacted(_)) {
-                        health.connected.store(false, Ordering::Relaxed);
-                    }
-                    break;
-                }
-            }
+        health.up(store);
+        backoff = BACKOFF_MIN;
+        match drain(&mut stream, &mut revision, on_feed).await {
+            Err(StoreError::Compacted(_)) => return,
+            Err(e) => health.down("lease watch broke", &e),
+            Ok(()) => health.down("lease watch ended", &StoreError::Unavailable("stream closed".into())),
         }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Hands on every message of `stream`, folding what is already queued behind one message into
+/// the same feed; returns how the stream ended.
+async fn drain<F: FnMut(Feed)>(
+    stream: &mut LeaseWatchStream,
+    revision: &mut i64,
+    on_feed: &mut F,
+) -> Result<(), StoreError> {
+    while let Some(first) = stream.recv().await {
+        let (mut events, rev) = first?;
+        *revision = (*revision).max(rev);
+        let mut ended = None;
+        for _ in 0..MAX_FOLD {
+            match stream.try_recv() {
+                Ok(Ok((more, rev))) => {
+                    events.extend(more);
+                    *revision = (*revision).max(rev);
+                }
+                Ok(Err(e)) => {
+                    ended = Some(e);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !events.is_empty() {
+            on_feed(Feed::Events(events));
+        }
+        if let Some(e) = ended {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -150,49 +145,51 @@ mod tests {
     use super::*;
     use crate::lease::LeaseAttrs;
 
-    fn lease(net: &str, ip: &str, rev: i64) -> Lease {
+    fn lease(i: u8) -> Lease {
         Lease {
-            subnet: net.parse().unwrap(),
-            attrs: LeaseAttrs::new(ip.parse().unwrap(), "udp", serde_json::Value::Null),
+            subnet: format!("10.1.{i}.0/24").parse().unwrap(),
+            attrs: LeaseAttrs::new([1, 1, 1, i].into(), "udp", serde_json::Value::Null),
             expiration: SystemTime::now(),
-            revision: rev,
+            revision: i64::from(i),
             ttl_handle: 0,
         }
     }
 
-    #[test]
-    fn renewals_are_not_news_but_changes_are() {
-        let mut t = LeaseTable::default();
-        assert!(t
-            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 1)))
-            .is_some());
-        assert!(t
-            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.1", 2)))
-            .is_none());
-        assert!(t
-            .apply(LeaseEvent::Upserted(lease("10.1.1.0/24", "1.1.1.9", 3)))
-            .is_some());
-        assert!(t.apply(LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())).is_some());
-        assert!(t.apply(LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())).is_none());
+    #[tokio::test]
+    async fn queued_messages_are_one_feed_and_a_lone_one_is_not_held() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        for i in 1..=3 {
+            tx.send(Ok((vec![LeaseEvent::Upserted(lease(i))], i64::from(i))))
+                .await
+                .unwrap();
+        }
+        let mut feeds = Vec::new();
+        let mut rev = 0;
+        let task = tokio::spawn(async move {
+            drain(&mut rx, &mut rev, &mut |f| feeds.push(f)).await.unwrap();
+            (feeds, rev)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(Ok((vec![LeaseEvent::Removed(lease(1).subnet)], 9)))
+            .await
+            .unwrap();
+        drop(tx);
+        let (feeds, rev) = task.await.unwrap();
+        assert_eq!(feeds.len(), 2, "{feeds:?}");
+        assert!(matches!(&feeds[0], Feed::Events(e) if e.len() == 3));
+        assert!(matches!(&feeds[1], Feed::Events(e) if e.len() == 1));
+        assert_eq!(rev, 9);
     }
 
-    #[test]
-    fn resync_synthesises_the_missed_events() {
-        let mut t = LeaseTable::default();
-        t.resync(vec![
-            lease("10.1.1.0/24", "1.1.1.1", 1),
-            lease("10.1.2.0/24", "1.1.1.2", 1),
-        ]);
-        let mut ev = t.resync(vec![
-            lease("10.1.2.0/24", "1.1.1.2", 5),
-            lease("10.1.3.0/24", "1.1.1.3", 6),
-        ]);
-        ev.sort_by_key(|e| format!("{e:?}"));
-        assert_eq!(ev.len(), 2, "{ev:?}");
-        assert!(ev.contains(&LeaseEvent::Removed("10.1.1.0/24".parse().unwrap())));
-        assert!(ev
-            .iter()
-            .any(|e| matches!(e, LeaseEvent::Upserted(l) if l.subnet.to_string() == "10.1.3.0/24")));
-        assert_eq!(t.len(), 2);
+    #[tokio::test]
+    async fn an_error_behind_events_still_delivers_them() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        tx.send(Ok((vec![LeaseEvent::Upserted(lease(1))], 1))).await.unwrap();
+        tx.send(Err(StoreError::Compacted(1))).await.unwrap();
+        let mut feeds = Vec::new();
+        let mut rev = 0;
+        let end = drain(&mut rx, &mut rev, &mut |f| feeds.push(f)).await;
+        assert!(matches!(end, Err(StoreError::Compacted(1))));
+        assert_eq!(feeds.len(), 1);
     }
 }

@@ -19,7 +19,6 @@ use super::runtime::{Compiled, Runtime};
 use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
 use super::stats::{ModuleStats, TraceEntry, VerdictKind};
 use super::WasmError;
-use crate::backend::route::RouteTable;
 
 /// Flows a worker's cache holds at most.
 pub const CACHE_CAPACITY: usize = 65_536;
@@ -39,6 +38,8 @@ pub struct LoadedModule {
     pub failure: FailurePolicy,
     /// Decide and count only.
     pub dry_run: bool,
+    /// The configured place in the chain (lower runs first).
+    pub order: i32,
     /// The compiled code, or why there is none.
     pub compiled: Result<Arc<Compiled>, WasmError>,
     /// Counters.
@@ -62,6 +63,7 @@ impl LoadedModule {
             && self.config == s.config.as_bytes()
             && self.failure == s.failure
             && self.dry_run == s.dry_run
+            && self.order == s.order
     }
 }
 
@@ -100,8 +102,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// An empty chain for the node at `local`.
-    pub fn new(runtime: Arc<Runtime>, local: Ipv4Addr) -> Arc<Pipeline> {
+    /// An empty chain for the node at `local`, whose modules see the leases in `leases` (the
+    /// node's route table, this node's subnet included).
+    pub fn new(runtime: Arc<Runtime>, local: Ipv4Addr, leases: Arc<Leases>) -> Arc<Pipeline> {
         Arc::new(Pipeline {
             runtime,
             chain: ArcSwap::from_pointee(Chain {
@@ -111,7 +114,7 @@ impl Pipeline {
                 local,
             }),
             generation: AtomicU64::new(1),
-            leases: Arc::new(ArcSwap::from_pointee(RouteTable::new(Ipv4Net::default(), 32, None))),
+            leases,
             stats: Mutex::new(HashMap::new()),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
@@ -147,11 +150,6 @@ impl Pipeline {
             own: Some(own),
             local: c.local,
         });
-    }
-
-    /// Replaces the lease view modules and records read (every lease, this node's included).
-    pub fn set_leases(&self, table: RouteTable) {
-        self.leases.store(Arc::new(table));
     }
 
     /// Counters of every module loaded or once loaded, by name.
@@ -209,6 +207,7 @@ impl Pipeline {
                 config: s.config.clone().into_bytes(),
                 failure: s.failure,
                 dry_run: s.dry_run,
+                order: s.order,
                 compiled,
                 stats,
             }));

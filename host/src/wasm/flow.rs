@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 
 use weft_guest::abi::{self, Record, PAYLOAD_MAX};
 
-use crate::backend::route::RouteTable;
+use crate::packet::route::RouteTable;
 
 /// Which way a packet crosses the node, from the local pods' point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use weft_guest::abi::{names, Word, RECORD_SIZE};
 use super::runtime::{Compiled, Runtime, TICK};
 use super::stats::ModuleStats;
 use super::WasmError;
-use crate::backend::route::RouteTable;
+use crate::packet::route::RouteTable;
 
 /// The lease table modules may read: every lease, this node's included.
 pub type Leases = ArcSwap<RouteTable>;

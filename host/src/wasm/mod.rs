@@ -63,7 +63,7 @@ pub enum WasmError {
 pub fn check(rt: &Runtime, wasm: &[u8], config: &[u8]) -> Result<(bool, bool), WasmError> {
     use std::sync::Arc;
     let compiled = rt.compile(wasm)?;
-    let table = || crate::backend::route::RouteTable::new(ipnet::Ipv4Net::default(), 24, None);
+    let table = || crate::packet::route::RouteTable::new(ipnet::Ipv4Net::default(), 24, None);
     let leases = Arc::new(instance::Leases::from_pointee(table()));
     let ctx = instance::HostCtx::new(rt, "probe".into(), Arc::default(), leases);
     let mut inst = instance::Instance::new(rt, &compiled, ctx, config)?;

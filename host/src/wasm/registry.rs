@@ -135,41 +135,62 @@ fn readable_specs(docs: Vec<Doc>) -> Vec<ModuleSpec> {
         .collect()
 }
 
-/// Follows the stored modules forever: polls their names and revisions (a cheap keys-only
-/// read) every `interval`, reloads the chain when they change, and reports what this node
-/// runs. A store outage keeps the current chain running.
-/// `first` turns true after the first attempt, successful or not.
+/// Follows the stored modules forever: watches them (a change is noticed at once, without
+/// polling the store), reloads the chain when they change, and reports what this node runs.
+/// The report is repeated every 30 s as the node's heartbeat. While the store cannot be
+/// watched, the modules are re-read every `fallback`. A store outage keeps the current chain
+/// running. `first` turns true after the first attempt, successful or not.
 pub async fn follow(
     store: Arc<dyn LeaseStore>,
     pipeline: Arc<Pipeline>,
     node: Ipv4Addr,
-    interval: Duration,
+    fallback: Duration,
     first: tokio::sync::watch::Sender<bool>,
 ) {
     let mut seen: Option<Vec<(String, i64)>> = None;
     let mut failing = false;
     let mut reported = std::time::Instant::now();
     loop {
-        // The report doubles as the node's heartbeat (`last_seen` in the API): repeat it even
-        // when nothing changed.
-        if reported.elapsed() >= HEARTBEAT {
-            seen = None;
-        }
-        match sync_once(&*store, &pipeline, node, &mut seen).await {
-            Ok(true) => {
-                failing = false;
-                reported = std::time::Instant::now();
-            }
-            Ok(false) => failing = false,
+        // Watch first, then read: a change between the two is then never missed.
+        let mut changes = match store.watch_docs(DocKind::Module).await {
+            Ok(w) => Some(w),
             Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "cannot read modules from the store; the current chain keeps running");
+                tracing::debug!(error = %e, "cannot watch the stored modules; re-reading them periodically");
+                None
+            }
+        };
+        loop {
+            if reported.elapsed() >= HEARTBEAT {
+                seen = None;
+            }
+            match sync_once(&*store, &pipeline, node, &mut seen).await {
+                Ok(true) => {
+                    failing = false;
+                    reported = std::time::Instant::now();
                 }
-                failing = true;
+                Ok(false) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot read modules from the store; the current chain keeps running");
+                    }
+                    failing = true;
+                }
+            }
+            let _ = first.send(true);
+            let wait = HEARTBEAT.saturating_sub(reported.elapsed());
+            let Some(w) = changes.as_mut() else {
+                tokio::time::sleep(wait.min(fallback)).await;
+                break;
+            };
+            tokio::select! {
+                c = w.recv() => match c {
+                    Some(Ok(_)) => while let Ok(Ok(_)) = w.try_recv() {},
+                    // The watch broke: read again and watch anew.
+                    _ => break,
+                },
+                () = tokio::time::sleep(wait) => {}
             }
         }
-        let _ = first.send(true);
-        tokio::time::sleep(interval).await;
     }
 }
 

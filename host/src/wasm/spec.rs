@@ -19,6 +19,16 @@ pub enum FailurePolicy {
     Open,
 }
 
+impl FailurePolicy {
+    /// The policy's name as the API, the command line and metric labels spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailurePolicy::Closed => "closed",
+            FailurePolicy::Open => "open",
+        }
+    }
+}
+
 /// One stored module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleSpec {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use super::chain::{Pipeline, WorkerChain};
 use super::spec::{FailurePolicy, ModuleSpec};
 use super::{check, Direction, Limits, Runtime, Verdict, WasmError};
-use crate::backend::route::RouteTable;
 use crate::packet::build_udp;
+use crate::packet::route::RouteTable;
 
 /// A module speaking ABI 1 whose `weft_policy` body is `policy` (record at 1024).
 fn module(policy: &str) -> Vec<u8> {
@@ -53,13 +53,12 @@ fn a(s: &str) -> Ipv4Addr {
 }
 
 fn pipeline(rt: Arc<Runtime>) -> Arc<Pipeline> {
-    let p = Pipeline::new(rt, a("198.18.0.1"));
-    p.set_own("10.244.1.0/24".parse().unwrap());
     let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, None);
-    t.insert("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
+    t.set_local("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
     t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
     t.insert("10.244.3.0/24".parse().unwrap(), a("198.18.0.3"));
-    p.set_leases(t);
+    let p = Pipeline::new(rt, a("198.18.0.1"), Arc::new(arc_swap::ArcSwap::from_pointee(t)));
+    p.set_own("10.244.1.0/24".parse().unwrap());
     p
 }
 

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::backend::route::{RouteTable, SourceCheck};
+use crate::packet::route::{RouteTable, SourceCheck};
 use crate::packet::{self, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, ICMP_TIME_EXCEEDED};
 use crate::stats::DropReason;
 
@@ -27,11 +27,21 @@ pub enum Inbound {
     Drop(DropReason),
 }
 
+/// Why a buffer that does not parse as IPv4 is dropped: IPv6 is well-formed traffic the overlay
+/// does not carry yet, anything else is malformed.
+fn not_ipv4(buf: &[u8]) -> DropReason {
+    if packet::is_ipv6(buf) {
+        DropReason::Ipv6NotEnabled
+    } else {
+        DropReason::Malformed
+    }
+}
+
 /// Decides where a packet from the TUN device goes.
 pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
     let meta = match packet::parse_ipv4(buf) {
         Ok(m) => m,
-        Err(_) => return Outbound::Drop(DropReason::Malformed),
+        Err(_) => return Outbound::Drop(not_ipv4(buf)),
     };
     // ICMP errors are written back into the TUN device, so they must not come from one of the
     // node's own addresses (the kernel drops those as martians): they come from the address the
@@ -62,7 +72,7 @@ pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
 pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8], relay: bool) -> Inbound {
     let meta = match packet::parse_ipv4(buf) {
         Ok(m) => m,
-        Err(_) => return Inbound::Drop(DropReason::Malformed),
+        Err(_) => return Inbound::Drop(not_ipv4(buf)),
     };
     match routes.check_source(from, meta.src) {
         SourceCheck::Owned => {}
@@ -96,6 +106,27 @@ mod tests {
         );
         t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
         t
+    }
+
+    #[test]
+    fn ipv6_is_not_malformed() {
+        // A router solicitation as the kernel sends it into a fresh device: IPv6, ICMPv6 133.
+        let mut rs = vec![0u8; 48];
+        rs[0] = 0x60;
+        rs[5] = 8;
+        rs[6] = 58;
+        rs[7] = 255;
+        rs[40] = 133;
+        assert_eq!(
+            outbound(&routes(), &mut rs.clone()),
+            Outbound::Drop(DropReason::Ipv6NotEnabled)
+        );
+        assert_eq!(
+            inbound(&routes(), a("198.18.0.2"), &mut rs, false),
+            Inbound::Drop(DropReason::Ipv6NotEnabled)
+        );
+        let mut junk = vec![0x45u8; 10];
+        assert_eq!(outbound(&routes(), &mut junk), Outbound::Drop(DropReason::Malformed));
     }
 
     #[test]

@@ -23,15 +23,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use tokio::sync::watch;
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use self::codec::{Inbound, Outbound};
-use super::route::SharedRoutes;
 use super::vxlan::wire::{self, Mac};
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
-use crate::lease::watch::LeaseTable;
+use crate::lease::table::TableUpdate;
 use crate::lease::Lease;
+use crate::packet::route::SharedRoutes;
 use crate::stats::{DataplaneStats, DropReason};
 use crate::wasm::{Direction, Pipeline, WorkerChain};
 
@@ -81,7 +82,8 @@ pub struct UdpBackend {
     routes: SharedRoutes,
     stats: Arc<DataplaneStats>,
     modules: Arc<Pipeline>,
-    peers: std::sync::Mutex<std::collections::HashMap<Ipv4Addr, Arc<super::route::PeerCounters>>>,
+    public_ip: Ipv4Addr,
+    applied: watch::Sender<u64>,
     encap: Encap,
     device: String,
 }
@@ -93,6 +95,7 @@ impl UdpBackend {
         node: &NodeEnv,
         modules: Arc<Pipeline>,
         encap: Encap,
+        routes: SharedRoutes,
     ) -> Result<Self, BackendError> {
         let port = match config
             .backend
@@ -119,10 +122,11 @@ impl UdpBackend {
             port,
             offload,
             mtu,
-            routes: SharedRoutes::new(config.network, config.subnet_len),
+            routes,
             stats: Arc::new(DataplaneStats::default()),
             modules,
-            peers: Default::default(),
+            public_ip: node.public_ip,
+            applied: watch::channel(0).0,
             encap,
             device,
         })
@@ -161,6 +165,9 @@ impl Backend for UdpBackend {
                 .ipv4(router, self.routes.network().prefix_len(), None)
                 .mtu(u16::try_from(self.mtu).unwrap_or(u16::MAX))
                 .offload(offload)
+                // Down until IPv6 is off on it, so the kernel never sends it router
+                // solicitations or MLD reports the IPv4-only overlay would have to drop.
+                .enable(false)
                 .build_sync()
         };
         let tun_error = |source| BackendError::Tun {
@@ -178,6 +185,8 @@ impl Backend for UdpBackend {
         } else {
             build(false).map_err(tun_error)?
         };
+        disable_ipv6(&self.device);
+        device.enabled(true).map_err(tun_error)?;
         let offload = device.tcp_gso();
         // The tx loop drains the device without blocking and waits in poll(); writes to a TUN
         // device never block, so the rx loop is unaffected.
@@ -221,17 +230,14 @@ impl Backend for UdpBackend {
         Ok(())
     }
 
-    fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        let mut t = self.routes.build(own, table.leases());
-        if let Encap::Vxlan { vni, .. } = self.encap {
-            for p in super::vxlan::peers(table, own, vni) {
-                t.set_vtep(p.public_ip, p.mac);
-            }
-        }
-        if let Ok(mut peers) = self.peers.lock() {
-            t.attach_counters(&mut peers);
-        }
-        self.routes.publish(t);
+    fn apply(&self, update: &TableUpdate) {
+        self.routes.apply(update, self.public_ip);
+        // The forwarding threads read the table on their next packet: it is in the data path.
+        self.applied.send_replace(update.generation);
+    }
+
+    fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
@@ -242,14 +248,8 @@ impl Backend for UdpBackend {
         self.stats.clone()
     }
 
-    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<super::route::PeerCounters>)> {
-        let mut v: Vec<_> = self
-            .peers
-            .lock()
-            .map(|p| p.iter().map(|(ip, c)| (*ip, c.clone())).collect())
-            .unwrap_or_default();
-        v.sort_by_key(|(ip, _)| *ip);
-        v
+    fn peer_stats(&self) -> Vec<(Ipv4Addr, Arc<crate::packet::route::PeerCounters>)> {
+        self.routes.peer_counters()
     }
 }
 
@@ -383,6 +383,16 @@ impl Worker {
         self.device
             .send_multiple(&mut GROTable::default(), &mut one, VIRTIO_NET_HDR_LEN)
             .is_ok()
+    }
+}
+
+/// Turns IPv6 off on `device` (the overlay carries IPv4 only for now). Where `/proc/sys` is
+/// read-only (an unprivileged container) the kernel's few IPv6 packets are dropped and counted
+/// as `ipv6_not_enabled` instead.
+fn disable_ipv6(device: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{device}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1\n") {
+        tracing::debug!(%path, error = %e, "cannot turn IPv6 off on the device; its IPv6 packets will be dropped");
     }
 }
 

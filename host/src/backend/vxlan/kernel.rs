@@ -1,12 +1,13 @@
 //! The kernel's VXLAN data path, programmed over rtnetlink: Weft owns one VXLAN device and, per
 //! remote lease, a permanent neighbour, a permanent FDB entry and an onlink route, added in that
 //! order (a route must never point at a gateway the kernel cannot resolve yet) and removed in
-//! the reverse order. Every round reads what the kernel holds and applies only the difference,
-//! so restarts leave no duplicates and no stale entries, and a device deleted by hand is
-//! re-created (the kernel removed its entries with it, so they are all re-added).
+//! the reverse order. A full round reads what the kernel holds and writes only the difference,
+//! so a restart adopts the device and its entries as they are and writes nothing; a lease
+//! change writes only its own entries; a device deleted by hand is re-created (the kernel
+//! removed its entries with it, so they are all re-added).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -16,11 +17,11 @@ use rtnetlink::packet_route::neighbour::{
 };
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
-use tokio::sync::watch;
 
-use super::plan::{self, Desired, Peer};
+use super::plan::{self, EntrySet, FdbUsers, Links, Ops, Peer};
 use super::wire::Mac;
 use crate::backend::netlink::{self, NlError};
+use crate::backend::reconcile::{Fatal, Kernel, KernelWrites, Peers};
 
 /// How the VXLAN device must look.
 #[derive(Debug, Clone)]
@@ -231,12 +232,6 @@ pub fn set_tx_checksum(device: &str, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One entry the kernel holds, with the message that deletes it.
-struct Held<K> {
-    key: K,
-    msg: NeighbourMessage,
-}
-
 fn neigh_parts(m: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<Mac>) {
     let (mut ip, mut mac) = (None, None);
     for a in &m.attributes {
@@ -257,41 +252,29 @@ fn neigh_parts(m: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<Mac>) {
     (ip, mac)
 }
 
-async fn held(handle: &Handle, family: AddressFamily, index: u32) -> Result<Vec<NeighbourMessage>, NlError> {
+/// The (address, MAC) pairs of the entries `family` holds on interface `index`; neighbours only
+/// if permanent (the kernel's own learnt ones are not Weft's).
+async fn dump(handle: &Handle, family: AddressFamily, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>, NlError> {
     let mut s = handle.neighbours().get().set_address_family(family).execute();
     let mut out = Vec::new();
     while let Some(m) = s.try_next().await? {
-        if m.header.ifindex == index {
-            out.push(m);
+        let mine = m.header.ifindex == index
+            && (family == AddressFamily::Bridge || m.header.state == NeighbourState::Permanent);
+        if let (true, (Some(ip), Some(mac))) = (mine, neigh_parts(&m)) {
+            out.push((ip, mac));
         }
     }
     Ok(out)
 }
 
-async fn neighbours(handle: &Handle, index: u32) -> Result<Vec<Held<(Ipv4Addr, Mac)>>, NlError> {
-    Ok(held(handle, AddressFamily::Inet, index)
-        .await?
-        .into_iter()
-        .filter(|m| m.header.state == NeighbourState::Permanent)
-        .filter_map(|msg| match neigh_parts(&msg) {
-            (Some(ip), Some(mac)) => Some(Held { key: (ip, mac), msg }),
-            _ => None,
-        })
-        .collect())
-}
-
-async fn fdb(handle: &Handle, index: u32) -> Result<Vec<Held<(Mac, Ipv4Addr)>>, NlError> {
-    Ok(held(handle, AddressFamily::Bridge, index)
-        .await?
-        .into_iter()
-        .filter_map(|dumped| match neigh_parts(&dumped) {
-            (Some(ip), Some(mac)) => Some(Held {
-                key: (mac, ip),
-                msg: fdb_message(index, mac, ip),
-            }),
-            _ => None,
-        })
-        .collect())
+/// The message naming one neighbour of the VXLAN device, for deleting it.
+fn neigh_message(index: u32, ip: Ipv4Addr) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = index;
+    m.header.state = NeighbourState::Permanent;
+    m.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))];
+    m
 }
 
 /// The message naming one FDB entry of the VXLAN device itself (`bridge fdb del ... self`):
@@ -309,27 +292,9 @@ fn fdb_message(index: u32, mac: Mac, ip: Ipv4Addr) -> NeighbourMessage {
     m
 }
 
-/// Removes the entries of one kind the kernel holds but `want` lacks; returns the missing ones
-/// (the caller adds them in flannel's order: neighbours, then FDB entries).
-async fn remove_stale<K: PartialEq + Clone + std::fmt::Debug>(
-    handle: &Handle,
-    what: &str,
-    want: &[K],
-    have: Vec<Held<K>>,
-) -> Result<Vec<K>, NlError> {
-    let keys: Vec<K> = have.iter().map(|h| h.key.clone()).collect();
-    let (del, add) = netlink::diff(want, &keys);
-    for h in have.into_iter().filter(|h| del.contains(&h.key)) {
-        match handle.neighbours().del(h.msg).execute().await {
-            Ok(()) => tracing::info!(entry = ?h.key, "{what} removed"),
-            Err(e) => tracing::warn!(entry = ?h.key, error = %e, "cannot remove a stale {what}"),
-        }
-    }
-    Ok(add)
-}
-
-/// Keeps the device and its entries equal to what the lease table asks for.
-pub struct Reconciler {
+/// The kernel side of the `vxlan` backend: the device and its entries, driven by
+/// [`crate::backend::reconcile::drive`].
+pub struct VxlanKernel {
     /// The netlink handle.
     pub handle: Handle,
     /// The device.
@@ -338,58 +303,94 @@ pub struct Reconciler {
     pub address: Ipv4Addr,
     /// Whether DirectRouting is on.
     pub direct_routing: bool,
-    /// Period of the reconcile timer.
-    pub check: Duration,
+    /// What was written, for metrics.
+    pub writes: Arc<KernelWrites>,
+    /// The interfaces as the last full round found them.
+    links: Links,
+    /// Peers per FDB entry, as the last round left them.
+    users: FdbUsers,
 }
 
-impl Reconciler {
-    /// Runs forever: a round on every change of `desired` and on every timer tick.
-    pub async fn run(self, mut desired: watch::Receiver<Vec<Peer>>) {
-        loop {
-            let peers = desired.borrow_and_update().clone();
-            if let Err(e) = self.round(&peers).await {
-                tracing::warn!(error = %e, device = %self.spec.name, "VXLAN reconcile failed; retrying");
-            }
-            tokio::select! {
-                r = desired.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(self.check) => {}
-            }
+impl VxlanKernel {
+    /// A kernel driver for `spec`; nothing is read or written until the first round.
+    pub fn new(
+        handle: Handle,
+        spec: DeviceSpec,
+        address: Ipv4Addr,
+        direct_routing: bool,
+        writes: Arc<KernelWrites>,
+    ) -> Self {
+        VxlanKernel {
+            handle,
+            spec,
+            address,
+            direct_routing,
+            writes,
+            links: Links::default(),
+            users: FdbUsers::new(),
         }
     }
 
-    /// One round: device, then the difference in neighbours, FDB entries and routes.
-    pub async fn round(&self, peers: &[Peer]) -> Result<(), NlError> {
+    /// Weft's entries as the kernel holds them now.
+    async fn held(&self) -> Result<EntrySet, NlError> {
         let h = &self.handle;
-        let dev = ensure_device(h, &self.spec, self.address).await?;
-        let underlay = netlink::require_link(h, &self.spec.underlay).await?;
-        let nets = if self.direct_routing {
-            Some(netlink::networks(h, underlay).await?)
-        } else {
-            None
+        let dev = self.links.device;
+        Ok(EntrySet {
+            neighbours: dump(h, AddressFamily::Inet, dev).await?.into_iter().collect(),
+            fdb: dump(h, AddressFamily::Bridge, dev)
+                .await?
+                .into_iter()
+                .map(|(ip, mac)| (mac, ip))
+                .collect(),
+            routes: netlink::weft_routes(h).await?.into_iter().collect(),
+        })
+    }
+
+    /// Runs `ops` in flannel's order; deletions of entries already gone count as done.
+    async fn write(&self, ops: Ops) -> Result<(), NlError> {
+        let h = &self.handle;
+        let dev = self.links.device;
+        let gone_ok = |r: Result<(), NlError>| match r {
+            Err(e) if netlink::already_gone(&e) => Ok(()),
+            other => other,
         };
-        let d: Desired = plan::desired(peers, dev, underlay, nets.as_deref());
-        // Removal first, in reverse order: routes, FDB, neighbours.
-        let routes = netlink::weft_routes(h).await?;
-        let (del_routes, add_routes) = netlink::diff(&d.routes, &routes);
-        for r in del_routes {
-            match netlink::del_route(h, r).await {
-                Ok(()) => tracing::info!(net = %r.dst, via = %r.via, "route removed"),
-                Err(e) => tracing::warn!(net = %r.dst, error = %e, "cannot remove a stale route"),
-            }
-        }
-        let add_fdb = remove_stale(h, "FDB entry", &d.fdb, fdb(h, dev).await?).await?;
-        let add_neigh = remove_stale(h, "neighbour", &d.neighbours, neighbours(h, dev).await?).await?;
-        for (ip, mac) in add_neigh {
+        let (routes, _) = netlink::each(ops.del_routes, "route removed", |r| async move {
+            gone_ok(netlink::del_route(h, r).await)
+        })
+        .await;
+        let (fdb, _) = netlink::each(ops.del_fdb, "FDB entry removed", |(mac, ip)| async move {
+            gone_ok(
+                h.neighbours()
+                    .del(fdb_message(dev, mac, ip))
+                    .execute()
+                    .await
+                    .map_err(Into::into),
+            )
+        })
+        .await;
+        let (neigh, _) = netlink::each(ops.del_neighbours, "neighbour removed", |(ip, _)| async move {
+            gone_ok(
+                h.neighbours()
+                    .del(neigh_message(dev, ip))
+                    .execute()
+                    .await
+                    .map_err(Into::into),
+            )
+        })
+        .await;
+        let deleted = routes + fdb + neigh;
+        let (a1, e1) = netlink::each(ops.add_neighbours, "neighbour added", |(ip, mac)| async move {
             h.neighbours()
                 .add(dev, IpAddr::V4(ip))
                 .link_layer_address(&mac.0)
                 .state(NeighbourState::Permanent)
                 .replace()
                 .execute()
-                .await?;
-            tracing::info!(%ip, %mac, "neighbour added");
-        }
-        for (mac, ip) in add_fdb {
+                .await
+                .map_err(Into::into)
+        })
+        .await;
+        let (a2, e2) = netlink::each(ops.add_fdb, "FDB entry added", |(mac, ip)| async move {
             h.neighbours()
                 .add_bridge(dev, &mac.0)
                 .destination(IpAddr::V4(ip))
@@ -397,13 +398,50 @@ impl Reconciler {
                 .state(NeighbourState::Permanent)
                 .replace()
                 .execute()
-                .await?;
-            tracing::info!(%mac, dst = %ip, "FDB entry added");
+                .await
+                .map_err(Into::into)
+        })
+        .await;
+        let (a3, e3) = netlink::each(ops.add_routes, "route added", |r| netlink::add_route(h, r)).await;
+        self.writes.count(a1 + a2 + a3, deleted);
+        if a1 + a2 + a3 + deleted > 0 {
+            tracing::info!(device = %self.spec.name, neighbours = a1, fdb = a2, routes = a3, deleted, "kernel entries written");
         }
-        for r in add_routes {
-            netlink::add_route(h, r).await?;
-            tracing::info!(net = %r.dst, via = %r.via, onlink = r.onlink, "route added");
+        match e1.or(e2).or(e3) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+impl Kernel for VxlanKernel {
+    type Peer = Peer;
+
+    async fn full(&mut self, peers: &Peers<Peer>, _first: bool) -> Result<Option<Fatal>, NlError> {
+        let h = &self.handle;
+        let device = ensure_device(h, &self.spec, self.address).await?;
+        let underlay = netlink::require_link(h, &self.spec.underlay).await?;
+        let direct = if self.direct_routing {
+            Some(netlink::networks(h, underlay).await?)
+        } else {
+            None
+        };
+        self.links = Links {
+            device,
+            underlay,
+            direct,
+        };
+        let want = EntrySet::of(peers.values(), &self.links);
+        self.users = plan::fdb_users(peers.values(), &self.links);
+        let ops = plan::full(&want, &self.held().await?);
+        self.writes
+            .full_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.write(ops).await.map(|()| None)
+    }
+
+    async fn delta(&mut self, _peers: &Peers<Peer>, changed: &[(Option<Peer>, Option<Peer>)]) -> Result<(), NlError> {
+        let ops = plan::delta(changed, &self.links, &mut self.users);
+        self.write(ops).await
     }
 }

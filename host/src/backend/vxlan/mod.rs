@@ -21,15 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use self::plan::Peer;
 use self::wire::Mac;
-use super::route::SharedRoutes;
+use super::reconcile::{self, KernelWrites, Work};
 use super::{Backend, BackendError, NodeEnv};
 use crate::config::NetworkConfig;
-use crate::lease::watch::LeaseTable;
+use crate::lease::table::TableUpdate;
 use crate::lease::Lease;
+use crate::packet::route::SharedRoutes;
 use crate::stats::DataplaneStats;
 
 /// The `Backend` section's vxlan fields, defaults filled in.
@@ -100,16 +101,20 @@ pub fn vtep_mac(state_dir: &std::path::Path, device: &str) -> Result<Mac, Backen
     mac::load_or_create(&mac::path(state_dir, device)).map_err(|e| BackendError::Config(e.to_string()))
 }
 
-/// The peers among `table`'s leases (all but `own`); leases that cannot be peers are logged.
-pub fn peers(table: &LeaseTable, own: Ipv4Net, vni: u32) -> Vec<Peer> {
-    let mut out = Vec::new();
-    for l in table.leases().filter(|l| l.subnet != own) {
-        match Peer::from_lease(l, vni) {
-            Ok(p) => out.push(p),
-            Err(e) => tracing::warn!(error = %e, "lease is not reachable over VXLAN; skipped"),
-        }
-    }
-    out
+/// A lease as a VXLAN peer, or None (logged) when it cannot be one.
+pub fn peer_of(l: &Lease, vni: u32) -> Option<Peer> {
+    Peer::from_lease(l, vni)
+        .map_err(|e| tracing::warn!(error = %e, "lease is not reachable over VXLAN; skipped"))
+        .ok()
+}
+
+/// How the userspace VXLAN path reads a lease into a route: with the peer's VTEP MAC.
+pub fn route_entry(vni: u32) -> crate::packet::route::EntryOf {
+    Arc::new(move |l: &Lease| crate::packet::route::RouteEntry {
+        subnet: l.subnet,
+        public_ip: l.attrs.public_ip,
+        vtep: Peer::from_lease(l, vni).ok().map(|p| p.mac),
+    })
 }
 
 /// The kernel `vxlan` backend.
@@ -119,21 +124,28 @@ pub struct VxlanBackend {
     mac: Mac,
     mtu: u32,
     routes: SharedRoutes,
-    desired: watch::Sender<Vec<Peer>>,
+    work: mpsc::UnboundedSender<Work<Peer>>,
+    work_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Work<Peer>>>>,
+    applied: watch::Sender<u64>,
+    writes: Arc<KernelWrites>,
     stats: Arc<DataplaneStats>,
 }
 
 impl VxlanBackend {
     /// A backend for `config` on `node`; the VTEP MAC is read (or made) in the node's state dir.
-    pub fn new(config: &NetworkConfig, node: &NodeEnv, opts: VxlanOptions) -> Result<Self, BackendError> {
+    pub fn new(node: &NodeEnv, opts: VxlanOptions, routes: SharedRoutes) -> Result<Self, BackendError> {
         let mtu = node.overlay_mtu(wire::OVERHEAD)?;
         let mac = vtep_mac(&node.state_dir, &opts.device())?;
+        let (work, rx) = mpsc::unbounded_channel();
         Ok(VxlanBackend {
             mtu,
             mac,
             node: node.clone(),
-            routes: SharedRoutes::new(config.network, config.subnet_len),
-            desired: watch::channel(Vec::new()).0,
+            routes,
+            work,
+            work_rx: std::sync::Mutex::new(Some(rx)),
+            applied: watch::channel(0).0,
+            writes: Arc::default(),
             stats: Arc::new(DataplaneStats::default()),
             opts,
         })
@@ -155,40 +167,59 @@ impl Backend for VxlanBackend {
 
     fn start(&self, own: &Lease) -> Result<(), BackendError> {
         let (rt, handle) = super::netlink::connect(self.kind())?;
-        let r = kernel::Reconciler {
-            handle,
-            spec: kernel::DeviceSpec {
-                name: self.opts.device(),
-                vni: self.opts.vni,
-                port: self.opts.port,
-                local: self.node.public_ip,
-                underlay: self.node.iface.clone(),
-                mtu: self.mtu,
-                mac: self.mac,
-                tx_checksum_offload: self.opts.tx_checksum_offload,
-            },
-            address: own.subnet.network(),
-            direct_routing: self.opts.direct_routing,
-            check: self.opts.check,
+        let spec = kernel::DeviceSpec {
+            name: self.opts.device(),
+            vni: self.opts.vni,
+            port: self.opts.port,
+            local: self.node.public_ip,
+            underlay: self.node.iface.clone(),
+            mtu: self.mtu,
+            mac: self.mac,
+            tx_checksum_offload: self.opts.tx_checksum_offload,
         };
+        let address = own.subnet.network();
         // The device must exist before the node says it is ready: a failure here is the
-        // operator's to see at start, not a warning in a retry loop.
-        let first = tokio::task::block_in_place(|| rt.block_on(kernel::ensure_device(&r.handle, &r.spec, r.address)));
+        // operator's to see at start, not a warning in a retry loop. An existing device with
+        // the right settings is adopted as it is, entries and all.
+        let first = tokio::task::block_in_place(|| rt.block_on(kernel::ensure_device(&handle, &spec, address)));
         if let Err(e) = first {
             return Err(BackendError::Config(format!(
                 "cannot set up VXLAN device {}: {e}",
-                r.spec.name
+                spec.name
             )));
         }
-        tracing::info!(device = %r.spec.name, vni = self.opts.vni, port = self.opts.port, mac = %self.mac, mtu = self.mtu,
+        tracing::info!(device = %spec.name, vni = self.opts.vni, port = self.opts.port, mac = %self.mac, mtu = self.mtu,
             direct_routing = self.opts.direct_routing, check_secs = self.opts.check.as_secs(), "vxlan backend up (kernel data path)");
-        rt.spawn(r.run(self.desired.subscribe()));
+        let rx = self
+            .work_rx
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .ok_or_else(|| BackendError::Config("the vxlan backend was started twice".into()))?;
+        let k = kernel::VxlanKernel::new(handle, spec, address, self.opts.direct_routing, self.writes.clone());
+        rt.spawn(reconcile::drive(
+            k,
+            rx,
+            self.applied.clone(),
+            self.opts.check,
+            self.stats.clone(),
+        ));
         Ok(())
     }
 
-    fn sync_routes(&self, own: Ipv4Net, table: &LeaseTable) {
-        self.routes.publish(self.routes.build(own, table.leases()));
-        self.desired.send_replace(peers(table, own, self.opts.vni));
+    fn apply(&self, update: &TableUpdate) {
+        self.routes.apply(update, self.node.public_ip);
+        let vni = self.opts.vni;
+        // The receiver lives as long as the data path; once it stopped there is nothing to do.
+        let _ = self.work.send(reconcile::work(update, |l| peer_of(l, vni)));
+    }
+
+    fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn kernel_writes(&self) -> Option<Arc<KernelWrites>> {
+        Some(self.writes.clone())
     }
 
     fn routes(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {

@@ -1,4 +1,10 @@
-//! IPv4 header parsing, TTL handling and ICMP error construction over plain byte buffers.
+//! The pure packet core, tested without root: IPv4 header parsing, TTL handling and ICMP error
+//! construction over plain byte buffers ([`self`]), the overlay's route table and source check
+//! ([`route`]), and the Ethernet address type ([`mac`]). The Wasm host and every backend build on
+//! it; it depends on none of them.
+
+pub mod mac;
+pub mod route;
 
 use std::net::Ipv4Addr;
 
@@ -106,6 +112,12 @@ pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
     }
     pkt[field_at..field_at + 2].copy_from_slice(&c.to_be_bytes());
     true
+}
+
+/// Whether `buf` is exactly one IPv6 packet (version 6, a whole header, the payload length the
+/// header names): well-formed traffic the IPv4 overlay does not carry, not junk.
+pub fn is_ipv6(buf: &[u8]) -> bool {
+    buf.len() >= 40 && buf[0] >> 4 == 6 && 40 + usize::from(u16::from_be_bytes([buf[4], buf[5]])) == buf.len()
 }
 
 /// Parses and checks the IPv4 header at the start of `buf`.
