@@ -563,6 +563,11 @@ impl Etcd {
 
     /// Runs `etcdctl` (v3 API) against this server from inside its namespace.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        self.etcdctl_with(&self.endpoint(), args)
+    }
+
+    /// Runs `etcdctl` from inside this server's namespace against `endpoints` (comma separated).
+    pub fn etcdctl_with(&self, endpoints: &str, args: &[&str]) -> Result<String, String> {
         let mut c = Command::new("ip");
         c.args([
             "netns",
@@ -570,7 +575,7 @@ impl Etcd {
             &self.ns,
             "etcdctl",
             "--endpoints",
-            &self.endpoint(),
+            endpoints,
             "--command-timeout=3s",
         ]);
         if let Some(t) = &self.tls {

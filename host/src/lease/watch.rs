@@ -93,6 +93,14 @@ async fn watch_from<F: FnMut(Feed)>(store: &dyn LeaseStore, health: &StoreHealth
             health.watch_restarts.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
+        // A member that lost its leader a moment ago still accepts a watch; only a
+        // linearizable read proves the cluster behind it has a quorum.
+        if let Err(e) = store.network_config().await {
+            health.down("the store answers no quorum read", &e);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            continue;
+        }
         health.up(store);
         backoff = BACKOFF_MIN;
         match drain(&mut stream, &mut revision, on_feed).await {
