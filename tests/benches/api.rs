@@ -39,16 +39,18 @@ fn fill(path: &std::path::Path) {
     });
 }
 
-/// (requests/s, p50 ms, p99 ms) from wrk's `--latency` report.
-fn wrk(ns: &str, url: &str, secs: u32) -> (f64, f64, f64) {
+/// (requests/s, p50 ms, p99 ms) from wrk's `--latency` report, with `conns` connections
+/// (one client at a time with 1).
+fn wrk(ns: &str, url: &str, secs: u32, conns: u32) -> (f64, f64, f64) {
+    let threads = conns.min(2);
     let out = Command::new("ip")
         .args([
             "netns",
             "exec",
             ns,
             "wrk",
-            "-t2",
-            "-c16",
+            &format!("-t{threads}"),
+            &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
             url,
@@ -92,19 +94,27 @@ fn main() {
     let list = json!(c.lab.http_get(1, "/api/v1/leases").expect("list").1.len());
     println!("lease list: {list} bytes of JSON");
 
-    println!(
-        "\n{:<34} {:>10} {:>9} {:>9}",
-        format!("wrk -t2 -c16 -d{secs}s"),
-        "req/s",
-        "p50 ms",
-        "p99 ms"
-    );
-    for (label, path) in [
-        ("GET /api/v1/leases (5,001 leases)", "/api/v1/leases"),
-        ("GET /api/v1/leases/10.0.77.0-24", "/api/v1/leases/10.0.77.0-24"),
-    ] {
-        let (rps, p50, p99) = wrk(&ns, &format!("http://127.0.0.1:8286{path}"), secs);
-        println!("{label:<34} {rps:>10.1} {p50:>9.2} {p99:>9.2}");
+    // `/healthz` (a constant answer from the same server) is the reference: what the HTTP
+    // stack itself costs on this machine in this run.
+    for conns in [1, 16] {
+        println!(
+            "\n{:<42} {:>10} {:>9} {:>9} {:>10}",
+            format!("wrk -t{} -c{conns} -d{secs}s", conns.min(2)),
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "/healthz"
+        );
+        let (ref_rps, _, _) = wrk(&ns, "http://127.0.0.1:8286/healthz", secs, conns);
+        for (label, path) in [
+            ("GET /healthz (reference)", "/healthz"),
+            ("GET /api/v1/leases (5,001 leases)", "/api/v1/leases"),
+            ("GET /api/v1/leases?limit=500 (a page)", "/api/v1/leases?limit=500"),
+            ("GET /api/v1/leases/10.0.77.0-24", "/api/v1/leases/10.0.77.0-24"),
+        ] {
+            let (rps, p50, p99) = wrk(&ns, &format!("http://127.0.0.1:8286{path}"), secs, conns);
+            println!("{label:<42} {rps:>10.1} {p50:>9.2} {p99:>9.2} {:>9.3}x", rps / ref_rps);
+        }
     }
 
     let browser = Browser::start(&ns, 9517);

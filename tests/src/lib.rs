@@ -721,7 +721,7 @@ impl Etcd {
 /// A command whose output lines are collected until it is dropped (`ip monitor`, `ping`).
 pub struct Watcher {
     child: Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
 }
 
 impl Watcher {
@@ -734,7 +734,7 @@ impl Watcher {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {program} {args:?}: {e}"));
-        let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let lines: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>> = Default::default();
         for out in [
             child
                 .stdout
@@ -753,7 +753,7 @@ impl Watcher {
                 use std::io::BufRead;
                 for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                     if let Ok(mut v) = lines.lock() {
-                        v.push(l);
+                        v.push((std::time::Instant::now(), l));
                     }
                 }
             });
@@ -765,7 +765,36 @@ impl Watcher {
 
     /// The lines so far.
     pub fn lines(&self) -> Vec<String> {
+        self.timed_lines().into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// The lines so far, each with the moment it was read.
+    pub fn timed_lines(&self) -> Vec<(std::time::Instant, String)> {
         self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for a line satisfying `f` read at or after `since`; returns when.
+    pub fn wait_line(
+        &self,
+        since: std::time::Instant,
+        timeout: Duration,
+        f: impl Fn(&str) -> bool,
+    ) -> Option<std::time::Instant> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(t) = self
+                .timed_lines()
+                .into_iter()
+                .find(|(t, l)| *t >= since && f(l))
+                .map(|(t, _)| t)
+            {
+                return Some(t);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Waits for the command to end by itself (within `timeout`), then returns every line.
@@ -835,4 +864,72 @@ pub fn ping_counts(lines: &[String]) -> Option<(u32, u32)> {
         let received = rest.split_whitespace().next()?;
         Some((sent.trim().parse().ok()?, received.parse().ok()?))
     })
+}
+
+impl Etcd {
+    /// Writes fake lease `i` and returns the moment the request left (after a warm-up request,
+    /// so connecting to etcd is not counted).
+    pub fn put_fake_lease_timed(&self, i: u32, kind: Fake) -> std::time::Instant {
+        let url = self.endpoint();
+        weft::lab::netns::enter_and_run(&self.ns, move || {
+            use weft::lease::etcd::client::{Cluster, ClusterOptions};
+            use weft::lease::etcd::proto::{path, PutRequest, PutResponse, RangeRequest, RangeResponse};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let c = Cluster::new(&ClusterOptions {
+                    endpoints: vec![url],
+                    ..Default::default()
+                })
+                .expect("etcd client");
+                let warm = RangeRequest {
+                    key: b"/weft-bench/warm-up".to_vec(),
+                    ..Default::default()
+                };
+                c.unary::<_, RangeResponse>(path::RANGE, warm).await.expect("warm-up");
+                let req = PutRequest {
+                    key: lease_key(fake_subnet(i)).into_bytes(),
+                    value: fake_lease_json(i, kind).into_bytes(),
+                    lease: 0,
+                };
+                let t0 = std::time::Instant::now();
+                c.unary::<_, PutResponse>(path::PUT, req).await.expect("put");
+                t0
+            })
+        })
+        .expect("enter etcd's namespace")
+    }
+}
+
+/// The CPU time a process used so far (user + system), from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The resident memory of a process in MiB, from `/proc/<pid>/status`.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The p-th percentile (0..=100) of `v` (sorted here).
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
 }

@@ -52,6 +52,11 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
+    /// The agent's process id (`ip netns exec` replaces itself with the agent).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the agent exited, and how.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
