@@ -121,3 +121,68 @@ fn no_free_subnet_left_is_reported() {
         "{text}"
     );
 }
+
+/// Runs `weft <args>` on the host (store commands only touch the given file): (exit code,
+/// stdout, stderr).
+fn weft(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(weft_bin())
+        .args(args)
+        .env("WEFT_LOG", "warn")
+        .output()
+        .expect("run weft");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Store flags go before or after the subcommand, and a read never creates a store: a
+/// mistyped path is one error line naming it, and no file appears there.
+#[test]
+fn store_commands_take_flags_anywhere_and_never_invent_a_store() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let missing = dir.path().join("mistyped.db");
+    let m = missing.display().to_string();
+    for args in [
+        vec!["lease", "ls", "--store", &m],
+        vec!["lease", "--store", &m, "ls"],
+        vec!["module", "ls", "--store", &m],
+        vec!["module", "--store", &m, "rm", "fw"],
+        vec!["lease", "rm", "10.244.3.0/24", "--store", &m],
+    ] {
+        let (code, _, err) = weft(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            err.starts_with("weft: error: ") && err.contains(&m) && err.contains("no such file"),
+            "{err}"
+        );
+        assert!(!missing.exists(), "{args:?} created a store");
+    }
+    // A store an agent made (here: the first `module add`, which may create one to bootstrap).
+    let store = dir.path().join("store.db").display().to_string();
+    let fw = policy_wasm("firewall").display().to_string();
+    let (code, out, err) = weft(&[
+        "module",
+        "add",
+        "fw",
+        &fw,
+        "--config-json",
+        r#"{"rules":[]}"#,
+        "--store",
+        &store,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for args in [
+        vec!["lease", "ls", "--store", &store],
+        vec!["lease", "--store", &store, "ls"],
+    ] {
+        let (code, out, err) = weft(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.starts_with("SUBNET"), "{out}");
+    }
+    let (code, out, _) = weft(&["module", "ls", "-o", "json", "--store", &store]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"fw\""), "{out}");
+}

@@ -400,14 +400,19 @@ fn userspace_vxlan_talks_to_a_plain_kernel_vxlan_peer_both_ways() {
     assert_eq!(c.lab.http_get(1, "/healthz").expect("healthz").0, 200);
 }
 
-/// `id_sequence` of NFQUEUE `queue` in namespace `ns`: how many packets the kernel has queued.
+/// The `id_sequence`s of the agent's NFQUEUE queues (`queue` and the ones after it that share
+/// flows) in node `n`, summed: how many packets the kernel has queued to the agent.
 fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
     let text = in_node(c, n, &["cat", "/proc/net/netfilter/nfnetlink_queue"]);
     text.lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first().and_then(|q| q.parse::<u16>().ok()) == Some(queue))
-        .and_then(|f| f.get(7).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+        .filter(|f| {
+            f.first()
+                .and_then(|q| q.parse::<u16>().ok())
+                .is_some_and(|q| (queue..queue + 8).contains(&q))
+        })
+        .filter_map(|f| f.get(7).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 #[test]

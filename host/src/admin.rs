@@ -271,6 +271,20 @@ fn dataplane(f: &mut Family, s: &AgentState) -> std::fmt::Result {
         "1 while the data path runs.",
         one(i64::from(st.failure().is_none())),
     )?;
+    let queues: Vec<(Labels, u64)> = (0..st.queue_tx.len())
+        .filter(|&q| load(&st.queue_tx[q]) + load(&st.queue_rx[q]) > 0)
+        .flat_map(|q| {
+            [("tx", load(&st.queue_tx[q])), ("rx", load(&st.queue_rx[q]))]
+                .map(|(dir, v)| (vec![("queue", q.to_string()), ("dir", dir.to_string())], v))
+        })
+        .collect();
+    if !queues.is_empty() {
+        f.counter(
+            "weft_dataplane_queue_packets",
+            "Packets each queue of the userspace data path sent (tx) and delivered (rx).",
+            queues,
+        )?;
+    }
     f.counter(
         "weft_dataplane_dropped_packets",
         "Packets dropped, by reason.",

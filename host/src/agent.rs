@@ -61,8 +61,10 @@ pub struct AgentOptions {
     pub admin_token_file: PathBuf,
     /// Whether API reads need the token too.
     pub admin_auth_reads: bool,
-    /// The NFQUEUE number for Wasm policy on kernel data paths.
+    /// The first NFQUEUE number for Wasm policy on kernel data paths.
     pub policy_queue: u16,
+    /// How many queues (and threads) from it share new flows.
+    pub policy_queues: u16,
     /// Masquerade pod traffic leaving the cluster network (flannel's `--ip-masq`).
     pub ip_masq: bool,
 }
@@ -179,7 +181,13 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     ensure_ip_forwarding();
     backend.start(&lease)?;
     if let Some(stats) = &state.kernel_policy {
-        if let Err(e) = crate::nfq::start(modules.clone(), config.network, opts.policy_queue, stats.clone()) {
+        if let Err(e) = crate::nfq::start(
+            modules.clone(),
+            config.network,
+            opts.policy_queue,
+            opts.policy_queues,
+            stats.clone(),
+        ) {
             tracing::error!(error = %e, backend = backend.kind(),
                 "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
         }

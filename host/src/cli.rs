@@ -199,9 +199,12 @@ struct AgentArgs {
     /// Masquerade pod traffic leaving the cluster network (never pod-to-pod), in nftables table `ip weft`.
     #[arg(long, env = "WEFT_IP_MASQ")]
     ip_masq: bool,
-    /// NFQUEUE number for Wasm policy on kernel data paths (vxlan, host-gw).
+    /// First NFQUEUE number for Wasm policy on kernel data paths (vxlan, host-gw).
     #[arg(long, env = "WEFT_POLICY_QUEUE", default_value_t = weft::nfq::DEFAULT_QUEUE)]
     policy_queue: u16,
+    /// NFQUEUE queues (one thread each) sharing new flows, from --policy-queue on (default: one per CPU, at most 8).
+    #[arg(long, env = "WEFT_POLICY_QUEUES", value_parser = clap::value_parser!(u16).range(1..=8))]
+    policy_queues: Option<u16>,
     /// Directory for state that must survive restarts and reboots (the VTEP MAC).
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     state_dir: PathBuf,
@@ -475,12 +478,14 @@ async fn module_command(m: ModuleArgs) -> Result<()> {
         return module_via_api(&client, op, m.server.output).await;
     }
     use weft::wasm::registry;
-    let store = m
-        .store
-        .options()
-        .open_existing()
-        .await
-        .context("opening the lease store")?;
+    // Adding a module may create the embedded store (modules stored before the first agent
+    // starts are loaded by it); reading or removing never does: a mistyped path is an error.
+    let opts = m.store.options();
+    let store = match &op {
+        ModuleOp::Add(_) => opts.open().await,
+        _ => opts.open_existing().await,
+    }
+    .context("opening the lease store")?;
     let rt = weft::wasm::Runtime::new(m.limits.limits())?;
     match op {
         ModuleOp::Add(spec) => {
@@ -735,6 +740,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 subnet_file: a.subnet_file,
                 state_dir: a.state_dir,
                 policy_queue: a.policy_queue,
+                policy_queues: a.policy_queues.unwrap_or_else(weft::nfq::default_queues),
                 ip_masq: a.ip_masq,
                 renew_margin: Duration::from_secs(a.subnet_lease_renew_margin * 60),
                 lease_ttl: Duration::from_secs(a.lease_ttl),

@@ -21,4 +21,5 @@ pub mod stats;
 pub mod store;
 pub mod subnet;
 pub mod subnet_file;
+pub mod tunnel;
 pub mod wasm;

@@ -76,6 +76,10 @@ pub struct DataplaneStats {
     pub rx_bytes: AtomicU64,
     /// ICMP errors generated.
     pub icmp_sent: AtomicU64,
+    /// Packets each queue of a userspace data path sent and delivered (queue index < 8).
+    pub queue_tx: [AtomicU64; 8],
+    /// See `queue_tx`.
+    pub queue_rx: [AtomicU64; 8],
     drops: [AtomicU64; DropReason::ALL.len()],
     failure: OnceLock<String>,
 }

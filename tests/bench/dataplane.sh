@@ -7,6 +7,10 @@
 #     both on bare nodes (no connection tracking until the policy needs it) and on nodes running
 #     --ip-masq (connections already tracked, as on most real nodes)
 #   Weft host-gw                  vs routes added by hand (TCP)
+#   Weft udp with the firewall    vs Weft udp without modules (every row)
+# Rows: TCP 1 and 4 streams, UDP 64 B, idle ping RTT (300 pings 5 ms apart), sockperf ping-pong
+# latency (64 B), 1,000 concurrent UDP flows of 64 B, new connections per second, and the
+# agents' CPU at idle and under a TCP stream.
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
 #   sudo tests/bench/dataplane.sh --quick    # 1 round of 2 s (CI smoke run)
@@ -57,8 +61,9 @@ setup_plain() {
 # The firewall denies a port nothing here uses: every benchmark flow is asked about once, then
 # allowed and remembered in its connection mark.
 CFG='{"default":"allow","rules":[{"action":"deny","protocol":"tcp","ports":["7777"]}]}'
-echo "setting up 9 paths..."
+echo "setting up 10 paths..."
 setup_weft udp udp
+setup_weft udpfw udp "'$WEFT' module --store '$TMP/udpfw.db' add fw '$FW' --config-json '$CFG' >/dev/null"
 setup_weft vx '{"Type":"vxlan"}'
 setup_weft vxp '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxp.db' add fw '$FW' --config-json '$CFG' >/dev/null"
 setup_weft vxm '{"Type":"vxlan"}' "" --ip-masq
@@ -67,9 +72,11 @@ setup_weft vxu '{"Type":"vxlan","Userspace":true}'
 setup_weft hg host-gw
 setup_kernel
 setup_plain
-PATHS="udp vx vxp vxm vxpm vxu hg kvx plain"
+PATHS="udp udpfw vx vxp vxm vxpm vxu hg kvx plain"
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
-MODES=${MODES:-tcp udp64 conn}
+MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows conn cpu}
+command -v sockperf >/dev/null || MODES=${MODES//sockperf/}
+[[ -x "$UDPFLOWS" ]] || MODES=${MODES//flows/}
 for t in $PATHS; do
   for _ in $(seq 50); do
     ip netns exec "$P-$t-p1" ping -c 1 -W 1 "${POD2[$t]}" >/dev/null 2>&1 && break
@@ -82,7 +89,7 @@ ip netns exec "$P-vxp-n1" iptables -S WEFT-POLICY | grep -q NFQUEUE \
   || { echo "the NFQUEUE policy is not active on the vxp path"; cat "$TMP"/vxp-agent*.log; exit 1; }
 
 # queued <tag>: packets node 1 of a path has queued to its agent so far (id_sequence).
-queued() { ip netns exec "$P-$1-n1" awk '$1 == 8472 {print $8}' /proc/net/netfilter/nfnetlink_queue; }
+queued() { ip netns exec "$P-$1-n1" awk '$1 >= 8472 && $1 < 8480 {s += $8} END {print s+0}' /proc/net/netfilter/nfnetlink_queue; }
 
 # connrate <tag> <server ip>: new TCP connections per second, one client, back to back.
 connrate() {
@@ -94,16 +101,31 @@ connrate() {
   kill $spid 2>/dev/null; wait $spid 2>/dev/null || true
 }
 
+# cpu <tag>: CPU the path's two agents used, as % of one core, over SECS idle and over one
+# TCP stream of SECS.
+cpu() {
+  local t=$1 c0 c1 c2
+  c0=$(cpu_of ${AGENTS[$t]}); sleep "$SECS"; c1=$(cpu_of ${AGENTS[$t]})
+  iperf "$t" "${POD2[$t]}" tcp >/dev/null; c2=$(cpu_of ${AGENTS[$t]})
+  python3 -c "print('%.1f/%.1f' % (($c1-$c0)/$SECS*100, ($c2-$c1)/$SECS*100))"
+}
+
+USERSPACE="udp udpfw vxu"
 declare -A R
 q0=$(queued vxp)
-for mode in tcp udp64 conn; do
+for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
   for t in $PATHS; do R[$t-$mode]=""; done
   [[ " $MODES " == *" $mode "* ]] || continue
   for _ in $(seq "$ROUNDS"); do
     case $mode in
       tcp) for t in $PATHS; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" tcp)"; done ;;
-      udp64) for t in udp vxu kvx; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" udp64)"; done ;;
+      tcp4) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" tcp4)"; done ;;
+      udp64) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(iperf $t "${POD2[$t]}" udp64)"; done ;;
+      ping) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(pingrtt $t "${POD2[$t]}")"; done ;;
+      sockperf) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(sockperf_pp $t "${POD2[$t]}")"; done ;;
+      flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
       conn) for t in vx vxp vxm vxpm kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
+      cpu) for t in udp vxu; do R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
   done
 done
@@ -117,15 +139,35 @@ row() { # label path reference mode
   printf '%-40s %12s %12s %8s\n' "$1" "$a" "$b" "$(ratio "$a" "$b")"
 }
 row "udp / kernel VXLAN, TCP (Gbit/s)" udp kvx tcp
+row "udp / kernel VXLAN, TCP 4 streams (Gbit/s)" udp kvx tcp4
 row "udp / kernel VXLAN, UDP 64 B (kpps)" udp kvx udp64
+row "udp / kernel VXLAN, idle ping RTT (ms)" udp kvx ping
+row "udp / kernel VXLAN, sockperf pp 64 B (us)" udp kvx sockperf
+row "udp / kernel VXLAN, 1,000 UDP flows (kpps)" udp kvx flows
 row "vxlan / kernel VXLAN, TCP (Gbit/s)" vx kvx tcp
+row "vxlan / kernel VXLAN, TCP 4 streams (Gbit/s)" vx kvx tcp4
+row "vxlan / kernel VXLAN, idle ping RTT (ms)" vx kvx ping
+row "vxlan / kernel VXLAN, sockperf pp 64 B (us)" vx kvx sockperf
 row "vxlan userspace / kernel, TCP (Gbit/s)" vxu kvx tcp
+row "vxlan userspace / kernel, TCP 4 streams (Gbit/s)" vxu kvx tcp4
 row "vxlan userspace / kernel, UDP 64 B (kpps)" vxu kvx udp64
+row "vxlan userspace / kernel, idle ping RTT (ms)" vxu kvx ping
+row "vxlan userspace / kernel, sockperf pp 64 B (us)" vxu kvx sockperf
+row "vxlan userspace / kernel, 1,000 UDP flows (kpps)" vxu kvx flows
+row "udp+firewall / udp, TCP (Gbit/s)" udpfw udp tcp
+row "udp+firewall / udp, TCP 4 streams (Gbit/s)" udpfw udp tcp4
+row "udp+firewall / udp, UDP 64 B (kpps)" udpfw udp udp64
+row "udp+firewall / udp, idle ping RTT (ms)" udpfw udp ping
+row "udp+firewall / udp, sockperf pp 64 B (us)" udpfw udp sockperf
+row "udp+firewall / udp, 1,000 UDP flows (kpps)" udpfw udp flows
 row "vxlan+NFQUEUE / vxlan, TCP (Gbit/s)" vxp vx tcp
 row "vxlan+NFQUEUE / vxlan, conn/s" vxp vx conn
 row "same, nodes with --ip-masq, TCP (Gbit/s)" vxpm vxm tcp
 row "same, nodes with --ip-masq, conn/s" vxpm vxm conn
 row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
 row "vxlan / kernel VXLAN, conn/s" vx kvx conn
+for t in udp vxu; do
+  printf '%-40s %25s\n' "agents' CPU, $t (% of a core: idle/TCP)" "$(echo ${R[$t-cpu]} | tr ' ' '\n' | tail -1)"
+done
 echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"
 for k in "${!R[@]}"; do [[ -n "${R[$k]}" ]] && echo "runs $k:${R[$k]}"; done | sort

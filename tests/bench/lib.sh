@@ -50,7 +50,7 @@ attach_pod() {
 # Backend JSON object; the pre-start command runs (in node 1) before the agents start, e.g. to
 # store a module; the flags are added to both agents' command lines.
 # Sets POD2[<tag>] (the server pod's address) and MTU[<tag>].
-declare -A POD2 MTU
+declare -A POD2 MTU AGENTS
 setup_weft() {
   local t=$1
   node_pair "$t"
@@ -63,6 +63,7 @@ setup_weft() {
       --net-config "$TMP/$t-net.json" --subnet-file "$TMP/$t-n$i.env" \
       --state-dir "$TMP/$t-state$i" --admin-token-file "$TMP/$t-token" ${4:-} >"$TMP/$t-agent$i.log" 2>&1 &
     PIDS+=($!)
+    AGENTS[$t]+=" $!"
   done
   for i in 1 2; do
     for _ in $(seq 100); do [[ -s "$TMP/$t-n$i.env" ]] && break; sleep 0.1; done
@@ -85,6 +86,9 @@ iperf() {
   if [[ $mode == tcp ]]; then
     out=$(ip netns exec "$P-$t-p1" iperf3 -c "$ip" -t "$SECS" -J)
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out"
+  elif [[ $mode == tcp4 ]]; then
+    out=$(ip netns exec "$P-$t-p1" iperf3 -c "$ip" -P 4 -t "$SECS" -J)
+    python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' <<<"$out"
   else
     out=$(ip netns exec "$P-$t-p1" iperf3 -c "$ip" -u -b 0 -l 64 -t "$SECS" -J)
     python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["end"]["sum"]; print("%.1f" % ((s["packets"]-s["lost_packets"])/s["seconds"]/1e3))' <<<"$out"
@@ -93,4 +97,43 @@ iperf() {
 }
 
 median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# pingrtt <tag> <ip> -> average RTT in ms of PINGS pings 5 ms apart (an idle path: each ping
+# crosses it alone).
+pingrtt() {
+  ip netns exec "$P-$1-p1" ping -n -q -i 0.005 -c "${PINGS:-300}" -W 1 "$2" | sed -n 's|^rtt [^=]*= [0-9.]*/\([0-9.]*\)/.*|\1|p'
+}
+
+# sockperf_pp <tag> <ip> -> average latency in us of sockperf's UDP ping-pong, 64-byte messages.
+sockperf_pp() {
+  local t=$1 ip=$2 out
+  ip netns exec "$P-$t-p2" sockperf sr -i "$ip" -p 11111 >/dev/null 2>&1 &
+  local spid=$!
+  sleep 0.3
+  out=$(ip netns exec "$P-$t-p1" sockperf pp -i "$ip" -p 11111 -m 64 -t "$SECS" 2>&1)
+  kill $spid 2>/dev/null; wait $spid 2>/dev/null || true
+  sed -n 's/.*avg-latency=\([0-9.]*\).*/\1/p' <<<"$out" | tail -1
+}
+
+# udpflows <tag> <ip> -> kpps received of 1,000 concurrent UDP flows of 64-byte datagrams.
+UDPFLOWS=${UDPFLOWS_BIN:-$ROOT/target/release/udpflows}
+udpflows() {
+  local t=$1 ip=$2 out
+  out=$(mktemp)
+  ip netns exec "$P-$t-p2" "$UDPFLOWS" recv "$ip" 9999 "$SECS" >"$out" &
+  local rpid=$!
+  sleep 0.3
+  ip netns exec "$P-$t-p1" "$UDPFLOWS" send "$ip" 9999 1000 "$SECS" 64 2>/dev/null
+  wait $rpid 2>/dev/null || true
+  cat "$out"; rm -f "$out"
+}
+
+# cpu_of <pids...> -> CPU seconds (user + system) the processes used so far, summed.
+cpu_of() {
+  local s=0 p
+  for p in "$@"; do
+    s=$(awk -v s="$s" '{ sub(/.*\) /, ""); split($0, f, " "); print s + (f[12] + f[13]) / 100 }' "/proc/$p/stat" 2>/dev/null || echo "$s")
+  done
+  echo "$s"
+}
 

@@ -205,7 +205,7 @@ pub async fn decisions(
         .module_stats()
         .into_iter()
         .filter(|(n, _)| f.module.as_ref().is_none_or(|m| m == n))
-        .flat_map(|(_, st)| st.traced())
+        .flat_map(|(n, st)| st.traced(&n))
         .collect();
     all.sort_by_key(|e| std::cmp::Reverse(e.at_ms));
     all.truncate(f.limit.unwrap_or(100));

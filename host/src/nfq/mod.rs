@@ -121,7 +121,7 @@ impl QueueSocket {
                 reason: e.to_string(),
             })?;
         let mut b = vec![0u8; 8192];
-        let n = s.recv(&mut b).map_err(|e| NfqError::Bind {
+        let n = s.recv(&mut b, false).map_err(|e| NfqError::Bind {
             queue,
             reason: e.to_string(),
         })?;
@@ -165,13 +165,26 @@ impl QueueSocket {
         Ok(())
     }
 
-    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// Receives one read; without waiting when `nowait` (then `WouldBlock` if nothing came).
+    fn recv(&self, buf: &mut [u8], nowait: bool) -> std::io::Result<usize> {
+        let flags = if nowait { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: `buf` is valid for writes of its length.
-        let r = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let r = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(r as usize)
+    }
+
+    /// Waits until a read would return something.
+    fn wait(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1, for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, -1) };
     }
 }
 
@@ -184,11 +197,12 @@ pub fn direction(own: Option<Ipv4Net>, src: Ipv4Addr) -> Direction {
 }
 
 /// The rules the current module chain calls for.
-fn wanted(pipeline: &Pipeline, network: Ipv4Net, queue: u16) -> rules::RuleSet {
+fn wanted(pipeline: &Pipeline, network: Ipv4Net, queue: u16, queues: u16) -> rules::RuleSet {
     let chain = pipeline.chain();
     rules::RuleSet {
         network,
         queue: (!chain.modules.is_empty()).then_some(queue),
+        queues,
         bypass: chain
             .modules
             .iter()
@@ -196,21 +210,42 @@ fn wanted(pipeline: &Pipeline, network: Ipv4Net, queue: u16) -> rules::RuleSet {
     }
 }
 
-/// Starts the kernel-path policy: binds `queue`, loads the rules and keeps them matching the
-/// module chain. Errors mean the path cannot be filtered; the caller reports them.
-pub fn start(pipeline: Arc<Pipeline>, network: Ipv4Net, queue: u16, stats: Arc<PolicyStats>) -> Result<(), NfqError> {
-    let first = wanted(&pipeline, network, queue);
+/// Queues (and threads) for the kernel path: one per two CPUs, at most four. Measured on two
+/// CPUs, one queue answered new connections faster than two (BENCHMARKS.md): the queue thread
+/// competes with the connections' own processing for the cores.
+pub fn default_queues() -> u16 {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).clamp(1, 4) as u16
+}
+
+/// How long a verdict thread keeps polling after a packet before it sleeps: new connections
+/// come in bursts, and a thread that is awake answers the next one without a wake-up.
+const SPIN: Duration = Duration::from_micros(500);
+
+/// Starts the kernel-path policy: binds `queues` queues from `queue` on, loads the rules and
+/// keeps them matching the module chain. Errors mean the path cannot be filtered; the caller
+/// reports them.
+pub fn start(
+    pipeline: Arc<Pipeline>,
+    network: Ipv4Net,
+    queue: u16,
+    queues: u16,
+    stats: Arc<PolicyStats>,
+) -> Result<(), NfqError> {
+    let queues = queues.clamp(1, 8).min(u16::MAX - queue + 1);
+    let first = wanted(&pipeline, network, queue, queues);
     // Fail-open also means "pass when the queue is full", never a drop the policy did not ask for.
-    let socket = QueueSocket::open(queue, first.bypass)?;
+    let sockets = (0..queues)
+        .map(|k| QueueSocket::open(queue + k, first.bypass))
+        .collect::<Result<Vec<_>, _>>()?;
     rules::install(&first)?;
     stats.available.store(true, Ordering::Relaxed);
-    tracing::info!(queue, %network, modules_active = first.queue.is_some(), bypass = first.bypass,
+    tracing::info!(queue, queues, %network, modules_active = first.queue.is_some(), bypass = first.bypass,
         "Wasm policy on the kernel path: first packets of new flows go through NFQUEUE");
-    {
+    for (k, socket) in sockets.into_iter().enumerate() {
         let pipeline = pipeline.clone();
         let stats = stats.clone();
         std::thread::Builder::new()
-            .name("weft-nfqueue".into())
+            .name(format!("weft-nfq{k}"))
             .spawn(move || serve(socket, pipeline, stats))
             .map_err(NfqError::Socket)?;
     }
@@ -222,7 +257,7 @@ pub fn start(pipeline: Arc<Pipeline>, network: Ipv4Net, queue: u16, stats: Arc<P
             let mut current = first;
             loop {
                 std::thread::sleep(Duration::from_millis(250));
-                let want = wanted(&pipeline, network, queue);
+                let want = wanted(&pipeline, network, queue, queues);
                 if want == current {
                     continue;
                 }
@@ -243,16 +278,29 @@ pub fn start(pipeline: Arc<Pipeline>, network: Ipv4Net, queue: u16, stats: Arc<P
     Ok(())
 }
 
-/// The verdict loop: one packet at a time, answered from the chain's cache or its modules.
+/// The verdict loop of one queue: every packet the kernel handed over in one read is answered
+/// (from the chain's cache or its modules), the verdicts leave in one send, and the thread
+/// polls a moment longer before it sleeps.
 fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) {
     let mut chain = WorkerChain::new(pipeline.clone());
     let mut buf = vec![0u8; 1 << 16];
+    let mut replies: Vec<u8> = Vec::with_capacity(8192);
     let mut failures = 0u32;
+    let mut spin = crate::tunnel::spin::Spin::new(SPIN);
     loop {
-        let n = match socket.recv(&mut buf) {
+        let n = match socket.recv(&mut buf, true) {
             Ok(n) => {
                 failures = 0;
                 n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if spin.keep_spinning(std::time::Instant::now()) {
+                    // Polite: whatever else wants this core runs first.
+                    std::thread::yield_now();
+                } else {
+                    socket.wait();
+                }
+                continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -269,41 +317,58 @@ fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) 
                 continue;
             }
         };
-        let msgs = match msg::parse(&buf[..n]) {
-            Ok(m) => m,
-            Err(e) => {
+        spin.traffic(std::time::Instant::now());
+        replies.clear();
+        answer(&socket, &buf[..n], &mut chain, &pipeline, &stats, &mut replies);
+        if !replies.is_empty() {
+            if let Err(e) = socket.send(&replies) {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "unreadable NFQUEUE message");
-                continue;
-            }
-        };
-        chain.refresh();
-        let now = chain.now_ms();
-        let own = pipeline.chain().own;
-        for m in msgs {
-            let msg::Message::Packet { id, payload, .. } = m else {
-                continue;
-            };
-            stats.queued.fetch_add(1, Ordering::Relaxed);
-            let dir = match crate::packet::parse_ipv4(payload) {
-                Ok(meta) => direction(own, meta.src),
-                Err(_) => Direction::Ingress,
-            };
-            let verdict = chain.decide(dir, payload, now);
-            let reply = if verdict.drop {
-                stats.denied.fetch_add(1, Ordering::Relaxed);
-                msg::verdict(socket.queue, id, msg::NF_DROP, None)
-            } else {
-                stats.allowed.fetch_add(1, Ordering::Relaxed);
-                msg::verdict(socket.queue, id, msg::NF_REPEAT, Some(rules::ALLOW))
-            };
-            if let Err(e) = socket.send(&reply) {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "NFQUEUE verdict failed");
+                tracing::debug!(error = %e, "NFQUEUE verdicts failed");
             }
         }
-        chain.flush_stats();
     }
+}
+
+/// Decides every packet of one read and appends each verdict message to `replies`.
+fn answer(
+    socket: &QueueSocket,
+    read: &[u8],
+    chain: &mut WorkerChain,
+    pipeline: &Pipeline,
+    stats: &PolicyStats,
+    replies: &mut Vec<u8>,
+) {
+    let msgs = match msg::parse(read) {
+        Ok(m) => m,
+        Err(e) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "unreadable NFQUEUE message");
+            return;
+        }
+    };
+    chain.refresh();
+    let now = chain.now_ms();
+    let own = pipeline.chain().own;
+    for m in msgs {
+        let msg::Message::Packet { id, payload, .. } = m else {
+            continue;
+        };
+        stats.queued.fetch_add(1, Ordering::Relaxed);
+        // One parse answers both the direction and the decision.
+        let verdict = match crate::packet::parse_ipv4(payload) {
+            Ok(meta) => chain.decide_parsed(direction(own, meta.src), &meta, payload, now),
+            Err(_) => chain.decide(Direction::Ingress, payload, now),
+        };
+        let reply = if verdict.drop {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            msg::verdict(socket.queue, id, msg::NF_DROP, None)
+        } else {
+            stats.allowed.fetch_add(1, Ordering::Relaxed);
+            msg::verdict(socket.queue, id, msg::NF_REPEAT, Some(rules::ALLOW))
+        };
+        replies.extend_from_slice(&reply);
+    }
+    chain.flush_stats();
 }
 
 #[cfg(test)]

@@ -28,8 +28,10 @@ pub const ALLOW: u32 = 0x0010_0000;
 pub struct RuleSet {
     /// The cluster network: only traffic from it and to it is looked at.
     pub network: Ipv4Net,
-    /// The queue number, when a module chain is loaded (else new flows pass unasked).
+    /// The first queue number, when a module chain is loaded (else new flows pass unasked).
     pub queue: Option<u16>,
+    /// Queues from `queue` on that share the flows (`--queue-balance`), one agent thread each.
+    pub queues: u16,
     /// Whether packets pass when no agent listens on the queue (every module fail-open).
     pub bypass: bool,
 }
@@ -52,11 +54,16 @@ pub fn render(set: &RuleSet) -> String {
     s.push_str(&format!("-A {CHAIN} -m mark --mark {ALLOW:#x}/{MASK:#x} -j RETURN\n"));
     if let Some(q) = set.queue {
         let bypass = if set.bypass { " --queue-bypass" } else { "" };
+        // Several queues share flows by hash, each flow always on the same one.
+        let target = match set.queues {
+            0 | 1 => format!("--queue-num {q}"),
+            n => format!("--queue-balance {q}:{}", u32::from(q) + u32::from(n) - 1),
+        };
         s.push_str(&format!(
-            "-A {CHAIN} -s {net} -m conntrack --ctstate NEW -j NFQUEUE --queue-num {q}{bypass}\n"
+            "-A {CHAIN} -s {net} -m conntrack --ctstate NEW -j NFQUEUE {target}{bypass}\n"
         ));
         s.push_str(&format!(
-            "-A {CHAIN} -d {net} -m conntrack --ctstate NEW -j NFQUEUE --queue-num {q}{bypass}\n"
+            "-A {CHAIN} -d {net} -m conntrack --ctstate NEW -j NFQUEUE {target}{bypass}\n"
         ));
     }
     s.push_str("COMMIT\n");
@@ -133,6 +140,7 @@ mod tests {
         let text = render(&RuleSet {
             network: "10.244.0.0/16".parse().unwrap(),
             queue: Some(8472),
+            queues: 1,
             bypass: false,
         });
         let lines: Vec<&str> = text.lines().collect();
@@ -156,10 +164,26 @@ mod tests {
         let mut set = RuleSet {
             network: "10.244.0.0/16".parse().unwrap(),
             queue: Some(1),
+            queues: 1,
             bypass: true,
         };
         assert!(render(&set).contains("--queue-num 1 --queue-bypass"));
         set.queue = None;
         assert!(!render(&set).contains("NFQUEUE"));
+    }
+
+    #[test]
+    fn several_queues_share_flows_by_hash() {
+        let set = RuleSet {
+            network: "10.244.0.0/16".parse().unwrap(),
+            queue: Some(8472),
+            queues: 2,
+            bypass: false,
+        };
+        assert!(
+            render(&set).contains("-j NFQUEUE --queue-balance 8472:8473\n"),
+            "{}",
+            render(&set)
+        );
     }
 }

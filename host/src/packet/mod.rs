@@ -3,6 +3,8 @@
 //! ([`route`]), and the Ethernet address type ([`mac`]). The Wasm host and every backend build on
 //! it; it depends on none of them.
 
+pub mod flow;
+pub mod forward;
 pub mod mac;
 pub mod route;
 
@@ -32,7 +34,8 @@ pub enum PacketError {
     BadChecksum,
 }
 
-/// The fields of an IPv4 header the data path needs.
+/// What the data path needs of a packet, read once: the IPv4 header, and the transport ports
+/// the route lookup, the source check and the Wasm flow key all share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4Meta {
     /// Header length in bytes.
@@ -49,6 +52,29 @@ pub struct Ipv4Meta {
     pub dst: Ipv4Addr,
     /// True for a non-first fragment (no L4 header inside).
     pub later_fragment: bool,
+    /// Source port (ICMP: type << 8 | code); 0 without one.
+    pub src_port: u16,
+    /// Destination port (ICMP echo: the identifier); 0 without one.
+    pub dst_port: u16,
+    /// TCP flags.
+    pub tcp_flags: u8,
+    /// Where the transport payload starts in the packet, and how long it is.
+    pub payload: (usize, usize),
+}
+
+/// Whether an IPv4 header (a multiple of four bytes) sums to all ones: its checksum is right.
+/// Four bytes at a time into a wide sum: a header costs five additions, not ten.
+#[inline]
+fn header_sum_ok(h: &[u8]) -> bool {
+    let mut sum: u64 = 0;
+    for w in h.chunks_exact(4) {
+        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
@@ -137,11 +163,11 @@ pub fn parse_ipv4(buf: &[u8]) -> Result<Ipv4Meta, PacketError> {
     if total_len < header_len || total_len > buf.len() {
         return Err(PacketError::BadTotalLength);
     }
-    if checksum(&buf[..header_len]) != 0 {
+    if !header_sum_ok(&buf[..header_len]) {
         return Err(PacketError::BadChecksum);
     }
     let frag = u16::from_be_bytes([buf[6], buf[7]]);
-    Ok(Ipv4Meta {
+    let mut m = Ipv4Meta {
         header_len,
         total_len,
         ttl: buf[8],
@@ -149,7 +175,43 @@ pub fn parse_ipv4(buf: &[u8]) -> Result<Ipv4Meta, PacketError> {
         src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
         dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
         later_fragment: frag & 0x1fff != 0,
-    })
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        payload: (total_len, 0),
+    };
+    if !m.later_fragment {
+        transport(&mut m, &buf[header_len..total_len]);
+    }
+    Ok(m)
+}
+
+/// Reads the ports (and TCP flags) of the transport header `l4`, and where its payload lies.
+/// A header cut short leaves the ports 0: the packet is still forwarded by its addresses.
+#[inline]
+fn transport(m: &mut Ipv4Meta, l4: &[u8]) {
+    let be16 = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
+    let start = match m.protocol {
+        6 if l4.len() >= 20 => {
+            m.src_port = be16(0);
+            m.dst_port = be16(2);
+            m.tcp_flags = l4[13];
+            (usize::from(l4[12] >> 4) * 4).clamp(20, l4.len())
+        }
+        17 if l4.len() >= 8 => {
+            m.src_port = be16(0);
+            m.dst_port = be16(2);
+            8
+        }
+        PROTO_ICMP if l4.len() >= 8 => {
+            m.src_port = u16::from(l4[0]) << 8 | u16::from(l4[1]);
+            // Echo request/reply: the identifier tells one ping session from another.
+            m.dst_port = if matches!(l4[0], 0 | 8) { be16(4) } else { 0 };
+            8
+        }
+        _ => 0,
+    };
+    m.payload = (m.header_len + start, l4.len() - start);
 }
 
 /// Decrements the TTL of a parsed packet in place, patching the header checksum
@@ -364,5 +426,33 @@ mod tests {
         frag[6] = 0x20;
         assert!(!complete_partial_checksum(&mut frag));
         assert!(!complete_partial_checksum(&mut [0x45, 0, 0]));
+    }
+}
+
+#[cfg(test)]
+mod sum_tests {
+    use super::*;
+
+    /// The fast header check agrees with the byte-wise checksum on every header.
+    #[test]
+    fn the_fast_header_sum_agrees_with_rfc_1071() {
+        let mut h = [0u8; 60];
+        let mut x: u32 = 0x1234_5678;
+        for round in 0..20_000 {
+            for b in h.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            let len = 20 + 4 * (round % 11);
+            h[10] = 0;
+            h[11] = 0;
+            if round % 3 != 0 {
+                let c = checksum(&h[..len]);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            assert_eq!(header_sum_ok(&h[..len]), checksum(&h[..len]) == 0, "round {round}");
+        }
     }
 }

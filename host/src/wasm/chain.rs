@@ -17,11 +17,16 @@ use super::flow::{self, Direction, FlowMeta, Local};
 use super::instance::{CallError, Entry, HostCtx, Instance, Leases};
 use super::runtime::{Compiled, Runtime};
 use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
-use super::stats::{ModuleStats, TraceEntry, VerdictKind};
+use super::stats::{ModuleStats, TraceReason, TraceRecord, VerdictKind};
 use super::WasmError;
 
 /// Flows a worker's cache holds at most.
 pub const CACHE_CAPACITY: usize = 65_536;
+/// One module call in this many is timed (the clock costs a third of a cheap call).
+const TIMED_EVERY: u64 = 16;
+/// Decisions a worker adds to the trace per millisecond, at most.
+const TRACES_PER_MS: u32 = 4;
+
 /// How long a verdict made by a failure policy stands: long enough that a module failing on
 /// one flow costs a call per second, not per packet; short enough to notice a recovery.
 const FAILURE_TTL_MS: Ttl = 1_000;
@@ -247,6 +252,10 @@ pub struct WorkerChain {
     instances: Vec<Option<Instance>>,
     cache: FlowCache,
     record: [u8; RECORD_SIZE],
+    trail: Vec<Trail>,
+    calls: u64,
+    traced_ms: u64,
+    traced_in_ms: u32,
     hits: u64,
     misses: u64,
 }
@@ -270,6 +279,10 @@ impl WorkerChain {
             instances,
             cache: FlowCache::new(CACHE_CAPACITY),
             record: [0; RECORD_SIZE],
+            trail: Vec::with_capacity(8),
+            calls: 0,
+            traced_ms: 0,
+            traced_in_ms: 0,
             hits: 0,
             misses: 0,
         }
@@ -319,10 +332,20 @@ impl WorkerChain {
         if self.chain.modules.is_empty() {
             return Verdict::PASS;
         }
-        let Some(own) = self.chain.own else {
+        match crate::packet::parse_ipv4(pkt) {
+            Ok(m) => self.decide_parsed(dir, &m, pkt, now_ms),
+            Err(_) => Verdict::PASS,
+        }
+    }
+
+    /// The verdict for one packet the data path has parsed already (`m` is `pkt` parsed): the
+    /// route lookup, the source check and the flow key share that one parse.
+    #[inline]
+    pub fn decide_parsed(&mut self, dir: Direction, m: &FlowMeta, pkt: &[u8], now_ms: u64) -> Verdict {
+        if self.chain.modules.is_empty() {
             return Verdict::PASS;
-        };
-        let Some(m) = flow::parse(pkt) else {
+        }
+        let Some(own) = self.chain.own else {
             return Verdict::PASS;
         };
         // Only the pods' own traffic is decided here; a flow relayed through this node was
@@ -334,7 +357,7 @@ impl WorkerChain {
         if !ours {
             return Verdict::PASS;
         }
-        let key = m.key(dir);
+        let key = flow::key(m, dir);
         let generation = self.chain.generation;
         match self.cache.lookup(key, generation, now_ms) {
             Lookup::Hit(v) => {
@@ -343,7 +366,7 @@ impl WorkerChain {
             }
             Lookup::Miss { established } => {
                 self.misses += 1;
-                let (v, ttl) = self.evaluate(&m, dir, established, pkt, now_ms);
+                let (v, ttl) = self.evaluate(m, dir, established, pkt, now_ms);
                 self.cache.insert(key, generation, v, ttl, now_ms);
                 v
             }
@@ -366,45 +389,55 @@ impl WorkerChain {
     }
 
     fn evaluate(&mut self, m: &FlowMeta, dir: Direction, established: bool, pkt: &[u8], now_ms: u64) -> (Verdict, Ttl) {
-        let (verdict, ttl, trail) = self.decide_all(m, dir, established, pkt, now_ms);
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        for (lm, kind, reason) in trail {
-            lm.stats.trace(TraceEntry {
+        let mut trail = std::mem::take(&mut self.trail);
+        trail.clear();
+        let chain = self.chain.clone();
+        let (verdict, ttl) = self.decide_all(&chain, m, dir, established, pkt, now_ms, &mut trail);
+        // The trace keeps the last few decisions: at a few per millisecond it is as fresh as
+        // it gets, and a flood of new flows does not pay for it.
+        if self.traced_ms != now_ms {
+            (self.traced_ms, self.traced_in_ms) = (now_ms, 0);
+        }
+        self.traced_in_ms += 1;
+        if self.traced_in_ms > TRACES_PER_MS {
+            self.trail = trail;
+            return (verdict, ttl);
+        }
+        let at_ms = unix_ms(now_ms);
+        for (i, kind, reason) in trail.drain(..) {
+            let Some(lm) = chain.modules.get(i) else { continue };
+            lm.stats.trace(TraceRecord {
                 at_ms,
-                module: lm.name.to_string(),
-                direction: match dir {
-                    Direction::Egress => "egress",
-                    Direction::Ingress => "ingress",
-                },
+                egress: dir == Direction::Egress,
                 protocol: m.protocol,
-                src: format!("{}:{}", m.src, m.src_port),
-                dst: format!("{}:{}", m.dst, m.dst_port),
-                verdict: kind.label(),
+                src: (m.src, m.src_port),
+                dst: (m.dst, m.dst_port),
+                verdict: kind,
                 reason,
             });
         }
+        self.trail = trail;
         (verdict, ttl)
     }
 
-    /// Asks every module in order; returns the verdict, its lifetime, and what each module said.
+    /// Asks every module in order; returns the verdict and its lifetime, and notes in `trail`
+    /// what each module said.
+    #[allow(clippy::too_many_arguments)]
     fn decide_all(
         &mut self,
+        chain: &Chain,
         m: &FlowMeta,
         dir: Direction,
         established: bool,
         pkt: &[u8],
         now_ms: u64,
-    ) -> (Verdict, Ttl, Vec<Trail>) {
-        let mut trail = Vec::new();
+        trail: &mut Vec<Trail>,
+    ) -> (Verdict, Ttl) {
         let leases = self.pipeline.leases.load();
         let local = Local { node: self.chain.local };
         flow::record(m, dir, established, pkt, &leases, local).encode(&mut self.record);
         let mut verdict = Verdict::PASS;
         let mut ttl = Ttl::MAX;
-        let chain = self.chain.clone();
         for (i, lm) in chain.modules.iter().enumerate() {
             if lm.has(Entry::Policy) {
                 match self.call(i, lm, Entry::Policy, now_ms) {
@@ -417,10 +450,10 @@ impl WorkerChain {
                         };
                         lm.stats.verdict(kind);
                         let why = match (lm.dry_run, kind) {
-                            (true, VerdictKind::Drop) => "dry run: the drop was not enforced".to_string(),
-                            _ => format!("policy answered{}", if established { " (flow in flight)" } else { "" }),
+                            (true, VerdictKind::Drop) => TraceReason::DryRunDrop,
+                            _ => TraceReason::Answered { in_flight: established },
                         };
-                        trail.push((lm.clone(), kind, why));
+                        trail.push((i, kind, why));
                         if kind == VerdictKind::Log && lm.stats.log_allowed() {
                             tracing::info!(target: "weft::flow", module = %lm.name, direction = ?dir, protocol = m.protocol,
                                 src = %m.src, src_port = m.src_port, dst = %m.dst, dst_port = m.dst_port, dry_run = lm.dry_run, "flow logged");
@@ -430,13 +463,13 @@ impl WorkerChain {
                                 lm.stats.dry_run_drops.fetch_add(1, Ordering::Relaxed);
                             } else {
                                 // First deny wins: later modules are not asked.
-                                return (Verdict::DROP, ttl, trail);
+                                return (Verdict::DROP, ttl);
                             }
                         }
                     }
                     Err(e) => {
-                        if failure_drops(lm, &e, &mut ttl, &mut trail) {
-                            return (Verdict::DROP, ttl, trail);
+                        if failure_drops(i, lm, &e, &mut ttl, trail) {
+                            return (Verdict::DROP, ttl);
                         }
                     }
                 }
@@ -449,9 +482,12 @@ impl WorkerChain {
                             lm.stats.verdict(VerdictKind::Via);
                             let via = Ipv4Addr::from(w.addr);
                             trail.push((
-                                lm.clone(),
+                                i,
                                 VerdictKind::Via,
-                                format!("steer via {via}{}", if lm.dry_run { " (dry run)" } else { "" }),
+                                TraceReason::Via {
+                                    via,
+                                    dry_run: lm.dry_run,
+                                },
                             ));
                             if lm.dry_run {
                                 continue;
@@ -463,18 +499,18 @@ impl WorkerChain {
                             }
                         } else {
                             lm.stats.verdict(VerdictKind::Owner);
-                            trail.push((lm.clone(), VerdictKind::Owner, "deliver to the owner".into()));
+                            trail.push((i, VerdictKind::Owner, TraceReason::Owner));
                         }
                     }
                     Err(e) => {
-                        if failure_drops(lm, &e, &mut ttl, &mut trail) {
-                            return (Verdict::DROP, ttl, trail);
+                        if failure_drops(i, lm, &e, &mut ttl, trail) {
+                            return (Verdict::DROP, ttl);
                         }
                     }
                 }
             }
         }
-        (verdict, ttl, trail)
+        (verdict, ttl)
     }
 
     /// One call into module `i`, instantiating it first if needed; failures are counted, can
@@ -501,11 +537,19 @@ impl WorkerChain {
         let Some(inst) = self.instances[i].as_mut() else {
             return Err(CallError::Missing);
         };
-        let t = Instant::now();
+        // Reading the clock twice costs a third of a cheap call: one call in TIMED_EVERY is
+        // timed and stands for the others, so ns per call stays right on average.
+        self.calls = self.calls.wrapping_add(1);
+        let timed = self.calls.is_multiple_of(TIMED_EVERY);
+        let t = timed.then(Instant::now);
+        self.pipeline.runtime.calling(now_ms);
         let r = inst.call(entry, &self.record);
         let st = &lm.stats;
         st.calls.fetch_add(1, Ordering::Relaxed);
-        st.call_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(t) = t {
+            st.call_ns
+                .fetch_add(t.elapsed().as_nanos() as u64 * TIMED_EVERY, Ordering::Relaxed);
+        }
         match &r {
             Ok(_) => {
                 st.outcome(true, now_ms);
@@ -536,22 +580,31 @@ impl WorkerChain {
 
 /// Counts a failed call, applies `lm`'s failure policy and notes it in `trail`: true when the
 /// flow is to be dropped. The verdict stands for at most [`FAILURE_TTL_MS`].
-fn failure_drops(lm: &Arc<LoadedModule>, e: &CallError, ttl: &mut Ttl, trail: &mut Vec<Trail>) -> bool {
+fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, ttl: &mut Ttl, trail: &mut Vec<Trail>) -> bool {
     lm.stats.verdict(VerdictKind::Failure);
     *ttl = (*ttl).min(FAILURE_TTL_MS);
     tracing::debug!(module = %lm.name, error = %e, "call failed; the failure policy decides");
-    let drops = lm.failure == FailurePolicy::Closed && !lm.dry_run;
-    let policy = if drops {
-        "dropped (fail-closed)"
-    } else {
-        "skipped (fail-open or dry run)"
-    };
-    trail.push((lm.clone(), VerdictKind::Failure, format!("{e}; {policy}")));
-    drops
+    let dropped = lm.failure == FailurePolicy::Closed && !lm.dry_run;
+    let why = e.to_string().into_boxed_str();
+    trail.push((i, VerdictKind::Failure, TraceReason::Failed { why, dropped }));
+    dropped
 }
 
-/// What one module said about a flow, for the decision trace.
-type Trail = (Arc<LoadedModule>, VerdictKind, String);
+/// What one module (by its place in the chain) said about a flow, for the decision trace.
+type Trail = (usize, VerdictKind, TraceReason);
+
+/// Milliseconds since the epoch at the moment the process clock read `now_ms`.
+fn unix_ms(now_ms: u64) -> u64 {
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        unix.saturating_sub(clock_ms())
+    });
+    base + now_ms
+}
 
 /// Milliseconds since the process first asked: the clock of caches and quarantines.
 pub fn clock_ms() -> u64 {

@@ -177,6 +177,7 @@ fn ticks(d: std::time::Duration) -> u64 {
 impl Instance {
     /// Instantiates `c`, checks its ABI version and record buffer, and configures it.
     pub fn new(rt: &Runtime, c: &Compiled, ctx: HostCtx, config: &[u8]) -> Result<Instance, WasmError> {
+        rt.calling(super::chain::clock_ms());
         let mut store = Store::new(rt.engine(), ctx);
         store.limiter(|c| &mut c.limits);
         store.set_epoch_deadline(ticks(rt.limits().configure_deadline));

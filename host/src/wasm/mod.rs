@@ -68,7 +68,7 @@ pub fn check(rt: &Runtime, wasm: &[u8], config: &[u8]) -> Result<(bool, bool), W
     let ctx = instance::HostCtx::new(rt, "probe".into(), Arc::default(), leases);
     let mut inst = instance::Instance::new(rt, &compiled, ctx, config)?;
     let pkt = crate::packet::build_udp([10, 244, 1, 5].into(), 40000, [10, 244, 2, 7].into(), 80, 64, b"probe");
-    let meta = flow::parse(&pkt).ok_or_else(|| WasmError::Invalid("probe packet".into()))?;
+    let meta = crate::packet::parse_ipv4(&pkt).map_err(|e| WasmError::Invalid(format!("probe packet: {e}")))?;
     for dir in [Direction::Egress, Direction::Ingress] {
         let rec = flow::record(
             &meta,
@@ -82,6 +82,7 @@ pub fn check(rt: &Runtime, wasm: &[u8], config: &[u8]) -> Result<(bool, bool), W
         );
         let mut buf = [0u8; weft_guest::abi::RECORD_SIZE];
         rec.encode(&mut buf);
+        rt.calling(chain::clock_ms());
         if compiled.has_policy {
             inst.call(instance::Entry::Policy, &buf)
                 .map_err(|e| WasmError::Probe("weft_policy", e))?;

@@ -61,12 +61,64 @@ pub struct Runtime {
     linker: Linker<HostCtx>,
     cache: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
     limits: Limits,
-    stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ticker.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ticker.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// After this long without a module call the epoch ticker parks: an idle node spends nothing
+/// on it.
+const TICKER_IDLE_MS: u64 = 1_000;
+
+/// The thread that advances the engine's epoch, the clock every call deadline counts in. It
+/// ticks while modules are being called and parks after an idle second; the next call wakes
+/// it. A call costs one load (and a store per millisecond); a wake-up only ends an idle spell.
+struct Ticker {
+    awake: AtomicBool,
+    last_ms: std::sync::atomic::AtomicU64,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Ticker {
+    /// A call is about to start at `now_ms`.
+    #[inline]
+    fn wake(&self, now_ms: u64) {
+        if self.last_ms.load(Ordering::Relaxed) != now_ms {
+            self.last_ms.store(now_ms, Ordering::SeqCst);
+        }
+        // Either the ticker sees the call's time before it parks, or this sees it asleep.
+        if !self.awake.load(Ordering::SeqCst) && !self.awake.swap(true, Ordering::SeqCst) {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+    }
+
+    fn run(&self, engine: &Engine) {
+        let idle = |last: u64| super::chain::clock_ms().saturating_sub(last) > TICKER_IDLE_MS;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(TICK);
+            engine.increment_epoch();
+            if !idle(self.last_ms.load(Ordering::SeqCst)) {
+                continue;
+            }
+            self.awake.store(false, Ordering::SeqCst);
+            while idle(self.last_ms.load(Ordering::SeqCst)) && !self.awake.load(Ordering::SeqCst) {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::park();
+            }
+            self.awake.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -146,24 +198,32 @@ impl Runtime {
         let engine = Engine::new(&engine_config(&limits)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         instance::link(&mut linker).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (e, s) = (engine.clone(), stop.clone());
-        std::thread::Builder::new()
+        let ticker = Arc::new(Ticker {
+            awake: AtomicBool::new(true),
+            last_ms: std::sync::atomic::AtomicU64::new(super::chain::clock_ms()),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let (e, t) = (engine.clone(), ticker.clone());
+        let handle = std::thread::Builder::new()
             .name("weft-wasm-epoch".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    e.increment_epoch();
-                }
-            })
+            .spawn(move || t.run(&e))
             .map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        let _ = ticker.thread.set(handle.thread().clone());
         Ok(Arc::new(Runtime {
             engine,
             linker,
             cache: Mutex::new(HashMap::new()),
             limits,
-            stop,
+            ticker,
         }))
+    }
+
+    /// Says a module call (or instantiation) is about to start at `now_ms`, so the epoch
+    /// ticker runs and its deadline can fire.
+    #[inline]
+    pub fn calling(&self, now_ms: u64) {
+        self.ticker.wake(now_ms);
     }
 
     /// The limits every module runs under.

@@ -50,6 +50,70 @@ impl VerdictKind {
 /// Most decisions kept in a module's trace.
 pub const TRACE_LEN: usize = 64;
 
+/// Why a module's decision came out as it did, kept without formatting anything on the data
+/// path (the API formats it when asked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceReason {
+    /// The module answered (`in_flight`: the flow was already established).
+    Answered {
+        /// The flow was in flight when decided.
+        in_flight: bool,
+    },
+    /// A dry-run module asked for a drop that was not enforced.
+    DryRunDrop,
+    /// A routing module steered the flow.
+    Via {
+        /// Through this node.
+        via: std::net::Ipv4Addr,
+        /// Not applied (dry run).
+        dry_run: bool,
+    },
+    /// A routing module left the flow to the owner.
+    Owner,
+    /// The call failed; the failure policy decided.
+    Failed {
+        /// What failed.
+        why: Box<str>,
+        /// The flow was dropped (fail-closed).
+        dropped: bool,
+    },
+}
+
+impl std::fmt::Display for TraceReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TraceReason::Answered { in_flight: false } => f.write_str("policy answered"),
+            TraceReason::Answered { in_flight: true } => f.write_str("policy answered (flow in flight)"),
+            TraceReason::DryRunDrop => f.write_str("dry run: the drop was not enforced"),
+            TraceReason::Via { via, dry_run } => {
+                write!(f, "steer via {via}{}", if *dry_run { " (dry run)" } else { "" })
+            }
+            TraceReason::Owner => f.write_str("deliver to the owner"),
+            TraceReason::Failed { why, dropped: true } => write!(f, "{why}; dropped (fail-closed)"),
+            TraceReason::Failed { why, dropped: false } => write!(f, "{why}; skipped (fail-open or dry run)"),
+        }
+    }
+}
+
+/// One decision as the data path records it: plain values, no allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+    /// Egress (true) or ingress.
+    pub egress: bool,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Source address and port.
+    pub src: (std::net::Ipv4Addr, u16),
+    /// Destination address and port.
+    pub dst: (std::net::Ipv4Addr, u16),
+    /// What was decided.
+    pub verdict: VerdictKind,
+    /// Why.
+    pub reason: TraceReason,
+}
+
 /// One decision a module made (or its failure policy made for it), for the decision trace.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct TraceEntry {
@@ -102,7 +166,11 @@ pub struct ModuleStats {
     counters: Mutex<Vec<(String, Arc<AtomicI64>)>>,
     log_bucket: Mutex<(f64, Instant)>,
     quarantine: Mutex<Quarantine>,
-    trace: Mutex<std::collections::VecDeque<TraceEntry>>,
+    /// Until when the module is benched (read on every call without the lock).
+    benched_until_ms: AtomicU64,
+    /// A failure happened in the current window: successes need counting (under the lock).
+    failing: std::sync::atomic::AtomicBool,
+    trace: Mutex<std::collections::VecDeque<TraceRecord>>,
 }
 
 impl Default for ModuleStats {
@@ -121,6 +189,8 @@ impl Default for ModuleStats {
             counters: Mutex::new(Vec::new()),
             log_bucket: Mutex::new((LOG_BURST, Instant::now())),
             quarantine: Mutex::new(Quarantine::default()),
+            benched_until_ms: AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
             trace: Mutex::new(std::collections::VecDeque::with_capacity(TRACE_LEN)),
         }
     }
@@ -200,6 +270,10 @@ impl ModuleStats {
 
     /// Records the outcome of a call; true when this failure put the module in quarantine.
     pub fn outcome(&self, ok: bool, now_ms: u64) -> bool {
+        // A module that has not failed lately costs no lock per call.
+        if ok && !self.failing.load(Ordering::Relaxed) {
+            return false;
+        }
         let Ok(mut q) = self.quarantine.lock() else {
             return false;
         };
@@ -207,6 +281,7 @@ impl ModuleStats {
             q.window_start_ms = now_ms;
             q.failures = 0;
             q.successes = 0;
+            self.failing.store(!ok, Ordering::Relaxed);
         }
         if ok {
             q.successes = q.successes.saturating_add(1);
@@ -217,6 +292,7 @@ impl ModuleStats {
             return false;
         }
         q.failures += 1;
+        self.failing.store(true, Ordering::Relaxed);
         if q.failures >= FAILURES_TO_QUARANTINE && q.failures > q.successes && now_ms >= q.until_ms {
             q.backoff_ms = if q.backoff_ms == 0 {
                 FIRST_BACKOFF_MS
@@ -224,6 +300,7 @@ impl ModuleStats {
                 (q.backoff_ms * 2).min(MAX_BACKOFF_MS)
             };
             q.until_ms = now_ms + q.backoff_ms;
+            self.benched_until_ms.store(q.until_ms, Ordering::Relaxed);
             q.failures = 0;
             q.successes = 0;
             self.quarantines.fetch_add(1, Ordering::Relaxed);
@@ -232,9 +309,10 @@ impl ModuleStats {
         false
     }
 
-    /// Records a decision in the bounded trace (the oldest goes first).
-    pub fn trace(&self, e: TraceEntry) {
-        if let Ok(mut t) = self.trace.lock() {
+    /// Records a decision in the bounded trace (the oldest goes first). A forwarding thread
+    /// never waits for it: while another holds the trace, this record is skipped.
+    pub fn trace(&self, e: TraceRecord) {
+        if let Ok(mut t) = self.trace.try_lock() {
             if t.len() == TRACE_LEN {
                 t.pop_front();
             }
@@ -242,17 +320,32 @@ impl ModuleStats {
         }
     }
 
-    /// The trace, oldest first.
-    pub fn traced(&self) -> Vec<TraceEntry> {
-        self.trace
+    /// The trace, oldest first, as the API shows it.
+    pub fn traced(&self, module: &str) -> Vec<TraceEntry> {
+        let records: Vec<TraceRecord> = self
+            .trace
             .lock()
             .map(|t| t.iter().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        records
+            .into_iter()
+            .map(|r| TraceEntry {
+                at_ms: r.at_ms,
+                module: module.to_string(),
+                direction: if r.egress { "egress" } else { "ingress" },
+                protocol: r.protocol,
+                src: format!("{}:{}", r.src.0, r.src.1),
+                dst: format!("{}:{}", r.dst.0, r.dst.1),
+                verdict: r.verdict.label(),
+                reason: r.reason.to_string(),
+            })
+            .collect()
     }
 
     /// Whether the module is benched at `now_ms`.
+    #[inline]
     pub fn quarantined(&self, now_ms: u64) -> bool {
-        self.quarantine.lock().map(|q| now_ms < q.until_ms).unwrap_or(false)
+        now_ms < self.benched_until_ms.load(Ordering::Relaxed)
     }
 }
 

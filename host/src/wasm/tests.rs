@@ -401,3 +401,23 @@ fn wrong_sha_in_the_cache_is_impossible_and_a_new_version_is_compiled() {
     assert_ne!(c1.sha256, c3.sha256);
     assert!(matches!(rt.compile(b"\0asm"), Err(WasmError::Invalid(_))));
 }
+
+/// The epoch ticker parks after an idle second (an idle node spends nothing on it), and the
+/// next call wakes it: a runaway call is still cut at its deadline.
+#[test]
+fn a_parked_ticker_still_interrupts_the_next_runaway_call() {
+    let p = pipeline(rt());
+    let mut open = spec("open", &module(LOOP_ON_7777));
+    open.failure = FailurePolicy::Open;
+    p.load(vec![open]);
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let t = Instant::now();
+    assert_eq!(w.decide(Direction::Egress, &egress(7777), w.now_ms()), Verdict::PASS);
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "the deadline fired after the idle spell"
+    );
+    assert_eq!(p.module_stats()[0].1.timeouts.load(Ordering::Relaxed), 1);
+}

@@ -2,7 +2,12 @@
 //! header, then an Ethernet header, then the inner IPv4 packet. The userspace mode builds and
 //! strips exactly these 22 bytes, so a kernel VXLAN device is a peer like any other.
 
+use std::net::Ipv4Addr;
+
 pub use crate::packet::mac::{BadMac, Mac};
+use crate::packet::route::RouteTable;
+use crate::stats::DropReason;
+use crate::tunnel::framing::Framing;
 
 /// flannel's (and the kernel's `dstport 8472` convention for) VXLAN UDP port.
 pub const DEFAULT_PORT: u16 = 8472;
@@ -67,17 +72,7 @@ pub fn open(dgram: &[u8], vni: u32, own: Mac) -> Result<(), Foreign> {
 /// One VXLAN frame carrying a whole TCP or UDP super-packet: what a kernel VXLAN peer hands over
 /// virtual links when its stack offloads segmentation (the outer datagram is never split, so a
 /// receiver that is not the kernel's VXLAN driver must segment the inner packet itself).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SuperFrame {
-    /// Inner IP protocol (6 or 17).
-    pub protocol: u8,
-    /// Inner IPv4 header length.
-    pub ip_header: usize,
-    /// Inner TCP/UDP header length.
-    pub l4_header: usize,
-    /// Payload bytes per segment.
-    pub mss: usize,
-}
+pub use crate::tunnel::framing::SuperFrame;
 
 /// Recognises a [`SuperFrame`]: `dgram` is one frame for this node whose inner IPv4 packet fills
 /// it and is longer than one segment may be (`segment` is the size the socket reported for the
@@ -114,6 +109,89 @@ pub fn super_frame(dgram: &[u8], segment: usize, vni: u32, own: Mac, mtu: usize)
         l4_header,
         mss,
     })
+}
+
+/// VXLAN framing for the tunnel: this node's VNI and VTEP MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vxlan {
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// This node's VTEP MAC.
+    pub mac: Mac,
+}
+
+impl Framing for Vxlan {
+    #[inline]
+    fn header_len(&self) -> usize {
+        HEADER_LEN
+    }
+
+    #[inline]
+    fn write_header(&self, routes: &RouteTable, peer: Ipv4Addr, out: &mut [u8]) -> Result<(), DropReason> {
+        let dst = routes.vtep(peer).ok_or(DropReason::NoRoute)?;
+        out[..HEADER_LEN].copy_from_slice(&header(self.vni, dst, self.mac));
+        Ok(())
+    }
+
+    #[inline]
+    fn open(&self, dgram: &[u8]) -> Result<(), DropReason> {
+        open(dgram, self.vni, self.mac).map_err(|_| DropReason::ForeignFrame)
+    }
+
+    #[inline]
+    fn finish(&self, inner: &mut [u8]) {
+        crate::packet::complete_partial_checksum(inner);
+    }
+
+    fn super_frame(&self, dgram: &[u8], segment: usize, mtu: usize) -> Option<SuperFrame> {
+        super_frame(dgram, segment, self.vni, self.mac, mtu)
+    }
+
+    fn split(
+        &self,
+        frame: &mut [u8],
+        f: SuperFrame,
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        out: &mut Vec<u8>,
+    ) -> Option<usize> {
+        split(frame, f, bufs, sizes, out)
+    }
+}
+
+/// Cuts the inner super-packet of `frame` into segments (checksums completed) and lays them
+/// out in `out` as ordinary VXLAN frames, each behind a copy of `frame`'s headers; returns the
+/// frame size every one but the last has, or None when the packet does not segment. `bufs`
+/// and `sizes` are room for the segments.
+pub fn split(
+    frame: &mut [u8],
+    f: SuperFrame,
+    bufs: &mut [Vec<u8>],
+    sizes: &mut [usize],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    let (head, inner) = frame.split_at_mut(HEADER_LEN);
+    let hdr = tun_rs::VirtioNetHdr {
+        flags: 1, // NEEDS_CSUM: the sender left the checksum partial
+        gso_type: if f.protocol == 6 {
+            tun_rs::VIRTIO_NET_HDR_GSO_TCPV4
+        } else {
+            tun_rs::VIRTIO_NET_HDR_GSO_UDP_L4
+        },
+        hdr_len: u16::try_from(f.ip_header + f.l4_header).ok()?,
+        gso_size: u16::try_from(f.mss).ok()?,
+        csum_start: u16::try_from(f.ip_header).ok()?,
+        csum_offset: if f.protocol == 6 { 16 } else { 6 },
+    };
+    let count = tun_rs::gso_split(inner, hdr, bufs, sizes, 0, false).ok()?;
+    out.clear();
+    let mut stride = None;
+    for (b, &size) in bufs.iter().zip(sizes.iter()).take(count) {
+        out.extend_from_slice(head);
+        out.extend_from_slice(&b[..size]);
+        stride.get_or_insert(HEADER_LEN + size);
+    }
+    stride
 }
 
 #[cfg(test)]
@@ -179,5 +257,48 @@ mod tests {
         assert_eq!(super_frame(&d, 1398, 2, A, 1450), None, "another VNI");
         d[HEADER_LEN + 9] = 1;
         assert_eq!(super_frame(&d, 1398, 1, A, 1450), None, "ICMP is never segmented");
+    }
+
+    /// A TCP super-packet of 2,948 payload bytes in one frame, cut at 1,000 bytes a segment:
+    /// three ordinary frames behind the same VXLAN header, each inner packet a valid IPv4 packet
+    /// with its own length and the sequence number its offset gives.
+    #[test]
+    fn a_super_frame_splits_into_ordinary_frames() {
+        let payload = 2_948usize;
+        let mut inner = vec![0u8; 20 + 32 + payload];
+        inner[0] = 0x45;
+        inner[2..4].copy_from_slice(&((20 + 32 + payload) as u16).to_be_bytes());
+        inner[8] = 64;
+        inner[9] = 6;
+        inner[12..16].copy_from_slice(&[10, 244, 2, 5]);
+        inner[16..20].copy_from_slice(&[10, 244, 1, 5]);
+        let c = crate::packet::checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        inner[20..22].copy_from_slice(&5001u16.to_be_bytes());
+        inner[22..24].copy_from_slice(&80u16.to_be_bytes());
+        inner[24..28].copy_from_slice(&1_000_000u32.to_be_bytes());
+        inner[20 + 12] = 0x80;
+        inner[20 + 13] = 0x18;
+        for (i, b) in inner[52..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let mut frame = header(1, A, B).to_vec();
+        frame.extend_from_slice(&inner);
+        let f = super_frame(&frame, frame.len(), 1, A, 1450).expect("a super frame");
+        let f = SuperFrame { mss: 1_000, ..f };
+        let mut bufs = vec![vec![0u8; 2048]; 8];
+        let mut sizes = vec![0usize; 8];
+        let mut out = Vec::new();
+        let stride = split(&mut frame, f, &mut bufs, &mut sizes, &mut out).expect("splits");
+        assert_eq!(stride, HEADER_LEN + 52 + 1_000);
+        assert_eq!(out.len(), 3 * (HEADER_LEN + 52) + payload);
+        for (k, chunk) in out.chunks(stride).enumerate() {
+            assert_eq!(open(chunk, 1, A), Ok(()), "segment {k} keeps the VXLAN header");
+            let m = crate::packet::parse_ipv4(&chunk[HEADER_LEN..]).expect("a valid IPv4 packet");
+            assert_eq!(m.total_len, chunk.len() - HEADER_LEN);
+            let seq = u32::from_be_bytes(chunk[HEADER_LEN + 24..HEADER_LEN + 28].try_into().unwrap());
+            assert_eq!(seq, 1_000_000 + 1_000 * k as u32);
+            assert_eq!(chunk[HEADER_LEN + 52], (1_000 * k) as u8, "payload in order");
+        }
     }
 }

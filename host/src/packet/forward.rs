@@ -1,11 +1,20 @@
-//! The `udp` backend's packet logic, sans I/O: flannel's wire format carries the bare inner
-//! IPv4 packet as the UDP payload, so "encapsulation" is a route lookup plus a TTL decrement.
+//! Forwarding decisions of the userspace data path, sans I/O, whatever the framing: on the way
+//! out a route lookup, a TTL decrement and ICMP errors; on the way in the source check (the
+//! sender must hold a lease on the inner source) and a TTL decrement. They take the packet as
+//! parsed once ([`parse`]), the same parse the Wasm chain decides on.
 
 use std::net::Ipv4Addr;
 
 use crate::packet::route::{RouteTable, SourceCheck};
-use crate::packet::{self, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, ICMP_TIME_EXCEEDED};
+use crate::packet::{self, Ipv4Meta, ICMP_DEST_UNREACH, ICMP_NET_UNREACH, ICMP_TIME_EXCEEDED};
 use crate::stats::DropReason;
+
+/// Parses `buf` for forwarding; a buffer that is not an IPv4 packet is dropped for a reason:
+/// IPv6 (well-formed, not carried yet) or malformed.
+#[inline]
+pub fn parse(buf: &[u8]) -> Result<Ipv4Meta, DropReason> {
+    packet::parse_ipv4(buf).map_err(|_| not_ipv4(buf))
+}
 
 /// What to do with a packet read from the TUN device.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,10 +48,15 @@ fn not_ipv4(buf: &[u8]) -> DropReason {
 
 /// Decides where a packet from the TUN device goes.
 pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
-    let meta = match packet::parse_ipv4(buf) {
-        Ok(m) => m,
-        Err(_) => return Outbound::Drop(not_ipv4(buf)),
-    };
+    match parse(buf) {
+        Ok(m) => outbound_parsed(routes, &m, buf),
+        Err(reason) => Outbound::Drop(reason),
+    }
+}
+
+/// [`outbound`] for a packet parsed already (`meta` is `buf` parsed).
+#[inline]
+pub fn outbound_parsed(routes: &RouteTable, meta: &Ipv4Meta, buf: &mut [u8]) -> Outbound {
     // ICMP errors are written back into the TUN device, so they must not come from one of the
     // node's own addresses (the kernel drops those as martians): they come from the address the
     // packet was trying to reach, which is what the sender's `ping` then names.
@@ -70,10 +84,15 @@ pub fn outbound(routes: &RouteTable, buf: &mut [u8]) -> Outbound {
 /// flows through other nodes), a member may also carry another member's traffic: the inner
 /// source must then lie in some leased subnet.
 pub fn inbound(routes: &RouteTable, from: Ipv4Addr, buf: &mut [u8], relay: bool) -> Inbound {
-    let meta = match packet::parse_ipv4(buf) {
-        Ok(m) => m,
-        Err(_) => return Inbound::Drop(not_ipv4(buf)),
-    };
+    match parse(buf) {
+        Ok(m) => inbound_parsed(routes, from, &m, buf, relay),
+        Err(reason) => Inbound::Drop(reason),
+    }
+}
+
+/// [`inbound`] for a datagram parsed already (`meta` is `buf` parsed).
+#[inline]
+pub fn inbound_parsed(routes: &RouteTable, from: Ipv4Addr, meta: &Ipv4Meta, buf: &mut [u8], relay: bool) -> Inbound {
     match routes.check_source(from, meta.src) {
         SourceCheck::Owned => {}
         SourceCheck::UnknownPeer => return Inbound::Drop(DropReason::UnknownPeer),

@@ -1,0 +1,637 @@
+//! The userspace data path's I/O shell: a TUN device and UDP sockets, and the threads that move
+//! bytes between them. Everything that decides (parsing, routes, the source check, TTLs,
+//! ICMP errors, verdicts, framing) is pure code it calls: [`crate::packet::forward`], the Wasm
+//! chain, and a [`Framing`] codec. The loops are generic over the framing, so flannel's `udp`
+//! framing and VXLAN share them and a new framing is a new codec.
+//!
+//! Each queue has two threads, device -> underlay and underlay -> device: a TCP stream's ACKs
+//! then never wait behind its data (writing into the device runs the receiving stack in the
+//! writer's context, so one thread for both directions cut a stream's throughput by two thirds).
+//! The device is multi-queue (`IFF_MULTI_QUEUE`): the kernel keeps each flow on one queue; each
+//! queue has its own receiving socket in one `SO_REUSEPORT` group and (queue > 0) its own
+//! sending port ([`sock`]), so one flow stays in order on one thread pair end to end while
+//! several flows use every core. A thread that moved packets keeps polling for a moment before
+//! it sleeps ([`spin`]), so back-to-back traffic does not pay a wake-up per packet.
+//!
+//! The loops work in batches: with TUN offloads a read from the device is a TCP super-packet
+//! that `tun-rs` splits into segments, which leave in one UDP GSO send per peer
+//! ([`batch`]); UDP GRO hands over runs of datagrams that `tun-rs` coalesces back into
+//! super-packets for one write into the device.
+
+pub mod batch;
+pub mod framing;
+pub mod sock;
+pub mod spin;
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use self::framing::Framing;
+use self::sock::UnderlaySocket;
+use crate::packet::forward::{self, Inbound, Outbound};
+use crate::packet::route::{RouteTable, SharedRoutes};
+use crate::stats::{DataplaneStats, DropReason};
+use crate::wasm::{Direction, Pipeline, WorkerChain};
+
+/// What the tunnel is made of.
+#[derive(Debug, Clone)]
+pub struct TunnelSpec {
+    /// The TUN device's name.
+    pub device: String,
+    /// The address the device holds (this node's subnet `.0`).
+    pub router: Ipv4Addr,
+    /// The prefix length it holds it with (the cluster network's).
+    pub prefix: u8,
+    /// The device's MTU.
+    pub mtu: u32,
+    /// The UDP port peers send to.
+    pub port: u16,
+    /// TUN offloads and UDP GSO/GRO.
+    pub offload: bool,
+    /// Queues (threads), at least 1.
+    pub queues: usize,
+    /// The longest spin after traffic before a thread sleeps (zero: never spin).
+    pub spin: Duration,
+}
+
+/// What the tunnel got from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// Queues running.
+    pub queues: usize,
+    /// Whether the device hands over super-packets.
+    pub tun_offload: bool,
+    /// Whether the sockets receive coalesced runs.
+    pub gro: bool,
+    /// Whether they send them.
+    pub gso: bool,
+}
+
+/// Why the tunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("missing /dev/net/tun: load the tun module (modprobe tun) or give the container the device")]
+    NoTun,
+    #[error("cannot create TUN device {name}: {source}")]
+    Tun { name: String, source: std::io::Error },
+    #[error("cannot open UDP socket on port {port}: {source}")]
+    Socket { port: u16, source: std::io::Error },
+    #[error("cannot start a forwarding thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What every queue shares.
+struct Ctx<F> {
+    framing: F,
+    routes: SharedRoutes,
+    stats: Arc<DataplaneStats>,
+    modules: Arc<Pipeline>,
+    device: String,
+    mtu: usize,
+    spin: Duration,
+}
+
+/// Most reads from the device before queued datagrams are sent regardless, bounding latency.
+const DRAIN_BURST: usize = 64;
+/// Most datagrams received in one turn before the device gets its turn again.
+const RECV_BURST: usize = 32;
+/// Most segments one VXLAN super-frame is cut into (64 KiB at the smallest sane MSS).
+const MAX_SPLIT: usize = 128;
+
+/// Opens the device and sockets and starts one thread per queue.
+pub fn start<F: Framing>(
+    spec: &TunnelSpec,
+    framing: F,
+    routes: SharedRoutes,
+    stats: Arc<DataplaneStats>,
+    modules: Arc<Pipeline>,
+) -> Result<Started, TunnelError> {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err(TunnelError::NoTun);
+    }
+    let queues = spec.queues.clamp(1, 64);
+    let (first, tun_offload) = device(spec, queues)?;
+    let tun_error = |source| TunnelError::Tun {
+        name: spec.device.clone(),
+        source,
+    };
+    let mut devices = vec![first];
+    for _ in 1..queues {
+        devices.push(devices[0].try_clone().map_err(tun_error)?);
+    }
+    let (rx, tx) = sockets(spec, queues)?;
+    let started = Started {
+        queues,
+        tun_offload,
+        gro: rx[0].gro(),
+        gso: tx[0].gso(),
+    };
+    let ctx = Arc::new(Ctx {
+        framing,
+        routes,
+        stats,
+        modules,
+        device: spec.device.clone(),
+        mtu: spec.mtu as usize,
+        spin: spec.spin,
+    });
+    for (q, ((dev, rx), tx)) in devices.into_iter().zip(rx).zip(tx).enumerate() {
+        dev.set_nonblocking(true).map_err(tun_error)?;
+        let queue = Arc::new(Queue {
+            q,
+            tun: dev,
+            rx,
+            tx,
+            ctx: ctx.clone(),
+        });
+        let other = queue.clone();
+        std::thread::Builder::new()
+            .name(format!("weft-q{q}-tx"))
+            .spawn(move || queue.run_tx())
+            .map_err(TunnelError::Thread)?;
+        std::thread::Builder::new()
+            .name(format!("weft-q{q}-rx"))
+            .spawn(move || other.run_rx())
+            .map_err(TunnelError::Thread)?;
+    }
+    Ok(started)
+}
+
+/// Creates the device (down, IPv6 off, then up); returns it and whether offloads took.
+fn device(spec: &TunnelSpec, queues: usize) -> Result<(SyncDevice, bool), TunnelError> {
+    // The device holds the subnet's .0 with the *network's* prefix, so the kernel sends all
+    // cluster traffic here, while the node's bridge (a longer prefix) keeps local traffic.
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(&spec.device)
+            .ipv4(spec.router, spec.prefix, None)
+            .mtu(u16::try_from(spec.mtu).unwrap_or(u16::MAX))
+            .offload(offload)
+            .multi_queue(queues > 1)
+            // Down until IPv6 is off on it, so the kernel never sends it router
+            // solicitations or MLD reports the IPv4-only overlay would have to drop.
+            .enable(false)
+            .build_sync()
+    };
+    let tun_error = |source| TunnelError::Tun {
+        name: spec.device.clone(),
+        source,
+    };
+    let dev = match build(spec.offload) {
+        Ok(d) => d,
+        Err(e) if spec.offload => {
+            tracing::info!(error = %e, "TUN offloads unavailable; packets move one by one");
+            build(false).map_err(tun_error)?
+        }
+        Err(e) => return Err(tun_error(e)),
+    };
+    disable_ipv6(&spec.device);
+    dev.enabled(true).map_err(tun_error)?;
+    let offload = dev.tcp_gso();
+    Ok((dev, offload))
+}
+
+/// Turns IPv6 off on `device` (the overlay carries IPv4 only for now). Where `/proc/sys` is
+/// read-only (an unprivileged container) the kernel's few IPv6 packets are dropped and counted
+/// as `ipv6_not_enabled` instead.
+fn disable_ipv6(device: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{device}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1\n") {
+        tracing::debug!(%path, error = %e, "cannot turn IPv6 off on the device; its IPv6 packets will be dropped");
+    }
+}
+
+type Sockets = (Vec<Arc<UnderlaySocket>>, Vec<Arc<UnderlaySocket>>);
+
+/// Each queue's receiving and sending socket.
+fn sockets(spec: &TunnelSpec, queues: usize) -> Result<Sockets, TunnelError> {
+    let err = |port| move |source| TunnelError::Socket { port, source };
+    if queues == 1 {
+        // One queue is flannel's shape: one socket on the port, sending from it too.
+        let s = Arc::new(UnderlaySocket::open(spec.port, spec.offload).map_err(err(spec.port))?);
+        return Ok((vec![s.clone()], vec![s]));
+    }
+    let mut rx = Vec::with_capacity(queues);
+    for _ in 0..queues {
+        rx.push(Arc::new(
+            UnderlaySocket::open_member(spec.port, spec.offload).map_err(err(spec.port))?,
+        ));
+    }
+    if let Err(e) = sock::steer(&rx[0], spec.port, queues as u16) {
+        tracing::warn!(error = %e, "cannot steer datagrams to queues by source port; the kernel spreads them by hash");
+    }
+    let mut tx = vec![rx[0].clone()];
+    for q in 1..queues {
+        let s = UnderlaySocket::open_sender(spec.port, q as u16, spec.offload).map_err(err(spec.port))?;
+        tx.push(Arc::new(s));
+    }
+    Ok((rx, tx))
+}
+
+/// One queue: its device queue, its sockets, and the loop that moves both directions.
+struct Queue<F> {
+    q: usize,
+    tun: SyncDevice,
+    rx: Arc<UnderlaySocket>,
+    tx: Arc<UnderlaySocket>,
+    ctx: Arc<Ctx<F>>,
+}
+
+/// The sending thread's buffers, allocated once.
+struct TxBuffers {
+    read: Vec<u8>,
+    segs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    header: Vec<u8>,
+    batch: batch::GsoBatch,
+}
+
+impl TxBuffers {
+    fn new(mtu: usize, header: usize) -> Self {
+        // A segment is at most one MTU.
+        let segment = (mtu + 64).max(2048);
+        TxBuffers {
+            read: vec![0u8; VIRTIO_NET_HDR_LEN + 65_536],
+            segs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; segment]).collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            header: vec![0u8; header],
+            batch: batch::GsoBatch::new(),
+        }
+    }
+}
+
+/// The receiving thread's buffers, allocated once.
+struct RxBuffers {
+    recv: Vec<u8>,
+    out: Vec<Vec<u8>>,
+    gro: GROTable,
+    split: Vec<Vec<u8>>,
+    split_sizes: Vec<usize>,
+    resplit: Vec<u8>,
+}
+
+impl RxBuffers {
+    fn new(mtu: usize, splits: bool) -> Self {
+        let segment = (mtu + 64).max(2048);
+        let (split, split_sizes) = if splits {
+            ((0..MAX_SPLIT).map(|_| vec![0u8; segment]).collect(), vec![0; MAX_SPLIT])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        RxBuffers {
+            recv: vec![0u8; 65_536],
+            // Coalescing for the device appends a run's segments to its first buffer: room for
+            // a whole super-packet up front, so it never grows on the data path.
+            out: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65_536))
+                .collect(),
+            gro: GROTable::default(),
+            split,
+            split_sizes,
+            resplit: Vec::new(),
+        }
+    }
+}
+
+/// Why a loop stopped for good.
+type Fatal = String;
+
+impl<F: Framing> Queue<F> {
+    /// The device -> underlay thread.
+    fn run_tx(&self) {
+        let c = &self.ctx;
+        let mut chain = WorkerChain::new(c.modules.clone());
+        let mut b = TxBuffers::new(c.mtu, c.framing.header_len());
+        let mut spin = spin::Spin::new(c.spin);
+        loop {
+            let moved = match self.drain_device(&mut chain, &mut b) {
+                Ok(n) => n,
+                Err(why) => return c.stats.fail(why),
+            };
+            if !self.idle(&mut spin, moved, self.tun.as_raw_fd()) {
+                return c
+                    .stats
+                    .fail(format!("TUN device {} failed (was it deleted?)", c.device));
+            }
+        }
+    }
+
+    /// The underlay -> device thread.
+    fn run_rx(&self) {
+        let c = &self.ctx;
+        let mut chain = WorkerChain::new(c.modules.clone());
+        let mut b = RxBuffers::new(c.mtu, c.framing.header_len() > 0);
+        let mut spin = spin::Spin::new(c.spin);
+        let mut failures = Failures::default();
+        loop {
+            let got = match self.drain_underlay(&mut chain, &mut b, &mut failures) {
+                Ok(n) => n,
+                Err(why) => return c.stats.fail(why),
+            };
+            if !self.idle(&mut spin, got, self.rx.fd()) {
+                return c.stats.fail("the underlay socket failed".into());
+            }
+        }
+    }
+
+    /// After a turn that moved `moved` packets: go on at once, spin a little longer, or sleep
+    /// until `fd` is readable. False when `fd` is broken.
+    #[inline]
+    fn idle(&self, spin: &mut spin::Spin, moved: usize, fd: std::os::fd::RawFd) -> bool {
+        let now = Instant::now();
+        if moved > 0 {
+            spin.traffic(now);
+            return true;
+        }
+        if spin.keep_spinning(now) {
+            // Polite: any other runnable thread on this core runs first, so spinning only uses
+            // a core nobody else wants.
+            std::thread::yield_now();
+            return true;
+        }
+        wait_readable(fd).is_ok()
+    }
+
+    /// Reads what the device holds (up to a burst) and sends it; returns how many reads.
+    fn drain_device(&self, chain: &mut WorkerChain, b: &mut TxBuffers) -> Result<usize, Fatal> {
+        let mut reads = 0;
+        while reads < DRAIN_BURST {
+            let n = match self.tun.recv_multiple(&mut b.read, &mut b.segs, &mut b.sizes, 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Not an OS error: `tun-rs` refused one malformed offload read, the device is fine.
+                Err(e) if e.raw_os_error().is_none() => {
+                    self.ctx.stats.dropped(DropReason::Malformed);
+                    continue;
+                }
+                Err(e) => return Err(format!("TUN device {} failed: {e}", self.ctx.device)),
+            };
+            reads += 1;
+            let routes = self.ctx.routes.load();
+            chain.refresh();
+            let now = chain.now_ms();
+            for i in 0..n {
+                let size = b.sizes[i];
+                self.egress(chain, &routes, &mut b.segs[i][..size], &mut b.header, &mut b.batch, now);
+            }
+            chain.flush_stats();
+        }
+        self.flush(&mut b.batch);
+        Ok(reads)
+    }
+
+    /// One packet from a local pod: decided, routed, framed into the batch.
+    #[inline]
+    fn egress(
+        &self,
+        chain: &mut WorkerChain,
+        routes: &RouteTable,
+        seg: &mut [u8],
+        header: &mut [u8],
+        batch: &mut batch::GsoBatch,
+        now: u64,
+    ) {
+        let stats = &self.ctx.stats;
+        let meta = match forward::parse(seg) {
+            Ok(m) => m,
+            Err(reason) => return stats.dropped(reason),
+        };
+        let verdict = chain.decide_parsed(Direction::Egress, &meta, seg, now);
+        if verdict.drop {
+            return stats.dropped(DropReason::Policy);
+        }
+        match forward::outbound_parsed(routes, &meta, seg) {
+            Outbound::Send { peer, len } => {
+                let peer = verdict.via.unwrap_or(peer);
+                if let Err(reason) = self.ctx.framing.write_header(routes, peer, header) {
+                    return stats.dropped(reason);
+                }
+                if !batch.accepts(peer, header.len() + len) {
+                    self.flush(batch);
+                }
+                batch.push_parts(peer, header, &seg[..len]);
+            }
+            Outbound::Reply(icmp, reason) => {
+                stats.dropped(reason);
+                if self.write_back(&icmp) {
+                    stats.icmp_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Outbound::Drop(reason) => stats.dropped(reason),
+        }
+    }
+
+    fn flush(&self, batch: &mut batch::GsoBatch) {
+        if let Some((peer, segment, count, bytes)) = batch.parts() {
+            let stats = &self.ctx.stats;
+            match self.tx.send_run(peer, segment, count, bytes) {
+                Ok(()) => {
+                    if let Some(c) = self.ctx.routes.load().counters(peer) {
+                        c.tx_packets.fetch_add(count as u64, Ordering::Relaxed);
+                        c.tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
+                    stats.tx_packets.fetch_add(count as u64, Ordering::Relaxed);
+                    stats.tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if let Some(c) = stats.queue_tx.get(self.q) {
+                        c.fetch_add(count as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "send failed");
+                    stats.dropped(DropReason::IoError);
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    /// Writes one locally made packet (an ICMP error) into the device.
+    fn write_back(&self, pkt: &[u8]) -> bool {
+        let mut one = [{
+            let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
+            b.extend_from_slice(pkt);
+            b
+        }];
+        self.tun
+            .send_multiple(&mut GROTable::default(), &mut one, VIRTIO_NET_HDR_LEN)
+            .is_ok()
+    }
+
+    /// Receives what the socket holds (up to a burst) and delivers it; returns how many receives.
+    fn drain_underlay(
+        &self,
+        chain: &mut WorkerChain,
+        b: &mut RxBuffers,
+        failures: &mut Failures,
+    ) -> Result<usize, Fatal> {
+        let mut got = 0;
+        while got < RECV_BURST {
+            let (n, from, segment) = match self.rx.recv(&mut b.recv) {
+                Ok(r) => {
+                    failures.reset();
+                    r
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if failures.note(&e) {
+                        return Err(format!("receiving from the underlay socket keeps failing: {e}"));
+                    }
+                    continue;
+                }
+            };
+            got += 1;
+            self.deliver_run(chain, b, n, *from.ip(), segment);
+        }
+        Ok(got)
+    }
+
+    /// Delivers one received run of datagrams (`n` bytes, datagrams of `segment` bytes) from `from`.
+    fn deliver_run(&self, chain: &mut WorkerChain, b: &mut RxBuffers, n: usize, from: Ipv4Addr, segment: usize) {
+        let c = &self.ctx;
+        if n == 0 {
+            return c.stats.dropped(DropReason::Malformed);
+        }
+        let routes = c.routes.load();
+        chain.refresh();
+        let now = chain.now_ms();
+        let relay = chain.relaying();
+        let mut frames = (&mut b.recv[..n], segment);
+        if let Some(f) = c.framing.super_frame(frames.0, segment, c.mtu) {
+            match c
+                .framing
+                .split(frames.0, f, &mut b.split, &mut b.split_sizes, &mut b.resplit)
+            {
+                Some(seg) => frames = (&mut b.resplit[..], seg),
+                None => return c.stats.dropped(DropReason::Malformed),
+            }
+        }
+        let hl = c.framing.header_len();
+        let (mut k, mut delivered, mut bytes) = (0, 0u64, 0u64);
+        for dgram in frames.0.chunks_mut(frames.1.max(1)) {
+            if let Err(reason) = c.framing.open(dgram) {
+                c.stats.dropped(reason);
+                continue;
+            }
+            let inner = &mut dgram[hl..];
+            c.framing.finish(inner);
+            let Some(len) = self.ingress(chain, &routes, from, inner, relay, now) else {
+                continue;
+            };
+            if k == b.out.len() {
+                self.write(&mut b.gro, &mut b.out[..k]);
+                k = 0;
+            }
+            let o = &mut b.out[k];
+            o.clear();
+            o.resize(VIRTIO_NET_HDR_LEN, 0);
+            o.extend_from_slice(&inner[..len]);
+            k += 1;
+            c.stats.received(len);
+            delivered += 1;
+            bytes += len as u64;
+        }
+        if k > 0 {
+            self.write(&mut b.gro, &mut b.out[..k]);
+        }
+        if let Some(p) = routes.counters(from).filter(|_| delivered > 0) {
+            p.rx_packets.fetch_add(delivered, Ordering::Relaxed);
+            p.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if let Some(q) = c.stats.queue_rx.get(self.q) {
+            q.fetch_add(delivered, Ordering::Relaxed);
+        }
+        chain.flush_stats();
+    }
+
+    /// One inner packet from a peer: checked and decided; the length to deliver, if it may enter.
+    #[inline]
+    fn ingress(
+        &self,
+        chain: &mut WorkerChain,
+        routes: &RouteTable,
+        from: Ipv4Addr,
+        inner: &mut [u8],
+        relay: bool,
+        now: u64,
+    ) -> Option<usize> {
+        let stats = &self.ctx.stats;
+        let meta = forward::parse(inner).map_err(|r| stats.dropped(r)).ok()?;
+        match forward::inbound_parsed(routes, from, &meta, inner, relay) {
+            Inbound::Deliver { len } => {
+                if chain.decide_parsed(Direction::Ingress, &meta, &inner[..len], now).drop {
+                    stats.dropped(DropReason::Policy);
+                    return None;
+                }
+                Some(len)
+            }
+            Inbound::Drop(reason) => {
+                stats.dropped(reason);
+                None
+            }
+        }
+    }
+
+    fn write(&self, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+        if let Err(e) = self.tun.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+            tracing::debug!(error = %e, "writing to the TUN device failed");
+            self.ctx.stats.dropped(DropReason::IoError);
+        }
+    }
+}
+
+/// Blocks until `fd` has something to read.
+fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, count 1, for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 {
+            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(std::io::Error::other("the descriptor reported an error"));
+            }
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Tells a passing error (a full buffer, an ICMP error reported on the socket) from a dead
+/// descriptor: only a long unbroken run of errors stops a loop, so it never spins forever.
+#[derive(Default)]
+struct Failures {
+    run: u32,
+}
+
+impl Failures {
+    const LIMIT: u32 = 10_000;
+
+    fn reset(&mut self) {
+        self.run = 0;
+    }
+
+    /// Counts one error; true when the loop should give up.
+    fn note(&mut self, e: &std::io::Error) -> bool {
+        if matches!(e.raw_os_error(), Some(libc::EBADF | libc::EBADFD | libc::ENOTSOCK)) {
+            return true;
+        }
+        self.run += 1;
+        if self.run == 1 {
+            tracing::warn!(error = %e, "underlay socket error");
+        }
+        self.run >= Self::LIMIT
+    }
+}
