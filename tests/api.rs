@@ -53,21 +53,7 @@ impl Api<'_> {
     }
 
     fn upload(&self, n: usize, token: Option<&str>, fields: &[(&str, &[u8])]) -> HttpResponse {
-        let boundary = "weftboundary7d3a";
-        let mut body = Vec::new();
-        for (name, value) in fields {
-            body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes(),
-            );
-            if *name == "wasm" {
-                body.extend_from_slice(b"; filename=\"m.wasm\"\r\nContent-Type: application/wasm");
-            }
-            body.extend_from_slice(b"\r\n\r\n");
-            body.extend_from_slice(value);
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        let ct = format!("multipart/form-data; boundary={boundary}");
+        let (ct, body) = multipart(fields);
         self.req(n, "POST", "/modules", token, Some(&ct), &body)
     }
 }
@@ -441,4 +427,126 @@ fn the_command_line_goes_through_the_api() {
     assert!(err.contains("cannot reach the agent at 127.0.0.1:1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(module(&["rm", "fw"]).expect("rm").contains("removed module fw"));
+}
+
+/// `schema` with every object that lists its properties closed to others: an answer carrying a
+/// field the document does not name disagrees with it as much as a wrong type does.
+fn closed(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(m) => {
+            if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                m.insert("additionalProperties".into(), false.into());
+            }
+            for v in m.values_mut() {
+                closed(v);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(closed),
+        _ => {}
+    }
+}
+
+/// Checks a live answer against the document's schema for `method path` and its status.
+fn conforms(doc: &serde_json::Value, method: &str, path: &str, r: &HttpResponse) {
+    let status = r.status.to_string();
+    let schema = &doc["paths"][path][method]["responses"][&status]["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path}: the document has no {status} answer"
+    );
+    let mut root = schema.clone();
+    root["components"] = doc["components"].clone();
+    closed(&mut root);
+    let v = jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{method} {path}: bad schema: {e}"));
+    let body = json(r);
+    let errors: Vec<String> = v
+        .iter_errors(&body)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status} disagrees with the document:\n{}\n{body}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn live_answers_agree_with_the_openapi_document() {
+    // udp leases publish no backend data (null): the case the document once got wrong.
+    let mut c = TestCluster::new("oas", StoreKind::Embedded, 2);
+    c.up(1);
+    let token = c.lab.admin_token().expect("token");
+    let api = Api { c: &c, token };
+    let tok = Some(api.token.as_str());
+    let doc = json(&api.get(1, "/openapi.json"));
+    let fw = std::fs::read(policy_wasm("firewall")).expect("firewall.wasm");
+    let cfg = br#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    let up = api.upload(1, tok, &[("name", b"fw"), ("wasm", &fw), ("config", cfg)]);
+    conforms(&doc, "post", "/modules", &up);
+    assert!(eventually(Duration::from_secs(15), || json(&api.get(1, "/modules/fw"))
+        ["nodes"]
+        .as_array()
+        .is_some_and(|n| n.len() == 2)));
+    let (src, _) = c.pod(1, 1);
+    let (dst_ns, dst) = c.pod(2, 1);
+    assert!(!tcp_connects(&src, &dst_ns, dst, 7777));
+    let key = json(&api.get(1, "/leases"))[0]["key"]
+        .as_str()
+        .expect("a key")
+        .to_string();
+    for (path, route) in [
+        ("/leases".to_string(), "/leases"),
+        ("/leases?limit=1".to_string(), "/leases"),
+        (format!("/leases/{key}"), "/leases/{subnet}"),
+        ("/leases/10.9.0.0-24".to_string(), "/leases/{subnet}"),
+        ("/leases?expiring_within=9223372036854775808".to_string(), "/leases"),
+        ("/leases?expiring_within=315360001".to_string(), "/leases"),
+        ("/leases?limit=0".to_string(), "/leases"),
+        ("/config".to_string(), "/config"),
+        ("/nodes".to_string(), "/nodes"),
+        ("/stats".to_string(), "/stats"),
+        ("/modules".to_string(), "/modules"),
+        ("/modules/fw".to_string(), "/modules/{name}"),
+        ("/modules/none".to_string(), "/modules/{name}"),
+        ("/decisions".to_string(), "/decisions"),
+        ("/decisions?limit=0".to_string(), "/decisions"),
+    ] {
+        conforms(&doc, "get", route, &api.get(1, &path));
+    }
+    let leases = json(&api.get(1, "/leases"));
+    assert!(
+        leases
+            .as_array()
+            .is_some_and(|a| a.iter().all(|l| l["backend_data"].is_null())),
+        "{leases}"
+    );
+    let decisions = json(&api.get(1, "/decisions"));
+    assert!(decisions.as_array().is_some_and(|a| !a.is_empty()), "{decisions}");
+    let patch = api.req(
+        1,
+        "PATCH",
+        "/modules/fw",
+        tok,
+        Some("application/json"),
+        br#"{"mode":"dry_run"}"#,
+    );
+    conforms(&doc, "patch", "/modules/{name}", &patch);
+    let bad = api.req(
+        1,
+        "PATCH",
+        "/modules/fw",
+        tok,
+        Some("application/json"),
+        br#"{"failure":"sometimes"}"#,
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    conforms(&doc, "patch", "/modules/{name}", &bad);
+    let schema = &doc["components"]["schemas"];
+    assert_eq!(
+        schema["Mode"]["enum"],
+        serde_json::json!(["enforce", "dry_run"]),
+        "{}",
+        schema["Mode"]
+    );
+    assert_eq!(schema["FailurePolicy"]["enum"], serde_json::json!(["closed", "open"]));
 }

@@ -69,6 +69,35 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     one.type_into("#upload input[name=name]", "audit");
     one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
     one.type_into("#upload textarea[name=config]", r#"{"one_in":5}"#);
+    // Signed (nodes here trust no keys, so it is shown, not required).
+    let key = c.tmp.path().join("ui.key");
+    let sig = c.tmp.path().join("audit.sig");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(weft_bin())
+            .args(args)
+            .output()
+            .expect("weft");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["module", "keygen", "--out", &key.display().to_string()]);
+    let audit = policy_wasm("audit").display().to_string();
+    run(&[
+        "module",
+        "sign",
+        &audit,
+        "--config-json",
+        r#"{"one_in":5}"#,
+        "--key",
+        &key.display().to_string(),
+        "--out",
+        &sig.display().to_string(),
+    ]);
+    let key_id = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&sig).expect("sig")).expect("json")
+        ["key_id"]
+        .as_str()
+        .expect("key id")
+        .to_string();
+    one.type_into("#upload input[name=signature]", &sig.display().to_string());
     one.click("#upload button[type=submit]");
     let listed = "return !!document.querySelector('#modules tbody tr[data-module=audit]')";
     assert!(
@@ -79,6 +108,14 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     assert!(
         two.wait_for(listed, Duration::from_secs(15)),
         "node 2's dashboard never showed the module"
+    );
+    let row = two.eval(
+        "return document.querySelector('#modules tbody tr[data-module=audit]').textContent",
+        json!([]),
+    );
+    assert!(
+        row.as_str().is_some_and(|r| r.contains(&key_id)),
+        "signer not shown: {row}"
     );
     // And it really is stored for the cluster.
     let r = c.lab.http_get(3, "/api/v1/modules/audit").expect("api");

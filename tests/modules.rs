@@ -326,6 +326,7 @@ fn hostile_modules_are_refused_or_contained_and_traffic_flows() {
             .weft_module(1, &["add", name, path, "--config-json", "{\"nope\":1}"])
             .expect_err(name);
         assert!(err.contains(needle), "{name}: wanted {needle:?} in {err}");
+        assert_eq!(err.matches(needle).count(), 1, "{name}: the reason once: {err}");
         assert_eq!(err.matches("weft: error:").count(), 1, "one error line: {err}");
     }
     let err = c

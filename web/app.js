@@ -180,7 +180,7 @@ function renderModules() {
     const loaded = m.nodes.filter((n) => n.state === "loaded").length;
     const v = Object.entries(m.metrics.verdicts).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`).join(", ");
     tr.append(td(String(m.order)), td(m.name, true), td(m.mode), td(m.failure), td(`${loaded}/${m.nodes.length}`),
-      td(String(m.metrics.calls)), td(v || "-"));
+      td(m.signed_by || "unsigned"), td(String(m.metrics.calls)), td(v || "-"));
     const actions = document.createElement("td");
     const btn = (label, fn) => { const b = document.createElement("button"); b.textContent = label; b.onclick = fn; actions.appendChild(b); };
     btn(m.mode === "enforce" ? "dry-run" : "enforce", () => act("PATCH", m.name, { mode: m.mode === "enforce" ? "dry_run" : "enforce" }));

@@ -136,7 +136,11 @@ fn data_path(opts: &AgentOptions, config: &NetworkConfig, underlay: &iface::Unde
     };
     // One route table for the data path, the modules' lease view and the API.
     let routes = SharedRoutes::new(config.network, config.subnet_len);
-    let modules = Pipeline::new(wasm::Runtime::new(opts.module_limits)?, underlay.addr, routes.cell());
+    let modules = Pipeline::new(
+        wasm::Runtime::new(opts.module_limits.clone())?,
+        underlay.addr,
+        routes.cell(),
+    )?;
     let backend = backend::create(config, &node, modules.clone(), routes)?;
     Ok(DataPath { backend, modules, node })
 }

@@ -23,3 +23,6 @@ pub mod subnet;
 pub mod subnet_file;
 pub mod tunnel;
 pub mod wasm;
+
+#[cfg(test)]
+mod fuzz;

@@ -170,4 +170,5 @@ for t in udp vxu; do
   printf '%-40s %25s\n' "agents' CPU, $t (% of a core: idle/TCP)" "$(echo ${R[$t-cpu]} | tr ' ' '\n' | tail -1)"
 done
 echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"
-for k in "${!R[@]}"; do [[ -n "${R[$k]}" ]] && echo "runs $k:${R[$k]}"; done | sort
+# (if, not &&: a last empty row must not fail the pipeline under pipefail)
+for k in "${!R[@]}"; do if [[ -n "${R[$k]}" ]]; then echo "runs $k:${R[$k]}"; fi; done | sort

@@ -40,7 +40,8 @@ fn pipeline(with_module: bool) -> Arc<Pipeline> {
         Runtime::new(Limits::default()).unwrap(),
         Ipv4Addr::new(198, 18, 0, 1),
         cell,
-    );
+    )
+    .unwrap();
     p.set_own("10.244.1.0/24".parse().unwrap());
     if with_module {
         let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();

@@ -933,3 +933,62 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
     v[i.min(v.len() - 1)]
 }
+
+/// A module of `functions` empty functions that each declare `locals` i32 locals: the shape of
+/// a compile bomb (compile time grows with both) when both are large, and of a module that is
+/// costly but within limits when they are not. It has no exports, so it is refused after
+/// compiling when it gets that far.
+pub fn empty_functions_wasm(functions: u32, locals: u32) -> Vec<u8> {
+    use wasm_encoder::{CodeSection, Function, FunctionSection, Instruction, Module, TypeSection, ValType};
+    let mut types = TypeSection::new();
+    types.ty().function([], []);
+    let mut funcs = FunctionSection::new();
+    let mut code = CodeSection::new();
+    for _ in 0..functions {
+        funcs.function(0);
+        let mut f = Function::new([(locals, ValType::I32)]);
+        f.instruction(&Instruction::End);
+        code.function(&f);
+    }
+    let mut m = Module::new();
+    m.section(&types).section(&funcs).section(&code);
+    m.finish()
+}
+
+/// A `multipart/form-data` body of `fields` (the `wasm` field as a file), as the dashboard and
+/// `weft module add --server` upload modules: (content type, body).
+pub fn multipart(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "weftboundary7d3a";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes());
+        if *name == "wasm" {
+            body.extend_from_slice(b"; filename=\"m.wasm\"\r\nContent-Type: application/wasm");
+        }
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// POSTs a module upload (see [`multipart`]) to node `n`'s API.
+pub fn upload_module(
+    c: &TestCluster,
+    n: usize,
+    token: &str,
+    fields: &[(&str, &[u8])],
+) -> weft::lab::cluster::HttpResponse {
+    let (ct, body) = multipart(fields);
+    let auth = format!("Bearer {token}");
+    c.lab
+        .http(
+            n,
+            "POST",
+            "/api/v1/modules",
+            &[("Authorization", &auth), ("Content-Type", &ct)],
+            &body,
+        )
+        .unwrap_or_else(|e| panic!("upload to node {n}: {e}"))
+}

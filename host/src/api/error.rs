@@ -122,9 +122,17 @@ impl From<crate::wasm::registry::RegistryError> for ApiError {
             R::Exists(_) => ApiError::Conflict(e.to_string()),
             R::NotFound(_) => ApiError::NotFound(e.to_string()),
             R::Module {
-                source: crate::wasm::WasmError::TooLarge { .. },
+                error: crate::wasm::WasmError::TooLarge { .. },
                 ..
             } => ApiError::TooLarge(e.to_string()),
+            // Too many compiles at once is the agent's state, not the module's fault: retry.
+            R::Module {
+                error:
+                    crate::wasm::WasmError::Pool(
+                        crate::wasm::pool::PoolError::Busy(_) | crate::wasm::pool::PoolError::Stopped,
+                    ),
+                ..
+            } => ApiError::Unavailable(e.to_string()),
             R::Module { .. } | R::Invalid(_) => ApiError::BadRequest(e.to_string()),
         }
     }

@@ -9,7 +9,7 @@ use axum::Json;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::views::{ModuleMetrics, ModulePatch, ModuleView};
+use super::views::{Mode, ModuleMetrics, ModulePatch, ModuleView};
 use super::ApiState;
 use crate::wasm::chain::clock_ms;
 use crate::wasm::registry::{self, Changes};
@@ -69,6 +69,8 @@ pub struct UploadForm {
     mode: Option<String>,
     /// `closed` (default) or `open`.
     failure: Option<String>,
+    /// The signature file `weft module sign` wrote (JSON), for nodes that only run signed modules.
+    signature: Option<String>,
 }
 
 fn failure(v: &str) -> Result<FailurePolicy, ApiError> {
@@ -104,7 +106,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 #[utoipa::path(post, path = "/modules", tag = "modules",
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, body = ModuleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn upload(
     State(s): State<Arc<ApiState>>,
@@ -112,7 +114,7 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<ModuleView>), ApiError> {
     let mut form = form.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (mut name, mut wasm, mut config) = (None, None, String::new());
-    let (mut order, mut mode, mut fail) = (0, false, FailurePolicy::Closed);
+    let (mut order, mut mode, mut fail, mut signature) = (0, false, FailurePolicy::Closed, None);
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         let key = field.name().unwrap_or_default().to_string();
         let bytes = field.bytes().await.map_err(multipart_error)?;
@@ -130,6 +132,14 @@ pub async fn upload(
             }
             "mode" => mode = dry_run(text()?.trim())?,
             "failure" => fail = failure(text()?.trim())?,
+            // A form's file input left empty still sends the field, with nothing in it.
+            "signature" if bytes.iter().all(u8::is_ascii_whitespace) => {}
+            "signature" => {
+                signature = Some(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| ApiError::BadRequest(format!("signature is not a signature file: {e}")))?,
+                )
+            }
             other => return Err(ApiError::BadRequest(format!("unknown form field {other:?}"))),
         }
     }
@@ -139,6 +149,7 @@ pub async fn upload(
     spec.order = order;
     spec.dry_run = mode;
     spec.failure = fail;
+    spec.signature = signature;
     let rt = s.agent.modules.runtime().clone();
     let store = s.store.clone();
     registry::add(store.as_ref(), &rt, spec).await?;
@@ -150,7 +161,7 @@ pub async fn upload(
 #[utoipa::path(patch, path = "/modules/{name}", tag = "modules", params(("name" = String, Path)),
     request_body = ModulePatch,
     responses((status = 200, body = ModuleView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody)),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn patch(
     State(s): State<Arc<ApiState>>,
@@ -172,8 +183,9 @@ pub async fn patch(
         wasm,
         config: p.config,
         order: p.order,
-        failure: p.failure.as_deref().map(failure).transpose()?,
-        dry_run: p.mode.as_deref().map(dry_run).transpose()?,
+        failure: p.failure,
+        dry_run: p.mode.map(|m| m == Mode::DryRun),
+        signature: p.signature,
     };
     let rt = s.agent.modules.runtime().clone();
     registry::set(s.store.as_ref(), &rt, &name, changes).await?;
@@ -188,6 +200,7 @@ pub struct TraceFilter {
     /// Only this module's decisions.
     pub module: Option<String>,
     /// At most this many, newest first (default 100).
+    #[param(minimum = 1, maximum = 10_000)]
     pub limit: Option<usize>,
 }
 
@@ -199,6 +212,9 @@ pub async fn decisions(
     q: Result<axum::extract::Query<TraceFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<crate::wasm::stats::TraceEntry>>, ApiError> {
     let axum::extract::Query(f) = q?;
+    if f.limit.is_some_and(|l| l == 0 || l > 10_000) {
+        return Err(ApiError::BadRequest("limit must be 1..=10000".into()));
+    }
     let mut all: Vec<_> = s
         .agent
         .modules

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::lease::Lease;
-use crate::wasm::spec::{ModuleSpec, ModuleStatus, NodeStatus};
+use crate::wasm::signature::Signature;
+use crate::wasm::spec::{FailurePolicy, ModuleSpec, ModuleStatus, NodeStatus};
 use crate::wasm::stats::{ModuleStats, VerdictKind};
 
 fn unix(t: SystemTime) -> u64 {
@@ -36,7 +37,8 @@ pub struct LeaseView {
     /// The owner's backend.
     pub backend_type: String,
     /// The owner's backend data (flannel's `BackendData`).
-    #[schema(value_type = Object)]
+    /// (Null for backends that publish none, as flannel's `udp`.)
+    #[schema(value_type = Option<Object>)]
     pub backend_data: serde_json::Value,
     /// Expiry, seconds since the epoch.
     pub expires_at: u64,
@@ -100,10 +102,20 @@ pub struct ModuleStatusView {
     pub name: String,
     /// sha256 of the code loaded.
     pub sha256: String,
-    /// `loaded` or `failed`.
-    pub state: String,
+    /// Whether it loaded.
+    pub state: LoadState,
     /// Why loading failed.
     pub error: Option<String>,
+}
+
+/// Whether a node runs a module's code or its failure policy in its place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadState {
+    /// Compiled, configured and in the chain.
+    Loaded,
+    /// Could not load; its failure policy decides in its place.
+    Failed,
 }
 
 impl ModuleStatusView {
@@ -112,7 +124,11 @@ impl ModuleStatusView {
         ModuleStatusView {
             name: m.name.clone(),
             sha256: m.sha256.clone(),
-            state: m.state.clone(),
+            state: if m.state == "loaded" {
+                LoadState::Loaded
+            } else {
+                LoadState::Failed
+            },
             error: m.error.clone(),
         }
     }
@@ -174,12 +190,14 @@ pub struct ModuleView {
     pub size: usize,
     /// Place in the chain (lower first).
     pub order: i32,
-    /// `enforce` or `dry_run`.
-    pub mode: String,
-    /// `closed` or `open`.
-    pub failure: String,
+    /// Whether its drops are enforced.
+    pub mode: Mode,
+    /// What its failures mean.
+    pub failure: FailurePolicy,
     /// Config text.
     pub config: String,
+    /// Id of the key it is signed with (verified by every node that trusts keys), if signed.
+    pub signed_by: Option<String>,
     /// Each node's report on this module.
     pub nodes: Vec<ModuleStatusView>,
     /// Counters on the answering node.
@@ -194,9 +212,10 @@ impl ModuleView {
             sha256: s.sha256.clone(),
             size: s.wasm.len() / 4 * 3,
             order: s.order,
-            mode: if s.dry_run { "dry_run" } else { "enforce" }.into(),
-            failure: format!("{:?}", s.failure).to_lowercase(),
+            mode: Mode::of(s.dry_run),
+            failure: s.failure,
             config: s.config.clone(),
+            signed_by: s.signature.as_ref().map(|g| g.key_id.clone()),
             nodes: nodes
                 .iter()
                 .filter_map(|n| {
@@ -217,14 +236,38 @@ impl ModuleView {
 pub struct ModulePatch {
     /// New place in the chain.
     pub order: Option<i32>,
-    /// `enforce` or `dry_run`.
-    pub mode: Option<String>,
-    /// `closed` or `open`.
-    pub failure: Option<String>,
+    /// New mode.
+    pub mode: Option<Mode>,
+    /// New failure policy.
+    pub failure: Option<FailurePolicy>,
     /// New config text.
     pub config: Option<String>,
     /// New code, base64: a hot swap (checked as an upload is, then loaded by every node).
     pub wasm_base64: Option<String>,
+    /// Signature of the code and config after the change (as `weft module sign` writes it);
+    /// changing either without one leaves the module unsigned.
+    pub signature: Option<Signature>,
+}
+
+/// Whether a module's drops are enforced (`enforce`) or only counted (`dry_run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Drops are enforced.
+    Enforce,
+    /// Drops are counted and traced, never enforced.
+    DryRun,
+}
+
+impl Mode {
+    /// The mode of a module whose dry-run flag is `dry_run`.
+    pub fn of(dry_run: bool) -> Mode {
+        if dry_run {
+            Mode::DryRun
+        } else {
+            Mode::Enforce
+        }
+    }
 }
 
 /// Traffic with one peer node, from the answering node.

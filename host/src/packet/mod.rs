@@ -292,6 +292,54 @@ pub fn build_ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, ttl: u8, payload: 
     p
 }
 
+/// The transport checksum of `segment` (its checksum field zeroed) over the IPv4 pseudo-header.
+fn transport_checksum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, protocol]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
+}
+
+/// Builds an IPv4/TCP segment with `flags` (e.g. [`tcp_flag::SYN`]) and correct checksums (for
+/// probes and the offline test bench).
+pub fn build_tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, ttl: u8, data: &[u8]) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20 + data.len()];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp[20..].copy_from_slice(data);
+    let c = transport_checksum(src, dst, 6, &tcp);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    build_ipv4(src, dst, 6, ttl, &tcp)
+}
+
+/// TCP flag bits.
+pub mod tcp_flag {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// Builds an ICMP echo request (for probes and the offline test bench).
+pub fn build_icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16, ttl: u8) -> Vec<u8> {
+    let mut icmp = vec![8u8, 0, 0, 0, 0, 0, 0, 0];
+    icmp[4..6].copy_from_slice(&id.to_be_bytes());
+    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    build_ipv4(src, dst, 1, ttl, &icmp)
+}
+
 /// Builds an IPv4/UDP packet with a correct UDP checksum (for tests and probes).
 pub fn build_udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8, data: &[u8]) -> Vec<u8> {
     let ulen = 8 + data.len();
@@ -300,13 +348,7 @@ pub fn build_udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8, 
     udp[2..4].copy_from_slice(&dport.to_be_bytes());
     udp[4..6].copy_from_slice(&(ulen as u16).to_be_bytes());
     udp[8..].copy_from_slice(data);
-    let mut pseudo = Vec::with_capacity(12 + ulen);
-    pseudo.extend_from_slice(&src.octets());
-    pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(ulen as u16).to_be_bytes());
-    pseudo.extend_from_slice(&udp);
-    let c = match checksum(&pseudo) {
+    let c = match transport_checksum(src, dst, 17, &udp) {
         0 => 0xffff,
         c => c,
     };

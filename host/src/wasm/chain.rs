@@ -22,6 +22,9 @@ use super::WasmError;
 
 /// Flows a worker's cache holds at most.
 pub const CACHE_CAPACITY: usize = 65_536;
+/// How long a flow decided while its module had no instance ready keeps that verdict.
+const NOT_READY_TTL_MS: Ttl = 50;
+
 /// One module call in this many is timed (the clock costs a third of a cheap call).
 const TIMED_EVERY: u64 = 16;
 /// Decisions a worker adds to the trace per millisecond, at most.
@@ -45,10 +48,16 @@ pub struct LoadedModule {
     pub dry_run: bool,
     /// The configured place in the chain (lower runs first).
     pub order: i32,
+    /// The signature stored with it.
+    pub signature: Option<super::signature::Signature>,
+    /// The trusted key its signature verified with (none when this node trusts no keys).
+    pub signed_by: Option<String>,
     /// The compiled code, or why there is none.
     pub compiled: Result<Arc<Compiled>, WasmError>,
     /// Counters.
     pub stats: Arc<ModuleStats>,
+    /// Instances prepared for the workers to take.
+    pub spares: super::spares::Spares,
 }
 
 impl LoadedModule {
@@ -69,6 +78,7 @@ impl LoadedModule {
             && self.failure == s.failure
             && self.dry_run == s.dry_run
             && self.order == s.order
+            && self.signature == s.signature
     }
 }
 
@@ -94,6 +104,7 @@ impl Chain {
 /// The node's chain and what every worker shares: the runtime, the lease view and counters.
 pub struct Pipeline {
     runtime: Arc<Runtime>,
+    preparer: super::spares::Preparer,
     chain: ArcSwap<Chain>,
     generation: AtomicU64,
     leases: Arc<Leases>,
@@ -109,9 +120,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// An empty chain for the node at `local`, whose modules see the leases in `leases` (the
     /// node's route table, this node's subnet included).
-    pub fn new(runtime: Arc<Runtime>, local: Ipv4Addr, leases: Arc<Leases>) -> Arc<Pipeline> {
-        Arc::new(Pipeline {
+    pub fn new(runtime: Arc<Runtime>, local: Ipv4Addr, leases: Arc<Leases>) -> Result<Arc<Pipeline>, WasmError> {
+        let preparer = super::spares::Preparer::start(runtime.clone(), leases.clone())
+            .map_err(|e| WasmError::Engine(format!("cannot start the instance preparer: {e}")))?;
+        Ok(Arc::new(Pipeline {
             runtime,
+            preparer,
             chain: ArcSwap::from_pointee(Chain {
                 generation: 1,
                 modules: Vec::new(),
@@ -124,7 +138,7 @@ impl Pipeline {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             bad_via: AtomicU64::new(0),
-        })
+        }))
     }
 
     /// The runtime.
@@ -180,42 +194,7 @@ impl Pipeline {
                 modules.push(m.clone());
                 continue;
             }
-            let stats = self
-                .stats
-                .lock()
-                .map(|mut m| m.entry(s.name.clone()).or_default().clone())
-                .unwrap_or_default();
-            let compiled = s.code().and_then(|wasm| {
-                let c = self.runtime.compile(&wasm)?;
-                // Configure one instance now, so a config the module rejects is reported here
-                // instead of failing on the data path.
-                let ctx = HostCtx::new(
-                    &self.runtime,
-                    s.name.as_str().into(),
-                    stats.clone(),
-                    self.leases.clone(),
-                );
-                Instance::new(&self.runtime, &c, ctx, s.config.as_bytes())?;
-                Ok(c)
-            });
-            match &compiled {
-                Ok(_) => {
-                    tracing::info!(module = %s.name, sha256 = %s.sha256, order = s.order, failure = ?s.failure, dry_run = s.dry_run, "module loaded")
-                }
-                Err(e) => {
-                    tracing::error!(module = %s.name, sha256 = %s.sha256, error = %e, failure = ?s.failure, "module failed to load; its failure policy stands in for it")
-                }
-            }
-            modules.push(Arc::new(LoadedModule {
-                name: s.name.as_str().into(),
-                sha256: s.sha256.clone(),
-                config: s.config.clone().into_bytes(),
-                failure: s.failure,
-                dry_run: s.dry_run,
-                order: s.order,
-                compiled,
-                stats,
-            }));
+            modules.push(Arc::new(self.load_one(s)));
         }
         let statuses = modules
             .iter()
@@ -243,6 +222,59 @@ impl Pipeline {
         }
         statuses
     }
+
+    /// Verifies, compiles and configures one module, and prepares every worker's instance of
+    /// it; a module that fails any step stands in the chain for its failure policy.
+    fn load_one(&self, s: &ModuleSpec) -> LoadedModule {
+        let stats = self
+            .stats
+            .lock()
+            .map(|mut m| m.entry(s.name.clone()).or_default().clone())
+            .unwrap_or_default();
+        let mut first = None;
+        let mut signed_by = None;
+        let compiled = s.code().and_then(|wasm| {
+            signed_by = self.runtime.verify(&wasm, s.config.as_bytes(), s.signature.as_ref())?;
+            let c = self.runtime.compile(&wasm)?;
+            // Configure one instance now, so a config the module rejects is reported here
+            // instead of failing on the data path; it becomes the first spare.
+            let ctx = HostCtx::new(
+                &self.runtime,
+                s.name.as_str().into(),
+                stats.clone(),
+                self.leases.clone(),
+            );
+            first = Some(Instance::new(&self.runtime, &c, ctx, s.config.as_bytes())?);
+            Ok(c)
+        });
+        match &compiled {
+            Ok(_) => {
+                tracing::info!(module = %s.name, sha256 = %s.sha256, order = s.order, failure = ?s.failure, dry_run = s.dry_run, signed_by = ?signed_by, "module loaded")
+            }
+            Err(e) => {
+                tracing::error!(module = %s.name, sha256 = %s.sha256, error = %e, failure = ?s.failure, "module failed to load; its failure policy stands in for it")
+            }
+        }
+        let lm = LoadedModule {
+            name: s.name.as_str().into(),
+            sha256: s.sha256.clone(),
+            config: s.config.clone().into_bytes(),
+            failure: s.failure,
+            dry_run: s.dry_run,
+            order: s.order,
+            signature: s.signature.clone(),
+            signed_by,
+            compiled,
+            stats,
+            spares: Default::default(),
+        };
+        if let Some(i) = first {
+            lm.spares.put(i);
+        }
+        // Every worker finds its instance ready when the chain is swapped in.
+        self.preparer.fill_now(&self.runtime, &self.leases, &lm);
+        lm
+    }
 }
 
 /// A worker's view of the chain: its own instances, cache and record buffer.
@@ -268,9 +300,16 @@ fn cache_ms(c: u16) -> Ttl {
     }
 }
 
+impl Drop for WorkerChain {
+    fn drop(&mut self) {
+        self.pipeline.preparer.worker(false);
+    }
+}
+
 impl WorkerChain {
     /// A worker's chain over `pipeline`.
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        pipeline.preparer.worker(true);
         let chain = pipeline.chain();
         let instances = chain.modules.iter().map(|_| None).collect();
         WorkerChain {
@@ -371,6 +410,19 @@ impl WorkerChain {
                 v
             }
         }
+    }
+
+    /// Decides `pkt` afresh, past the cache and whichever subnet is this node's, and says what
+    /// each module said: the offline test bench's question.
+    pub fn explain(&mut self, dir: Direction, pkt: &[u8], now_ms: u64) -> (Verdict, Vec<Trail>) {
+        self.refresh();
+        let Ok(m) = crate::packet::parse_ipv4(pkt) else {
+            return (Verdict::PASS, Vec::new());
+        };
+        let chain = self.chain.clone();
+        let mut trail = Vec::new();
+        let (v, _) = self.decide_all(&chain, &m, dir, false, pkt, now_ms, &mut trail);
+        (v, trail)
     }
 
     /// Publishes this worker's hit and miss counts; called once per batch.
@@ -523,16 +575,15 @@ impl WorkerChain {
         if lm.stats.quarantined(now_ms) {
             return Err(CallError::Trap("quarantined".into()));
         }
+        let _ = compiled;
         if self.instances[i].is_none() {
-            let rt = self.pipeline.runtime.clone();
-            let ctx = HostCtx::new(&rt, lm.name.clone(), lm.stats.clone(), self.pipeline.leases.clone());
-            match Instance::new(&rt, compiled, ctx, &lm.config) {
-                Ok(inst) => self.instances[i] = Some(inst),
-                Err(e) => {
-                    self.failed(lm, now_ms);
-                    return Err(CallError::Trap(format!("instantiation failed: {e}")));
-                }
-            }
+            // Never made here: taken ready, and the preparer makes the next.
+            let Some(inst) = lm.spares.take() else {
+                self.pipeline.preparer.refill(&self.chain.modules[i], false);
+                return Err(CallError::NotReady);
+            };
+            self.instances[i] = Some(inst);
+            self.pipeline.preparer.refill(&self.chain.modules[i], false);
         }
         let Some(inst) = self.instances[i].as_mut() else {
             return Err(CallError::Missing);
@@ -564,6 +615,7 @@ impl WorkerChain {
                     tracing::warn!(module = %lm.name, sha256 = %lm.sha256, entry = ?entry, error = %e, "module call failed");
                 }
                 self.instances[i] = None;
+                self.pipeline.preparer.refill(&self.chain.modules[i], true);
                 self.failed(lm, now_ms);
             }
         }
@@ -582,7 +634,13 @@ impl WorkerChain {
 /// flow is to be dropped. The verdict stands for at most [`FAILURE_TTL_MS`].
 fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, ttl: &mut Ttl, trail: &mut Vec<Trail>) -> bool {
     lm.stats.verdict(VerdictKind::Failure);
-    *ttl = (*ttl).min(FAILURE_TTL_MS);
+    // A module with no instance ready yet is asked again soon, once one is.
+    let stands = if *e == CallError::NotReady {
+        NOT_READY_TTL_MS
+    } else {
+        FAILURE_TTL_MS
+    };
+    *ttl = (*ttl).min(stands);
     tracing::debug!(module = %lm.name, error = %e, "call failed; the failure policy decides");
     let dropped = lm.failure == FailurePolicy::Closed && !lm.dry_run;
     let why = e.to_string().into_boxed_str();
@@ -591,7 +649,7 @@ fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, ttl: &mut Ttl, trai
 }
 
 /// What one module (by its place in the chain) said about a flow, for the decision trace.
-type Trail = (usize, VerdictKind, TraceReason);
+pub type Trail = (usize, VerdictKind, TraceReason);
 
 /// Milliseconds since the epoch at the moment the process clock read `now_ms`.
 fn unix_ms(now_ms: u64) -> u64 {

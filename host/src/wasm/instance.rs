@@ -25,6 +25,10 @@ pub struct HostCtx {
     stats: Arc<ModuleStats>,
     leases: Arc<Leases>,
     counters: Vec<Arc<AtomicI64>>,
+    /// When the running call (or instantiation) must end: the epoch only says a deadline may
+    /// have passed (the ticker catches up in bursts after being held off the CPU); this says
+    /// whether it has.
+    ends: Instant,
 }
 
 impl HostCtx {
@@ -42,8 +46,20 @@ impl HostCtx {
             stats,
             leases,
             counters: Vec::new(),
+            ends: Instant::now(),
         }
     }
+}
+
+/// Called when the epoch reaches a store's deadline: interrupts the call if its time is really
+/// up, or gives it another tick. So a burst of catch-up ticks never cuts a call short, and a
+/// call ends within a tick of its deadline once the ticker runs.
+fn on_deadline(ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    Ok(if Instant::now() >= ctx.data().ends {
+        wasmtime::UpdateDeadline::Interrupt
+    } else {
+        wasmtime::UpdateDeadline::Continue(1)
+    })
 }
 
 fn epoch_base() -> Instant {
@@ -151,6 +167,9 @@ pub enum CallError {
     /// The module does not export that entry point.
     #[error("does not export that decision")]
     Missing,
+    /// No instance is ready yet (one is being prepared off the data path).
+    #[error("no instance ready yet")]
+    NotReady,
 }
 
 fn call_error(e: wasmtime::Error) -> CallError {
@@ -168,10 +187,12 @@ pub struct Instance {
     policy: Option<TypedFunc<(), i64>>,
     route: Option<TypedFunc<(), i64>>,
     deadline_ticks: u64,
+    deadline: std::time::Duration,
 }
 
+/// Epoch ticks until `on_deadline` first looks at the clock.
 fn ticks(d: std::time::Duration) -> u64 {
-    (d.as_nanos() / TICK.as_nanos()).max(1) as u64 + 1
+    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
 }
 
 impl Instance {
@@ -180,6 +201,8 @@ impl Instance {
         rt.calling(super::chain::clock_ms());
         let mut store = Store::new(rt.engine(), ctx);
         store.limiter(|c| &mut c.limits);
+        store.epoch_deadline_callback(on_deadline);
+        store.data_mut().ends = Instant::now() + rt.limits().configure_deadline;
         store.set_epoch_deadline(ticks(rt.limits().configure_deadline));
         let during = |what: &'static str| move |e: wasmtime::Error| WasmError::Failed(what, call_error(e));
         let inst = c
@@ -248,6 +271,7 @@ impl Instance {
             policy,
             route,
             deadline_ticks: ticks(rt.limits().call_deadline),
+            deadline: rt.limits().call_deadline,
         })
     }
 
@@ -265,6 +289,7 @@ impl Instance {
             .get_mut(self.flow_ptr..self.flow_ptr + RECORD_SIZE)
             .ok_or_else(|| CallError::Trap("flow buffer outside memory".into()))?;
         dst.copy_from_slice(record);
+        self.store.data_mut().ends = Instant::now() + self.deadline;
         self.store.set_epoch_deadline(self.deadline_ticks);
         let v = f.call(&mut self.store, ()).map_err(call_error)?;
         let w = Word::unpack(v).ok_or(CallError::BadVerdict(v))?;

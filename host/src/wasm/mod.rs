@@ -8,8 +8,13 @@ pub mod cache;
 pub mod chain;
 pub mod flow;
 pub mod instance;
+pub mod pool;
 pub mod registry;
+pub mod replay;
 pub mod runtime;
+pub mod shape;
+pub mod signature;
+pub mod spares;
 pub mod spec;
 pub mod stats;
 
@@ -29,6 +34,12 @@ pub enum WasmError {
     TooLarge { size: usize, limit: usize },
     #[error("not a WebAssembly module (no \\0asm header)")]
     NotWasm,
+    #[error("{0}")]
+    Shape(shape::ShapeError),
+    #[error("{0}")]
+    Pool(pool::PoolError),
+    #[error("{0}")]
+    Untrusted(signature::SignatureError),
     #[error("invalid WebAssembly: {0}")]
     Invalid(String),
     #[error("imports {module}.{name}, which Weft does not provide (allowed: weft.log, weft.now_ns, weft.counter, weft.counter_add, weft.lease_owner)")]

@@ -14,8 +14,9 @@ use crate::lease::{Doc, DocKind, LeaseStore, StoreError};
 pub enum RegistryError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("module {name}: {source}")]
-    Module { name: String, source: WasmError },
+    /// (The error is shown, not chained: a chain would print it twice.)
+    #[error("module {name}: {error}")]
+    Module { name: String, error: WasmError },
     #[error("module {0} already exists (use `weft module set` to change it)")]
     Exists(String),
     #[error("no module named {0}")]
@@ -37,6 +38,8 @@ pub struct Changes {
     pub failure: Option<FailurePolicy>,
     /// New dry-run setting.
     pub dry_run: Option<bool>,
+    /// A signature for the code and config after the change.
+    pub signature: Option<super::signature::Signature>,
 }
 
 async fn get(store: &dyn LeaseStore, name: &str) -> Result<Option<ModuleSpec>, RegistryError> {
@@ -44,40 +47,60 @@ async fn get(store: &dyn LeaseStore, name: &str) -> Result<Option<ModuleSpec>, R
     docs.into_iter()
         .find(|d| d.name == name)
         .map(|d| {
-            ModuleSpec::from_json(&d.value).map_err(|source| RegistryError::Module {
+            ModuleSpec::from_json(&d.value).map_err(|error| RegistryError::Module {
                 name: name.into(),
-                source,
+                error,
             })
         })
         .transpose()
 }
 
-fn checked(rt: &Runtime, spec: &ModuleSpec) -> Result<(), RegistryError> {
-    let module = |source| RegistryError::Module {
+/// The most one add or change may spend compiling and checking a module.
+pub const CHECK_CAP: Duration = Duration::from_secs(20);
+
+/// Runs the add-time checks on the runtime's compile pool, never on the caller's thread.
+async fn checked(rt: &Arc<Runtime>, spec: &ModuleSpec) -> Result<(), RegistryError> {
+    let module = |error| RegistryError::Module {
         name: spec.name.clone(),
-        source,
+        error,
     };
     let wasm = spec.code().map_err(module)?;
-    check(rt, &wasm, spec.config.as_bytes()).map_err(module)?;
+    rt.verify(&wasm, spec.config.as_bytes(), spec.signature.as_ref())
+        .map_err(module)?;
+    let (r, config) = (rt.clone(), spec.config.clone());
+    rt.pool()
+        .run(CHECK_CAP, move || check(&r, &wasm, config.as_bytes()))
+        .await
+        .map_err(|e| module(WasmError::Pool(e)))?
+        .map_err(module)?;
     Ok(())
 }
 
 /// Adds a new module after checking it here: code, ABI, config and a probe decision.
-pub async fn add(store: &dyn LeaseStore, rt: &Runtime, spec: ModuleSpec) -> Result<(), RegistryError> {
+pub async fn add(store: &dyn LeaseStore, rt: &Arc<Runtime>, spec: ModuleSpec) -> Result<(), RegistryError> {
     valid_name(&spec.name).map_err(RegistryError::Invalid)?;
     if get(store, &spec.name).await?.is_some() {
         return Err(RegistryError::Exists(spec.name));
     }
-    checked(rt, &spec)?;
+    checked(rt, &spec).await?;
     store.put_doc(DocKind::Module, &spec.name, &spec.to_json()).await?;
     Ok(())
 }
 
 /// Changes a stored module, checking the result as `add` does; returns the new spec.
-pub async fn set(store: &dyn LeaseStore, rt: &Runtime, name: &str, c: Changes) -> Result<ModuleSpec, RegistryError> {
+pub async fn set(
+    store: &dyn LeaseStore,
+    rt: &Arc<Runtime>,
+    name: &str,
+    c: Changes,
+) -> Result<ModuleSpec, RegistryError> {
     let mut spec = get(store, name)
         .await?
         .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+    // A signature covers code and config: changing either needs a new one (or none).
+    if c.wasm.is_some() || c.config.is_some() || c.signature.is_some() {
+        spec.signature = c.signature;
+    }
     if let Some(w) = &c.wasm {
         spec.set_wasm(w);
     }
@@ -93,7 +116,7 @@ pub async fn set(store: &dyn LeaseStore, rt: &Runtime, name: &str, c: Changes) -
     if let Some(d) = c.dry_run {
         spec.dry_run = d;
     }
-    checked(rt, &spec)?;
+    checked(rt, &spec).await?;
     store.put_doc(DocKind::Module, name, &spec.to_json()).await?;
     Ok(spec)
 }
@@ -211,10 +234,13 @@ async fn sync_once(
     }
     let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
     let p = pipeline.clone();
-    // Compiling is CPU work; it must not hold up the runtime's other tasks.
-    let modules = tokio::task::spawn_blocking(move || p.load(specs))
+    // Compiling is CPU work: it runs on the compile pool, never on the runtime's workers.
+    let modules = pipeline
+        .runtime()
+        .pool()
+        .run(LOAD_CAP, move || p.load(specs))
         .await
-        .map_err(|e| StoreError::Unavailable(format!("module loader panicked: {e}")))?;
+        .map_err(|e| StoreError::Unavailable(format!("cannot load the stored modules: {e}")))?;
     let status = NodeStatus {
         node: node.to_string(),
         updated: SystemTime::now()
@@ -233,6 +259,10 @@ async fn sync_once(
     *seen = Some(heads);
     Ok(true)
 }
+
+/// The most loading the stored modules may take (each checked by shape, so each compiles in
+/// bounded time).
+const LOAD_CAP: Duration = Duration::from_secs(120);
 
 /// How often a node re-reports (and so shows it is alive) when nothing changed.
 const HEARTBEAT: Duration = Duration::from_secs(30);

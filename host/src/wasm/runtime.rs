@@ -14,8 +14,8 @@ use weft_guest::abi::names;
 use super::instance::{self, HostCtx};
 use super::WasmError;
 
-/// Resource limits applied to every module.
-#[derive(Debug, Clone, Copy)]
+/// Resource limits applied to every module, and the keys modules must be signed with.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest module accepted, in bytes of Wasm.
     pub max_module_bytes: usize,
@@ -27,6 +27,10 @@ pub struct Limits {
     pub configure_deadline: Duration,
     /// Native stack a call may use.
     pub max_stack_bytes: usize,
+    /// What a module may hold before it is compiled at all.
+    pub shape: super::shape::ShapeLimits,
+    /// When set, only modules signed by one of these keys are added or run.
+    pub trusted_keys: Option<Arc<super::signature::TrustedKeys>>,
 }
 
 impl Default for Limits {
@@ -37,6 +41,8 @@ impl Default for Limits {
             call_deadline: Duration::from_millis(5),
             configure_deadline: Duration::from_millis(500),
             max_stack_bytes: 512 << 10,
+            shape: super::shape::ShapeLimits::default(),
+            trusted_keys: None,
         }
     }
 }
@@ -62,6 +68,7 @@ pub struct Runtime {
     cache: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
     limits: Limits,
     ticker: Arc<Ticker>,
+    pool: Arc<super::pool::CompilePool>,
 }
 
 impl Drop for Runtime {
@@ -103,10 +110,18 @@ impl Ticker {
     }
 
     fn run(&self, engine: &Engine) {
+        realtime_priority();
         let idle = |last: u64| super::chain::clock_ms().saturating_sub(last) > TICKER_IDLE_MS;
+        let mut ticked = std::time::Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(TICK);
-            engine.increment_epoch();
+            // Held off the CPU for a while (a saturated machine), the ticker makes up every
+            // tick it missed, so a deadline stretches by one late wake-up, not one per tick.
+            let missed = (ticked.elapsed().as_nanos() / TICK.as_nanos()).clamp(1, 1_000);
+            for _ in 0..missed {
+                engine.increment_epoch();
+            }
+            ticked += TICK * missed as u32;
             if !idle(self.last_ms.load(Ordering::SeqCst)) {
                 continue;
             }
@@ -118,7 +133,22 @@ impl Ticker {
                 std::thread::park();
             }
             self.awake.store(true, Ordering::SeqCst);
+            ticked = std::time::Instant::now();
         }
+    }
+}
+
+/// Asks for the lowest real-time priority for the calling (ticker) thread, so busy threads
+/// cannot hold it off: it runs for microseconds a millisecond and only while modules are being
+/// called. Without CAP_SYS_NICE it stays a normal thread and catches up on missed ticks.
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pthread_self() is the calling thread, always valid; param lives across the call.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        tracing::debug!("epoch ticker runs at real-time priority (SCHED_FIFO 1)");
+    } else {
+        tracing::debug!(error = %std::io::Error::from_raw_os_error(rc), "epoch ticker stays at normal priority");
     }
 }
 
@@ -210,12 +240,17 @@ impl Runtime {
             .spawn(move || t.run(&e))
             .map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let _ = ticker.thread.set(handle.thread().clone());
+        // Two compiles at once, four more waiting: uploads beyond that are refused, never
+        // allowed to take every core.
+        let pool = super::pool::CompilePool::new(2, 4)
+            .map_err(|e| WasmError::Engine(format!("cannot start the compile pool: {e}")))?;
         Ok(Arc::new(Runtime {
             engine,
             linker,
             cache: Mutex::new(HashMap::new()),
             limits,
             ticker,
+            pool,
         }))
     }
 
@@ -224,6 +259,25 @@ impl Runtime {
     #[inline]
     pub fn calling(&self, now_ms: u64) {
         self.ticker.wake(now_ms);
+    }
+
+    /// Checks a module's signature against the trusted keys: the key id that verified it, or
+    /// `None` when this node trusts no keys (and so runs unsigned modules).
+    pub fn verify(
+        &self,
+        wasm: &[u8],
+        config: &[u8],
+        sig: Option<&super::signature::Signature>,
+    ) -> Result<Option<String>, WasmError> {
+        let Some(keys) = &self.limits.trusted_keys else {
+            return Ok(None);
+        };
+        keys.verify(wasm, config, sig).map(Some).map_err(WasmError::Untrusted)
+    }
+
+    /// Where compiling, instantiating and checking modules runs.
+    pub fn pool(&self) -> &Arc<super::pool::CompilePool> {
+        &self.pool
     }
 
     /// The limits every module runs under.
@@ -243,6 +297,11 @@ impl Runtime {
         if !wasm.starts_with(b"\0asm") {
             return Err(WasmError::NotWasm);
         }
+        // Its shape bounds what compiling it can cost: refused before the compiler starts.
+        super::shape::check(wasm, &self.limits.shape).map_err(|e| match e {
+            super::shape::ShapeError::Invalid(why) => WasmError::Invalid(why),
+            over => WasmError::Shape(over),
+        })?;
         let sha = sha256(wasm);
         if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&sha).cloned()) {
             return Ok(c);

@@ -8,7 +8,7 @@ use super::runtime::{hex, sha256};
 use super::WasmError;
 
 /// What the chain does when a module fails (traps, times out, returns garbage, cannot load).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailurePolicy {
     /// Drop the flows the module could not decide (the default: a broken firewall must not
@@ -50,6 +50,9 @@ pub struct ModuleSpec {
     /// Decide and count, but enforce nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// Signature over the code and config (`weft module sign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<super::signature::Signature>,
 }
 
 /// Checks a module name.
@@ -79,6 +82,7 @@ impl ModuleSpec {
             order: 0,
             failure: FailurePolicy::Closed,
             dry_run: false,
+            signature: None,
         }
     }
 

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// What a module said, or what was done in its place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 #[repr(usize)]
 pub enum VerdictKind {
     /// Policy: allow.
@@ -121,18 +122,28 @@ pub struct TraceEntry {
     pub at_ms: u64,
     /// The module.
     pub module: String,
-    /// `egress` or `ingress`.
-    pub direction: &'static str,
+    /// Which way the flow crossed the node.
+    pub direction: TraceDirection,
     /// IP protocol number.
     pub protocol: u8,
     /// Source address and port.
     pub src: String,
     /// Destination address and port.
     pub dst: String,
-    /// What was decided: allow, drop, log, owner, via, failure.
-    pub verdict: &'static str,
+    /// What was decided.
+    pub verdict: VerdictKind,
     /// Why: the module's answer, dry run, or the failure and its policy.
     pub reason: String,
+}
+
+/// Which way a decided flow crossed the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceDirection {
+    /// From this node's pods.
+    Egress,
+    /// To this node's pods.
+    Ingress,
 }
 
 /// Most counters one module may define.
@@ -202,13 +213,46 @@ struct Quarantine {
     window_start_ms: u64,
     failures: u32,
     successes: u32,
+    /// Time spent failing in the window: rebuilding instances after failures, in ms.
+    failing_ms: u64,
     until_ms: u64,
     backoff_ms: u64,
+}
+
+impl Quarantine {
+    /// Starts a new window when the current one is over.
+    fn roll(&mut self, now_ms: u64) -> bool {
+        if now_ms.saturating_sub(self.window_start_ms) < WINDOW_MS {
+            return false;
+        }
+        self.window_start_ms = now_ms;
+        self.failures = 0;
+        self.successes = 0;
+        self.failing_ms = 0;
+        true
+    }
+
+    /// Benches the module from `now_ms` for a backoff that doubles each time; returns until when.
+    fn bench(&mut self, now_ms: u64) -> u64 {
+        self.backoff_ms = if self.backoff_ms == 0 {
+            FIRST_BACKOFF_MS
+        } else {
+            (self.backoff_ms * 2).min(MAX_BACKOFF_MS)
+        };
+        self.until_ms = now_ms + self.backoff_ms;
+        self.failures = 0;
+        self.successes = 0;
+        self.failing_ms = 0;
+        self.until_ms
+    }
 }
 
 /// A window in which enough failures, outnumbering successes, quarantine a module.
 const WINDOW_MS: u64 = 10_000;
 const FAILURES_TO_QUARANTINE: u32 = 20;
+/// Failing this long in one window quarantines too: a few failures that each cost much (a slow
+/// `weft_configure` rerun after every trap) hurt as much as many cheap ones.
+const FAILING_MS_TO_QUARANTINE: u64 = 1_000;
 const FIRST_BACKOFF_MS: u64 = 30_000;
 const MAX_BACKOFF_MS: u64 = 300_000;
 
@@ -277,10 +321,7 @@ impl ModuleStats {
         let Ok(mut q) = self.quarantine.lock() else {
             return false;
         };
-        if now_ms.saturating_sub(q.window_start_ms) >= WINDOW_MS {
-            q.window_start_ms = now_ms;
-            q.failures = 0;
-            q.successes = 0;
+        if q.roll(now_ms) {
             self.failing.store(!ok, Ordering::Relaxed);
         }
         if ok {
@@ -294,19 +335,33 @@ impl ModuleStats {
         q.failures += 1;
         self.failing.store(true, Ordering::Relaxed);
         if q.failures >= FAILURES_TO_QUARANTINE && q.failures > q.successes && now_ms >= q.until_ms {
-            q.backoff_ms = if q.backoff_ms == 0 {
-                FIRST_BACKOFF_MS
-            } else {
-                (q.backoff_ms * 2).min(MAX_BACKOFF_MS)
-            };
-            q.until_ms = now_ms + q.backoff_ms;
-            self.benched_until_ms.store(q.until_ms, Ordering::Relaxed);
-            q.failures = 0;
-            q.successes = 0;
-            self.quarantines.fetch_add(1, Ordering::Relaxed);
+            self.bench(&mut q, now_ms);
             return true;
         }
         false
+    }
+
+    /// Records `spent` of work a failure caused (making an instance to replace one that
+    /// trapped, or one that could not be made); true when this put the module in quarantine.
+    pub fn failed_for(&self, spent: std::time::Duration, now_ms: u64) -> bool {
+        let Ok(mut q) = self.quarantine.lock() else {
+            return false;
+        };
+        q.roll(now_ms);
+        self.failing.store(true, Ordering::Relaxed);
+        q.failing_ms = q.failing_ms.saturating_add(spent.as_millis() as u64);
+        if q.failing_ms >= FAILING_MS_TO_QUARANTINE && now_ms >= q.until_ms {
+            self.bench(&mut q, now_ms);
+            return true;
+        }
+        false
+    }
+
+    fn bench(&self, q: &mut Quarantine, now_ms: u64) {
+        let until = q.bench(now_ms);
+        self.benched_until_ms.store(until, Ordering::Relaxed);
+        self.quarantines.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(until_ms = until, "module quarantined");
     }
 
     /// Records a decision in the bounded trace (the oldest goes first). A forwarding thread
@@ -332,11 +387,15 @@ impl ModuleStats {
             .map(|r| TraceEntry {
                 at_ms: r.at_ms,
                 module: module.to_string(),
-                direction: if r.egress { "egress" } else { "ingress" },
+                direction: if r.egress {
+                    TraceDirection::Egress
+                } else {
+                    TraceDirection::Ingress
+                },
                 protocol: r.protocol,
                 src: format!("{}:{}", r.src.0, r.src.1),
                 dst: format!("{}:{}", r.dst.0, r.dst.1),
-                verdict: r.verdict.label(),
+                verdict: r.verdict,
                 reason: r.reason.to_string(),
             })
             .collect()
@@ -380,6 +439,30 @@ mod tests {
             "the second backoff is longer"
         );
         assert_eq!(s.quarantines.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn few_slow_failures_quarantine_by_the_time_they_cost() {
+        let s = ModuleStats::default();
+        let slow = std::time::Duration::from_millis(300);
+        // Three traps, each followed by a 300 ms rebuild: far below the count, not yet a second.
+        for i in 0..3 {
+            s.outcome(false, 1_000 + i * 400);
+            assert!(!s.failed_for(slow, 1_000 + i * 400 + 300));
+        }
+        assert!(!s.quarantined(2_500));
+        s.outcome(false, 2_200);
+        assert!(
+            s.failed_for(slow, 2_500),
+            "the fourth rebuild makes 1.2 s spent failing"
+        );
+        assert!(s.quarantined(2_501));
+        // A new window forgets old failing time.
+        let t = s.quarantines.load(Ordering::Relaxed);
+        let later = 2_500 + FIRST_BACKOFF_MS + WINDOW_MS;
+        assert!(!s.failed_for(std::time::Duration::from_millis(900), later));
+        assert!(!s.failed_for(std::time::Duration::from_millis(900), later + WINDOW_MS));
+        assert_eq!(s.quarantines.load(Ordering::Relaxed), t);
     }
 
     #[test]

@@ -57,7 +57,7 @@ fn pipeline(rt: Arc<Runtime>) -> Arc<Pipeline> {
     t.set_local("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
     t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
     t.insert("10.244.3.0/24".parse().unwrap(), a("198.18.0.3"));
-    let p = Pipeline::new(rt, a("198.18.0.1"), Arc::new(arc_swap::ArcSwap::from_pointee(t)));
+    let p = Pipeline::new(rt, a("198.18.0.1"), Arc::new(arc_swap::ArcSwap::from_pointee(t))).unwrap();
     p.set_own("10.244.1.0/24".parse().unwrap());
     p
 }

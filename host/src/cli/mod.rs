@@ -11,6 +11,10 @@ use weft::agent::{self, AgentOptions};
 use weft::lease::etcd::EtcdOptions;
 use weft::store::StoreOptions;
 
+mod module;
+mod replay;
+use module::{module_command, print_modules, ModuleArgs};
+
 #[derive(Parser)]
 #[command(name = "weft", version, about = "Weft: an overlay network for container clusters")]
 struct Cli {
@@ -51,7 +55,7 @@ struct InstallCniArgs {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// Aligned columns for people.
     Table,
     /// JSON for programs.
@@ -60,10 +64,10 @@ enum Output {
 
 /// How to reach an agent's API.
 #[derive(Args, Clone)]
-struct ServerArgs {
+pub(crate) struct ServerArgs {
     /// Go through an agent's API (e.g. http://127.0.0.1:8286) instead of the store.
     #[arg(global = true, long, env = "WEFT_SERVER")]
-    server: Option<String>,
+    pub(crate) server: Option<String>,
     /// The API's bearer token (else read from --token-file).
     #[arg(global = true, long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -77,13 +81,13 @@ struct ServerArgs {
     token_file: PathBuf,
     /// Output format.
     #[arg(global = true, short = 'o', long, value_enum, default_value = "table")]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 impl ServerArgs {
     /// A client of `--server` (or `default`), with the token if one can be had: reads may not
     /// need it, so an unreadable token file is not an error here.
-    fn client(&self, default: Option<&str>) -> Result<Option<weft::client::Client>> {
+    pub(crate) fn client(&self, default: Option<&str>) -> Result<Option<weft::client::Client>> {
         let Some(server) = self.server.as_deref().or(default) else {
             return Ok(None);
         };
@@ -104,7 +108,7 @@ struct StatusArgs {
 }
 
 #[derive(Args, Clone)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// etcd client URLs, comma separated; when empty the embedded store is used.
     #[arg(global = true, long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
@@ -126,7 +130,7 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn options(&self) -> StoreOptions {
+    pub(crate) fn options(&self) -> StoreOptions {
         StoreOptions::from_flags(
             EtcdOptions {
                 endpoints: self.etcd_endpoints.clone(),
@@ -142,7 +146,7 @@ impl StoreArgs {
 
 /// Limits every module runs under; `weft module add` checks a module against the same ones.
 #[derive(Args, Clone)]
-struct LimitArgs {
+pub(crate) struct LimitArgs {
     /// Largest module accepted, in KiB of Wasm.
     #[arg(global = true, long, env = "WEFT_MODULE_MAX_KIB", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=65_536))]
@@ -155,16 +159,31 @@ struct LimitArgs {
     #[arg(global = true, long, env = "WEFT_MODULE_DEADLINE_MS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     module_deadline_ms: u64,
+    /// Only add and run modules signed by one of these Ed25519 public keys (PEM, several may
+    /// be concatenated; `weft module keygen` writes one).
+    #[arg(global = true, long, env = "WEFT_MODULE_TRUSTED_KEYS")]
+    module_trusted_keys: Option<PathBuf>,
 }
 
 impl LimitArgs {
-    fn limits(&self) -> weft::wasm::Limits {
-        weft::wasm::Limits {
+    pub(crate) fn limits(&self) -> Result<weft::wasm::Limits> {
+        let trusted_keys = match &self.module_trusted_keys {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading --module-trusted-keys {}", p.display()))?;
+                let keys = weft::wasm::signature::TrustedKeys::parse(&text)
+                    .with_context(|| format!("--module-trusted-keys {}", p.display()))?;
+                Some(std::sync::Arc::new(keys))
+            }
+        };
+        Ok(weft::wasm::Limits {
             max_module_bytes: usize::try_from(self.module_max_kib * 1024).unwrap_or(usize::MAX),
             max_memory_bytes: usize::try_from(self.module_max_memory_mib << 20).unwrap_or(usize::MAX),
             call_deadline: Duration::from_millis(self.module_deadline_ms),
+            trusted_keys,
             ..weft::wasm::Limits::default()
-        }
+        })
     }
 }
 
@@ -258,109 +277,6 @@ enum LeaseAction {
     Rm { subnet: ipnet::Ipv4Net },
 }
 
-#[derive(Args)]
-struct ModuleArgs {
-    #[command(flatten)]
-    store: StoreArgs,
-    #[command(flatten)]
-    server: ServerArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
-    #[command(subcommand)]
-    action: ModuleAction,
-}
-
-#[derive(Args)]
-struct ConfigArg {
-    /// The module's config, read from a file (usually JSON).
-    #[arg(long, conflicts_with = "config_json")]
-    config: Option<PathBuf>,
-    /// The module's config, given inline.
-    #[arg(long)]
-    config_json: Option<String>,
-}
-
-impl ConfigArg {
-    fn read(&self) -> Result<Option<String>> {
-        match (&self.config, &self.config_json) {
-            (Some(p), _) => Ok(Some(
-                std::fs::read_to_string(p).with_context(|| format!("reading --config {}", p.display()))?,
-            )),
-            (None, Some(s)) => Ok(Some(s.clone())),
-            (None, None) => Ok(None),
-        }
-    }
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Failure {
-    /// Drop flows the module cannot decide.
-    Closed,
-    /// Skip the module when it fails.
-    Open,
-}
-
-impl From<Failure> for weft::wasm::FailurePolicy {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::Closed => weft::wasm::FailurePolicy::Closed,
-            Failure::Open => weft::wasm::FailurePolicy::Open,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum ModuleAction {
-    /// Check a module here (ABI, config, a probe decision) and store it for every node.
-    Add {
-        /// Module name.
-        name: String,
-        /// The .wasm file (compiled on each node; precompiled artifacts are never accepted).
-        wasm: PathBuf,
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Place in the chain: lower runs first.
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-        order: i32,
-        /// What a failure of the module means.
-        #[arg(long, value_enum, default_value = "closed")]
-        failure: Failure,
-        /// Decide and count, enforce nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Change a stored module: its code, config or settings.
-    Set {
-        /// Module name.
-        name: String,
-        /// New .wasm file.
-        #[arg(long)]
-        wasm: Option<PathBuf>,
-        #[command(flatten)]
-        config: ConfigArg,
-        /// New place in the chain.
-        #[arg(long, allow_negative_numbers = true)]
-        order: Option<i32>,
-        /// New failure policy.
-        #[arg(long, value_enum)]
-        failure: Option<Failure>,
-        /// Turn dry-run on or off.
-        #[arg(long)]
-        dry_run: Option<bool>,
-    },
-    /// Remove a module from every node.
-    Rm {
-        /// Module name.
-        name: String,
-    },
-    /// List modules and which code each node has loaded.
-    Ls,
-}
-
-fn read_wasm(p: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-}
-
 fn print_leases(leases: &[weft::api::views::LeaseView], output: Output) -> Result<()> {
     if let Output::Json = output {
         return print_json(&leases);
@@ -378,231 +294,8 @@ fn print_leases(leases: &[weft::api::views::LeaseView], output: Output) -> Resul
     Ok(())
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
-fn print_modules(views: &[serde_json::Value]) {
-    println!(
-        "{:<16} {:>6} {:<8} {:<7} {:<14} NODES (loaded/failed)",
-        "NAME", "ORDER", "MODE", "FAILURE", "SHA256"
-    );
-    for m in views {
-        let nodes = m["nodes"].as_array().cloned().unwrap_or_default();
-        let same = |n: &&serde_json::Value| n["sha256"] == m["sha256"];
-        let loaded = nodes.iter().filter(same).filter(|n| n["state"] == "loaded").count();
-        let failed: Vec<String> = nodes
-            .iter()
-            .filter(same)
-            .filter(|n| n["state"] != "loaded")
-            .map(|n| {
-                format!(
-                    "{}: {}",
-                    n["name"].as_str().unwrap_or("?"),
-                    n["error"].as_str().unwrap_or("failed")
-                )
-            })
-            .collect();
-        let sha = m["sha256"].as_str().unwrap_or("");
-        println!(
-            "{:<16} {:>6} {:<8} {:<7} {:<14} {}/{}{}",
-            m["name"].as_str().unwrap_or(""),
-            m["order"],
-            m["mode"].as_str().unwrap_or(""),
-            m["failure"].as_str().unwrap_or(""),
-            &sha[..sha.len().min(12)],
-            loaded,
-            failed.len(),
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", failed.join("; "))
-            }
-        );
-    }
-}
-
-/// A module command with its files read: what both the store path and the API path carry out.
-enum ModuleOp {
-    Add(weft::wasm::ModuleSpec),
-    Set(String, weft::wasm::registry::Changes),
-    Rm(String),
-    Ls,
-}
-
-impl ModuleOp {
-    fn read(action: ModuleAction) -> Result<ModuleOp> {
-        Ok(match action {
-            ModuleAction::Add {
-                name,
-                wasm,
-                config,
-                order,
-                failure,
-                dry_run,
-            } => {
-                let mut spec =
-                    weft::wasm::ModuleSpec::new(&name, &read_wasm(&wasm)?, config.read()?.unwrap_or_default());
-                spec.order = order;
-                spec.failure = failure.into();
-                spec.dry_run = dry_run;
-                ModuleOp::Add(spec)
-            }
-            ModuleAction::Set {
-                name,
-                wasm,
-                config,
-                order,
-                failure,
-                dry_run,
-            } => ModuleOp::Set(
-                name,
-                weft::wasm::registry::Changes {
-                    wasm: wasm.as_ref().map(read_wasm).transpose()?,
-                    config: config.read()?,
-                    order,
-                    failure: failure.map(Into::into),
-                    dry_run,
-                },
-            ),
-            ModuleAction::Rm { name } => ModuleOp::Rm(name),
-            ModuleAction::Ls => ModuleOp::Ls,
-        })
-    }
-}
-
-async fn module_command(m: ModuleArgs) -> Result<()> {
-    let op = ModuleOp::read(m.action)?;
-    if let Some(client) = m.server.client(None)? {
-        return module_via_api(&client, op, m.server.output).await;
-    }
-    use weft::wasm::registry;
-    // Adding a module may create the embedded store (modules stored before the first agent
-    // starts are loaded by it); reading or removing never does: a mistyped path is an error.
-    let opts = m.store.options();
-    let store = match &op {
-        ModuleOp::Add(_) => opts.open().await,
-        _ => opts.open_existing().await,
-    }
-    .context("opening the lease store")?;
-    let rt = weft::wasm::Runtime::new(m.limits.limits())?;
-    match op {
-        ModuleOp::Add(spec) => {
-            let (name, sha) = (spec.name.clone(), spec.sha256.clone());
-            registry::add(store.as_ref(), &rt, spec).await?;
-            println!("added module {name} (sha256 {sha})");
-        }
-        ModuleOp::Set(name, changes) => {
-            let spec = registry::set(store.as_ref(), &rt, &name, changes).await?;
-            println!("updated module {name} (sha256 {})", spec.sha256);
-        }
-        ModuleOp::Rm(name) => {
-            registry::remove(store.as_ref(), &name).await?;
-            println!("removed module {name}");
-        }
-        ModuleOp::Ls => {
-            let (specs, nodes) = registry::list(store.as_ref()).await?;
-            let views: Vec<serde_json::Value> = specs
-                .iter()
-                .map(|s| {
-                    let v = weft::api::views::ModuleView::of(s, &nodes, Default::default());
-                    serde_json::to_value(v).unwrap_or_default()
-                })
-                .collect();
-            match m.server.output {
-                Output::Json => print_json(&views)?,
-                Output::Table => print_modules(&views),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn failure_name(f: weft::wasm::FailurePolicy) -> &'static str {
-    match f {
-        weft::wasm::FailurePolicy::Closed => "closed",
-        weft::wasm::FailurePolicy::Open => "open",
-    }
-}
-
-fn mode_name(dry_run: bool) -> &'static str {
-    if dry_run {
-        "dry_run"
-    } else {
-        "enforce"
-    }
-}
-
-async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) -> Result<()> {
-    use weft::client::{multipart, Field};
-    type V = serde_json::Value;
-    match op {
-        ModuleOp::Add(spec) => {
-            let code = spec.code()?;
-            let order = spec.order.to_string();
-            let field = |name, value| Field {
-                name,
-                filename: None,
-                value,
-            };
-            let (ct, body) = multipart(&[
-                field("name", spec.name.as_bytes()),
-                Field {
-                    name: "wasm",
-                    filename: Some("module.wasm"),
-                    value: &code,
-                },
-                field("config", spec.config.as_bytes()),
-                field("order", order.as_bytes()),
-                field("mode", mode_name(spec.dry_run).as_bytes()),
-                field("failure", failure_name(spec.failure).as_bytes()),
-            ]);
-            let v: V = c.call("POST", "/modules", Some(&ct), &body).await?;
-            println!(
-                "added module {} (sha256 {})",
-                spec.name,
-                v["sha256"].as_str().unwrap_or("?")
-            );
-        }
-        ModuleOp::Set(name, changes) => {
-            use base64::Engine as _;
-            let mut patch = serde_json::Map::new();
-            if let Some(w) = &changes.wasm {
-                patch.insert(
-                    "wasm_base64".into(),
-                    base64::engine::general_purpose::STANDARD.encode(w).into(),
-                );
-            }
-            if let Some(cfg) = changes.config {
-                patch.insert("config".into(), cfg.into());
-            }
-            if let Some(o) = changes.order {
-                patch.insert("order".into(), o.into());
-            }
-            if let Some(f) = changes.failure {
-                patch.insert("failure".into(), failure_name(f).into());
-            }
-            if let Some(d) = changes.dry_run {
-                patch.insert("mode".into(), mode_name(d).into());
-            }
-            let body = serde_json::to_vec(&patch)?;
-            let path = format!("/modules/{name}");
-            let v: V = c.call("PATCH", &path, Some("application/json"), &body).await?;
-            println!("updated module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
-        }
-        ModuleOp::Rm(name) => {
-            let _: V = c.call("DELETE", &format!("/modules/{name}"), None, b"").await?;
-            println!("removed module {name}");
-        }
-        ModuleOp::Ls => {
-            let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
-            match output {
-                Output::Json => print_json(&views)?,
-                Output::Table => print_modules(&views),
-            }
-        }
-    }
     Ok(())
 }
 
@@ -682,22 +375,31 @@ async fn status_command(a: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour only for a person at a terminal; log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
-        .init();
+        .with_filter(filter);
+    // Module log lines at every level for `weft module test` (a no-op unless it runs).
+    let capture = replay::LogCapture
+        .with_filter(tracing_subscriber::filter::Targets::new().with_target("weft::module", tracing::Level::TRACE));
+    tracing_subscriber::registry().with(fmt).with(capture).init();
 }
 
 /// Parses the command line and runs it; errors print as one line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(match &cli.command {
+        Command::Module(m) if m.is_test() => "warn",
+        _ => "info",
+    });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -746,7 +448,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 lease_ttl: Duration::from_secs(a.lease_ttl),
                 net_config: a.net_config,
                 admin_listen: a.admin_listen,
-                module_limits: a.limits.limits(),
+                module_limits: a.limits.limits()?,
                 module_poll: Duration::from_millis(a.module_poll_ms),
                 admin_token: a.admin_token,
                 admin_token_file: a.admin_token_file,
@@ -769,10 +471,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
             let ok = weft::lab::demo::run(d.nodes, d.pods, d.once, shutdown_signal()).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Module(m) => {
-            module_command(m).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Module(m) => module_command(m).await,
         Command::Status(a) => {
             status_command(a).await?;
             Ok(ExitCode::SUCCESS)
