@@ -33,6 +33,7 @@ struct Metrics {
 /// Serves the admin endpoint until the process ends.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<AgentState>,
     api: Arc<crate::api::ApiState>,
     body_limit: usize,
@@ -48,7 +49,48 @@ pub async fn serve(
         .with_state(metrics)
         .merge(crate::api::router(api, body_limit))
         .merge(crate::dashboard::router());
-    axum::serve(listener, app).await
+    match tls {
+        None => axum::serve(listener, app).await,
+        Some(acceptor) => serve_tls(listener, acceptor, app).await,
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The admin endpoint over TLS: each connection's handshake and requests run in their own task,
+/// so a client that stalls or fails its handshake (no certificate, a wrong CA, plain HTTP) holds
+/// up no one else.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+) -> std::io::Result<()> {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, rather than spin on the error.
+                tracing::warn!(error = %e, "admin endpoint cannot accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "admin TLS handshake timed out"),
+            };
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let http = hyper::server::conn::http1::Builder::new();
+            if let Err(e) = http.serve_connection(io, svc).with_upgrades().await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Binds the admin listener (done before anything else so a port clash fails fast).

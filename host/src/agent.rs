@@ -51,6 +51,8 @@ pub struct AgentOptions {
     pub net_config: Option<PathBuf>,
     /// Admin endpoint address.
     pub admin_listen: SocketAddr,
+    /// TLS for the admin endpoint (plain HTTP when None).
+    pub admin_tls: Option<crate::tls::ServerFiles>,
     /// Limits every Wasm module runs under.
     pub module_limits: wasm::Limits,
     /// How often the store is polled for module changes.
@@ -94,6 +96,8 @@ pub enum AgentError {
     NetConfigFile { path: PathBuf, source: std::io::Error },
     #[error("cannot listen on --admin-listen {addr}: {source}")]
     AdminListen { addr: SocketAddr, source: std::io::Error },
+    #[error("--admin-tls: {0}")]
+    AdminTls(#[from] crate::tls::TlsError),
     #[error("--ip-masq: {0}")]
     Masq(#[from] crate::masq::MasqError),
     #[error("cannot write the subnet file {path}: {source}")]
@@ -147,6 +151,8 @@ fn data_path(opts: &AgentOptions, config: &NetworkConfig, underlay: &iface::Unde
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    // Bad certificate files stop the agent here, before it takes a lease.
+    let admin_tls = opts.admin_tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let admin = crate::admin::bind(opts.admin_listen)
         .await
         .map_err(|source| AgentError::AdminListen {
@@ -196,7 +202,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
                 "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
         }
     }
-    let events = serve_admin(&opts, admin, &state, &store, &config)?;
+    let events = serve_admin(&opts, admin, admin_tls, &state, &store, &config)?;
 
     // Follow the cluster's leases. Losing our own lease wakes the keeper task.
     let lost = Arc::new(Notify::new());
@@ -273,6 +279,7 @@ async fn load_modules_first(store: &Arc<dyn LeaseStore>, modules: &Arc<Pipeline>
 fn serve_admin(
     opts: &AgentOptions,
     admin: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: &Arc<AgentState>,
     store: &Arc<dyn LeaseStore>,
     config: &NetworkConfig,
@@ -298,7 +305,7 @@ fn serve_admin(
     let body_limit = opts.module_limits.max_module_bytes / 3 * 4 + (256 << 10);
     let admin_state = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::admin::serve(admin, admin_state, api, body_limit).await {
+        if let Err(e) = crate::admin::serve(admin, tls, admin_state, api, body_limit).await {
             tracing::error!(error = %e, "admin endpoint stopped");
         }
     });

@@ -1,76 +1,49 @@
-//! A small HTTP/1.1 client for the admin API, used by `weft status`, `weft lease` and
-//! `weft module` with `--server`, and by the lab. Plain HTTP: the API listens on loopback by
-//! default, and a remote agent is reached through whatever secures that path (SSH, a proxy).
+//! The command line's client of the admin API (`weft status`, `weft lease` and `weft module`
+//! with `--server`): reqwest over rustls, so `https://` agents work, with the system's CAs or a
+//! CA file, and a client certificate for agents that ask for one.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid --server {0:?}: use http://host:port")]
+    #[error("invalid --server {0:?}: use http://host:port or https://host:port")]
     Server(String),
-    #[error("cannot reach the agent at {addr}: {source} (is `weft agent` running there, with --admin-listen?)")]
-    Connect { addr: String, source: std::io::Error },
-    #[error("talking to the agent at {addr}: {source}")]
-    Io { addr: String, source: std::io::Error },
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("cannot reach the agent at {addr}: {why} (is `weft agent` running there, with --admin-listen?)")]
+    Connect { addr: String, why: String },
+    #[error("the agent at {addr} is not trusted: {why} (give its CA with --server-ca)")]
+    Untrusted { addr: String, why: String },
+    #[error("talking to the agent at {addr}: {why}")]
+    Io { addr: String, why: String },
     #[error("the agent at {0} did not answer in time")]
     Timeout(String),
-    #[error("the agent answered with something that is not HTTP")]
-    BadResponse,
     #[error("{status}: {message}")]
     Api { status: u16, message: String },
     #[error("unexpected JSON from the agent: {0}")]
     Json(String),
 }
 
-/// A parsed response.
+/// TLS settings for `https://` servers.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// A CA (PEM) to trust besides the system's.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A response.
 #[derive(Debug, Clone)]
 pub struct Response {
     /// Status code.
     pub status: u16,
-    /// Header lines (names lowercased).
-    pub headers: Vec<(String, String)>,
-    /// The body, chunked encoding undone.
+    /// The body.
     pub body: Vec<u8>,
-}
-
-/// Parses a whole HTTP/1.1 response.
-pub fn parse_response(raw: &[u8]) -> Option<Response> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.lines();
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_vec() };
-    Some(Response { status, headers, body })
-}
-
-/// Undoes chunked transfer encoding.
-pub fn dechunk(mut s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
-        let size = String::from_utf8_lossy(&s[..eol]);
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        let rest = &s[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
 }
 
 /// One field of a multipart form.
@@ -104,23 +77,85 @@ pub fn multipart(fields: &[Field<'_>]) -> (String, Vec<u8>) {
 
 /// An API client for one agent.
 pub struct Client {
-    addr: String,
+    base: String,
     token: Option<String>,
+    http: reqwest::Client,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| ClientError::File {
+        path: path.clone(),
+        why: e.to_string(),
+    })
+}
+
+/// `server` as a base URL: `http://` assumed without a scheme, port 8286 without a port.
+fn base_url(server: &str) -> Result<String, ClientError> {
+    let bad = || ClientError::Server(server.into());
+    let (scheme, rest) = match server.split_once("://") {
+        Some((s @ ("http" | "https"), rest)) => (s, rest),
+        Some(_) => return Err(bad()),
+        None => ("http", server),
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.is_empty() || hostport.contains('/') {
+        return Err(bad());
+    }
+    // A bracketed IPv6 literal has colons of its own; the port follows the bracket.
+    let has_port = match hostport.rsplit_once(']') {
+        Some((_, after)) => after.starts_with(':'),
+        None => hostport.contains(':'),
+    };
+    let url = if has_port {
+        format!("{scheme}://{hostport}")
+    } else {
+        format!("{scheme}://{hostport}:8286")
+    };
+    reqwest::Url::parse(&url).map_err(|_| bad())?;
+    Ok(url)
 }
 
 impl Client {
-    /// A client of `server` (`http://host:port` or `host:port`), sending `token` if given.
-    pub fn new(server: &str, token: Option<String>) -> Result<Client, ClientError> {
-        let hostport = server.strip_prefix("http://").unwrap_or(server).trim_end_matches('/');
-        if hostport.is_empty() || hostport.contains('/') || server.starts_with("https://") {
-            return Err(ClientError::Server(server.into()));
+    /// A client of `server` (`http://host:port`, `https://host:port` or `host:port`), sending
+    /// `token` if given.
+    pub fn new(server: &str, token: Option<String>, tls: &TlsOptions) -> Result<Client, ClientError> {
+        let base = base_url(server)?;
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(ca) = &tls.ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?).map_err(|e| ClientError::File {
+                path: ca.clone(),
+                why: format!("not a PEM certificate: {e}"),
+            })?;
+            if certs.is_empty() {
+                return Err(ClientError::File {
+                    path: ca.clone(),
+                    why: "no PEM certificate in it".into(),
+                });
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
         }
-        let addr = if hostport.contains(':') {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:8286")
-        };
-        Ok(Client { addr, token })
+        if let Some((cert, key)) = &tls.identity {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend_from_slice(&read(key)?);
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| ClientError::File {
+                path: cert.clone(),
+                why: format!("not a PEM certificate and key: {e}"),
+            })?;
+            b = b.identity(id);
+        }
+        let http = b.build().map_err(|e| ClientError::Server(format!("{server}: {e}")))?;
+        Ok(Client { base, token, http })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// Sends one request under `/api/v1`.
@@ -131,38 +166,45 @@ impl Client {
         ctype: Option<&str>,
         body: &[u8],
     ) -> Result<Response, ClientError> {
-        let io = |source| ClientError::Io {
-            addr: self.addr.clone(),
-            source,
-        };
-        let fut = async {
-            let mut s = tokio::net::TcpStream::connect(&self.addr)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
-            let mut head = format!(
-                "{method} /api/v1{path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-                self.addr,
-                body.len()
-            );
-            if let Some(t) = &self.token {
-                head.push_str(&format!("Authorization: Bearer {t}\r\n"));
-            }
-            if let Some(ct) = ctype {
-                head.push_str(&format!("Content-Type: {ct}\r\n"));
-            }
-            head.push_str("\r\n");
-            s.write_all(head.as_bytes()).await.map_err(io)?;
-            s.write_all(body).await.map_err(io)?;
-            let mut raw = Vec::new();
-            s.read_to_end(&mut raw).await.map_err(io)?;
-            parse_response(&raw).ok_or(ClientError::BadResponse)
-        };
-        tokio::time::timeout(Duration::from_secs(60), fut)
-            .await
-            .map_err(|_| ClientError::Timeout(self.addr.clone()))?
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Io {
+            addr: self.base.clone(),
+            why: e.to_string(),
+        })?;
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .body(body.to_vec());
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(ct) = ctype {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        let r = req.send().await.map_err(|e| self.failed(e))?;
+        let status = r.status().as_u16();
+        let body = r.bytes().await.map_err(|e| self.failed(e))?.to_vec();
+        Ok(Response { status, body })
+    }
+
+    /// One line saying what went wrong, the innermost cause included (a refused certificate,
+    /// a refused connection), as reqwest nests them.
+    fn failed(&self, e: reqwest::Error) -> ClientError {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        let addr = self.base.clone();
+        if e.is_timeout() {
+            ClientError::Timeout(addr)
+        } else if why.contains("invalid peer certificate") {
+            ClientError::Untrusted { addr, why }
+        } else if e.is_connect() {
+            ClientError::Connect { addr, why }
+        } else {
+            ClientError::Io { addr, why }
+        }
     }
 
     /// Sends a request and decodes a JSON answer; API errors become [`ClientError::Api`].
@@ -195,25 +237,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn responses_parse_plain_and_chunked() {
-        let r = parse_response(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (201, b"{}".as_slice()));
-        let r =
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-                .unwrap();
-        assert_eq!(r.body, b"abcde");
-        assert!(parse_response(b"garbage").is_none());
+    fn servers_parse_with_either_scheme() {
+        assert_eq!(base_url("http://127.0.0.1:9000/").unwrap(), "http://127.0.0.1:9000");
+        assert_eq!(base_url("localhost").unwrap(), "http://localhost:8286");
+        assert_eq!(base_url("https://node-1").unwrap(), "https://node-1:8286");
+        assert_eq!(base_url("https://[fd00::1]").unwrap(), "https://[fd00::1]:8286");
+        assert_eq!(base_url("[fd00::1]:9").unwrap(), "http://[fd00::1]:9");
+        for bad in ["ftp://x:1", "http://x:1/api", "", "http://", "http://x:port"] {
+            assert!(base_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
-    fn servers_parse_and_https_is_refused() {
-        assert_eq!(
-            Client::new("http://127.0.0.1:9000/", None).unwrap().addr,
-            "127.0.0.1:9000"
-        );
-        assert_eq!(Client::new("localhost", None).unwrap().addr, "localhost:8286");
-        assert!(Client::new("https://x:1", None).is_err());
-        assert!(Client::new("http://x:1/api", None).is_err());
+    fn a_ca_file_that_is_not_pem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "hello").unwrap();
+        let tls = TlsOptions {
+            ca: Some(ca),
+            identity: None,
+        };
+        let e = Client::new("https://x:1", None, &tls)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("ca.pem"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod stats;
 pub mod store;
 pub mod subnet;
 pub mod subnet_file;
+pub mod tls;
 pub mod tunnel;
 pub mod wasm;
 

@@ -46,7 +46,7 @@ fn request(ns: &str, port: u16, method: &str, path: &str, body: Option<&Value>) 
     })
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("webdriver {method} {path}: {e}"))?;
-    let resp = weft::client::parse_response(&raw).ok_or("no HTTP response from chromedriver")?;
+    let resp = weft::lab::http::parse_response(&raw).ok_or("no HTTP response from chromedriver")?;
     let body = String::from_utf8_lossy(&resp.body);
     let v: Value =
         serde_json::from_str(&body).map_err(|e| format!("webdriver reply is not JSON ({e}): {body:.300}"))?;

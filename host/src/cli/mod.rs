@@ -65,9 +65,20 @@ pub(crate) enum Output {
 /// How to reach an agent's API.
 #[derive(Args, Clone)]
 pub(crate) struct ServerArgs {
-    /// Go through an agent's API (e.g. http://127.0.0.1:8286) instead of the store.
+    /// Go through an agent's API (e.g. http://127.0.0.1:8286, or https://node:8286) instead of
+    /// the store.
     #[arg(global = true, long, env = "WEFT_SERVER")]
     pub(crate) server: Option<String>,
+    /// CA certificate (PEM) an https:// server's certificate must chain to (besides the
+    /// system's CAs).
+    #[arg(global = true, long, env = "WEFT_SERVER_CA")]
+    server_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an agent that asks for one (--admin-tls-client-ca).
+    #[arg(global = true, long, env = "WEFT_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(global = true, long, env = "WEFT_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// The API's bearer token (else read from --token-file).
     #[arg(global = true, long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -97,7 +108,11 @@ impl ServerArgs {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
         });
-        Ok(Some(weft::client::Client::new(server, token)?))
+        let tls = weft::client::TlsOptions {
+            ca: self.server_ca.clone(),
+            identity: self.client_cert.clone().zip(self.client_key.clone()),
+        };
+        Ok(Some(weft::client::Client::new(server, token, &tls)?))
     }
 }
 
@@ -241,6 +256,15 @@ struct AgentArgs {
     /// Address of the metrics and health endpoint.
     #[arg(long, env = "WEFT_ADMIN_LISTEN", default_value = "127.0.0.1:8286")]
     admin_listen: SocketAddr,
+    /// Serve the admin endpoint over TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, env = "WEFT_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The private key of --admin-tls-cert (PEM).
+    #[arg(long, env = "WEFT_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// Accept only clients with a certificate signed by this CA (PEM); needs --admin-tls-cert.
+    #[arg(long, env = "WEFT_ADMIN_TLS_CLIENT_CA", requires = "admin_tls_cert")]
+    admin_tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -448,6 +472,14 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
                 lease_ttl: Duration::from_secs(a.lease_ttl),
                 net_config: a.net_config,
                 admin_listen: a.admin_listen,
+                admin_tls: match (a.admin_tls_cert, a.admin_tls_key) {
+                    (Some(cert), Some(key)) => Some(weft::tls::ServerFiles {
+                        cert,
+                        key,
+                        client_ca: a.admin_tls_client_ca,
+                    }),
+                    _ => None,
+                },
                 module_limits: a.limits.limits()?,
                 module_poll: Duration::from_millis(a.module_poll_ms),
                 admin_token: a.admin_token,

@@ -477,7 +477,7 @@ fn http_here(req: &[u8]) -> Result<HttpResponse, LabError> {
     s.write_all(req)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let r = crate::client::parse_response(&raw)
+    let r = super::http::parse_response(&raw)
         .ok_or_else(|| LabError::Probe(format!("bad HTTP response: {:.80}", String::from_utf8_lossy(&raw))))?;
     Ok(HttpResponse {
         status: r.status,

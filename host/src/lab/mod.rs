@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod http;
 pub mod netns;
 pub mod probe;
 

@@ -142,7 +142,10 @@ impl Ticker {
 /// cannot hold it off: it runs for microseconds a millisecond and only while modules are being
 /// called. Without CAP_SYS_NICE it stays a normal thread and catches up on missed ticks.
 fn realtime_priority() {
-    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_param is a plain C struct (musl's has more fields than glibc's), for which
+    // all zeroes is a valid value.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = 1;
     // SAFETY: pthread_self() is the calling thread, always valid; param lives across the call.
     let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
     if rc == 0 {
