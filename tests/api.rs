@@ -424,7 +424,7 @@ fn the_command_line_goes_through_the_api() {
         "{err}"
     );
     let err = weft_in(&c, 1, &["status", "--server", "http://127.0.0.1:1"]).expect_err("nobody there");
-    assert!(err.contains("cannot reach the agent at 127.0.0.1:1"), "{err}");
+    assert!(err.contains("cannot reach the agent at http://127.0.0.1:1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(module(&["rm", "fw"]).expect("rm").contains("removed module fw"));
 }
