@@ -41,18 +41,12 @@ fn start(c: &TestCluster, tls: &[String]) -> Agent {
 
 /// `weft <args>` from node 2's namespace.
 fn weft_from_node2(c: &TestCluster, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", c.lab.nodes[1].ns.name()])
-        .arg(weft_bin())
-        .args(args)
-        .output()
-        .expect("weft");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(text(&out.stderr))
-    }
+    stdout_or_stderr(
+        Command::new("ip")
+            .args(["netns", "exec", c.lab.nodes[1].ns.name()])
+            .arg(weft_bin())
+            .args(args),
+    )
 }
 
 fn flag(name: &str, p: &std::path::Path) -> [String; 2] {

@@ -9,16 +9,7 @@ use std::time::Duration;
 use weft_tests::*;
 
 fn weft(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(weft_bin())
-        .args(args)
-        .output()
-        .expect("weft");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(text(&out.stderr))
-    }
+    stdout_or_stderr(std::process::Command::new(weft_bin()).args(args))
 }
 
 /// `weft module sign` of `wasm` with `config` by `key`, written to `out`.

@@ -992,3 +992,11 @@ pub fn upload_module(
         )
         .unwrap_or_else(|e| panic!("upload to node {n}: {e}"))
 }
+
+/// Runs `cmd`: its stdout when it succeeds, else its stderr (what a person would read).
+pub fn stdout_or_stderr(cmd: &mut Command) -> Result<String, String> {
+    run_checked(cmd).map_err(|e| match e {
+        weft::lab::LabError::Command { stderr, .. } => stderr,
+        other => other.to_string(),
+    })
+}
