@@ -12,8 +12,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn manifest() -> PathBuf {
-    root().join("deploy/kubernetes/weft.yaml")
+/// The DaemonSet manifests: etcd-backed, and the kube-flannel drop-in (`--kube-subnet-mgr`).
+fn manifests() -> [PathBuf; 2] {
+    [
+        root().join("deploy/kubernetes/weft.yaml"),
+        root().join("deploy/kubernetes/kube-weft.yml"),
+    ]
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
@@ -42,30 +46,53 @@ fn manifests_pass_the_kubernetes_schemas_and_a_broken_one_does_not() {
             .args(["-m", "kubernetes_validate", "--strict", "-k", "1.30.0"])
             .arg(path))
     };
-    let (ok, out) = validate(&manifest());
-    assert!(ok, "kubernetes-validate (scripts/deps installs it from PyPI):\n{out}");
-    assert!(out.contains("passed for resource daemonset/weft"), "{out}");
-    // The validator really validates: a misspelt field in the DaemonSet is refused.
     let dir = tempfile::tempdir().expect("tmp");
-    let broken = dir.path().join("broken.yaml");
-    let text = std::fs::read_to_string(manifest()).expect("manifest");
-    std::fs::write(&broken, text.replace("hostNetwork: true", "hostNetwerk: true")).expect("write");
-    let (ok, out) = validate(&broken);
-    assert!(!ok, "a misspelt field passed:\n{out}");
+    for manifest in manifests() {
+        let (ok, out) = validate(&manifest);
+        assert!(ok, "kubernetes-validate (scripts/deps installs it from PyPI):\n{out}");
+        assert!(out.contains("passed for resource daemonset/"), "{out}");
+        // The validator really validates: a misspelt field in the DaemonSet is refused.
+        let broken = dir.path().join("broken.yaml");
+        let text = std::fs::read_to_string(&manifest).expect("manifest");
+        std::fs::write(&broken, text.replace("hostNetwork: true", "hostNetwerk: true")).expect("write");
+        let (ok, out) = validate(&broken);
+        assert!(!ok, "a misspelt field passed:\n{out}");
+    }
+    let crd = root().join("deploy/kubernetes/wasmmodule-crd.yml");
+    let (ok, out) = validate(&crd);
+    assert!(
+        ok && out.contains("customresourcedefinition/wasmmodules.weft.dev"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&crd).expect("crd");
+    std::fs::write(
+        dir.path().join("crd.yaml"),
+        text.replace("scope: Cluster", "scoop: Cluster"),
+    )
+    .expect("write");
+    let (ok, out) = validate(&dir.path().join("crd.yaml"));
+    assert!(!ok, "a misspelt CRD field passed:\n{out}");
 }
 
 /// A document's field as JSON, read from the manifest with PyYAML (kubernetes-validate's own).
-fn yaml_field(kind: &str, expr: &str) -> String {
+fn yaml_field(manifest: &Path, kind: &str, expr: &str) -> String {
     let script = format!(
         "import json,sys,yaml\nfor d in yaml.safe_load_all(open(sys.argv[1])):\n  if d and d['kind']=='{kind}':\n    print(json.dumps({expr}))"
     );
-    let (ok, out) = run(Command::new("python3").args(["-c", &script]).arg(manifest()));
+    let (ok, out) = run(Command::new("python3").args(["-c", &script]).arg(manifest));
     assert!(ok, "{out}");
     out.trim().to_string()
 }
 
 #[test]
 fn manifests_use_only_what_weft_has() {
+    for m in manifests() {
+        uses_only_what_weft_has(&m);
+    }
+}
+
+fn uses_only_what_weft_has(manifest: &Path) {
+    let yaml_field = |kind: &str, expr: &str| yaml_field(manifest, kind, expr);
     // The ConfigMap's network config is one Weft accepts.
     let data: serde_json::Value = serde_json::from_str(&yaml_field("ConfigMap", "d['data']")).expect("data");
     let net = data["net-conf.json"].as_str().expect("net-conf.json");

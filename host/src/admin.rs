@@ -61,7 +61,7 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// The admin endpoint over TLS: each connection's handshake and requests run in their own task,
 /// so a client that stalls or fails its handshake (no certificate, a wrong CA, plain HTTP) holds
 /// up no one else.
-async fn serve_tls(
+pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     app: Router,

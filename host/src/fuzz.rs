@@ -138,6 +138,33 @@ proptest! {
     }
 
     #[test]
+    fn kube_nodes_never_panic_and_published_leases_read_back(
+        cidr in "\\PC{0,24}", ip in "\\PC{0,20}", data in "\\PC{0,60}", marker in "\\PC{0,6}",
+        addr in any::<u32>(), net in any::<u32>(), len in 8u8..=30, backend in "[a-z-]{0,10}",
+    ) {
+        use crate::lease::kube::annotations::{self, Keys};
+        let keys = Keys::new("flannel.alpha.coreos.com");
+        // Whatever another writer left on a node is read without panicking.
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n", "resourceVersion": ip, "annotations": {
+                keys.subnet_manager.clone(): marker, keys.public_ip.clone(): ip,
+                keys.backend_data.clone(): data, keys.backend_type.clone(): backend,
+            }},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        })).expect("a node");
+        let _ = annotations::lease_of(&node, &keys);
+        // What Weft publishes reads back as the same lease.
+        let subnet = Ipv4Net::new(Ipv4Addr::from(net), len).expect("len").trunc();
+        let attrs = crate::lease::LeaseAttrs::new(Ipv4Addr::from(addr), &backend, serde_json::json!({"VNI": 1, "x": data}));
+        let patch = annotations::publish_patch(&keys, &attrs, attrs.public_ip);
+        let mut node: k8s_openapi::api::core::v1::Node = serde_json::from_value(patch).expect("patch is a node");
+        node.spec = Some(k8s_openapi::api::core::v1::NodeSpec { pod_cidr: Some(subnet.to_string()), ..Default::default() });
+        let lease = annotations::lease_of(&node, &keys).expect("published lease reads back");
+        prop_assert_eq!(lease.subnet, subnet);
+        prop_assert_eq!(lease.attrs, attrs);
+    }
+
+    #[test]
     fn lease_keys_parse_back(addr in any::<u32>(), len in 0u8..=32, junk in "\\PC{0,30}") {
         let net = Ipv4Net::new(Ipv4Addr::from(addr), len).expect("len").trunc();
         prop_assert_eq!(crate::subnet::parse_subnet_key(&crate::subnet::subnet_key(&net)), Some(net));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::lease::embedded::EmbeddedStore;
 use crate::lease::etcd::{EtcdOptions, EtcdStore};
+use crate::lease::kube::{KubeOptions, KubeStore};
 use crate::lease::{LeaseStore, StoreError};
 
 /// Where the leases live.
@@ -14,6 +15,8 @@ pub enum StoreOptions {
     Embedded(PathBuf),
     /// An etcd cluster.
     Etcd(EtcdOptions),
+    /// Node objects of a Kubernetes cluster (`--kube-subnet-mgr`).
+    Kube(KubeOptions),
 }
 
 impl StoreOptions {
@@ -31,6 +34,7 @@ impl StoreOptions {
         Ok(match self {
             StoreOptions::Embedded(p) => Arc::new(EmbeddedStore::open(p)?),
             StoreOptions::Etcd(o) => Arc::new(EtcdStore::connect(o).await?),
+            StoreOptions::Kube(o) => Arc::new(KubeStore::connect(o).await?),
         })
     }
 

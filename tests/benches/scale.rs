@@ -144,6 +144,23 @@ fn by_hand(ns: &str, n: u32) -> f64 {
     secs
 }
 
+/// The rows of an initial sync: its time beside `ip -batch`, the agent's CPU and memory.
+fn sync_rows(label: &str, secs: f64, hand: f64, cpu: f64, rss: f64) {
+    row(
+        label,
+        format!("{secs:.3}"),
+        format!("{hand:.3} ip -batch"),
+        format!("{:.2}x", secs / hand),
+    );
+    row(
+        "  CPU of the agent until then (s)",
+        format!("{cpu:.3}"),
+        String::new(),
+        String::new(),
+    );
+    row("  agent RSS (MiB)", format!("{rss:.1}"), String::new(), String::new());
+}
+
 fn row(label: &str, value: String, reference: String, ratio: String) {
     println!("{label:<68} {value:>12} {reference:>20} {ratio:>8}");
 }
@@ -179,23 +196,12 @@ fn vxlan(o: &Opts) {
     let hand = by_hand(c.lab.nodes[1].ns.name(), n);
     let (secs, cpu, routes) = start_and_time(&mut c, 1);
     assert_eq!(routes, n as usize, "the subnet file came before every route");
-    row(
+    sync_rows(
         &format!("initial sync, {n} leases (start to subnet file, s)"),
-        format!("{secs:.3}"),
-        format!("{hand:.3} ip -batch"),
-        format!("{:.2}x", secs / hand),
-    );
-    row(
-        "  CPU of the agent until then (s)",
-        format!("{cpu:.3}"),
-        String::new(),
-        String::new(),
-    );
-    row(
-        "  agent RSS (MiB)",
-        format!("{:.1}", rss_mib(pid(&c, 1))),
-        String::new(),
-        String::new(),
+        secs,
+        hand,
+        cpu,
+        rss_mib(pid(&c, 1)),
     );
     c.lab.start_agent(2).expect("node 2");
     c.lab.wait_ready(2, Duration::from_secs(60)).expect("node 2 ready");
@@ -242,13 +248,18 @@ fn new_lease_latency(c: &TestCluster, n: u32, trials: usize) {
         reference.push(told.duration_since(t0).as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (w50, r50) = (percentile(&mut weft, 50.0), percentile(&mut reference, 50.0));
-    let (w99, r99) = (percentile(&mut weft, 99.0), percentile(&mut reference, 99.0));
     let label = format!("one new lease until its route is in the kernel, {n} leases");
+    latency_rows(&label, &mut weft, &mut reference, "etcdctl watch");
+}
+
+/// p50 and p99 of `weft` beside `reference` (milliseconds), as two rows.
+fn latency_rows(label: &str, weft: &mut [f64], reference: &mut [f64], what: &str) {
+    let (w50, r50) = (percentile(weft, 50.0), percentile(reference, 50.0));
+    let (w99, r99) = (percentile(weft, 99.0), percentile(reference, 99.0));
     row(
         &format!("{label} p50 (ms)"),
         format!("{w50:.2}"),
-        format!("{r50:.2} etcdctl watch"),
+        format!("{r50:.2} {what}"),
         format!("{:.2}x", w50 / r50),
     );
     row(
@@ -351,25 +362,10 @@ fn big(o: &Opts) {
     let hand = by_hand(c.lab.nodes[0].ns.name(), o.big);
     let (secs, cpu, routes) = start_and_time(&mut c, 1);
     assert_eq!(routes, o.big as usize);
-    row(
-        &format!("initial sync, {} leases (s)", o.big),
-        format!("{secs:.3}"),
-        format!("{hand:.3} ip -batch"),
-        format!("{:.2}x", secs / hand),
-    );
-    row(
-        "  CPU of the agent until then (s)",
-        format!("{cpu:.3}"),
-        String::new(),
-        String::new(),
-    );
+    // Memory once the agent has settled, not mid-sync.
     std::thread::sleep(Duration::from_secs(2));
-    row(
-        "  agent RSS (MiB)",
-        format!("{:.1}", rss_mib(pid(&c, 1))),
-        String::new(),
-        String::new(),
-    );
+    let rss = rss_mib(pid(&c, 1));
+    sync_rows(&format!("initial sync, {} leases (s)", o.big), secs, hand, cpu, rss);
 }
 
 /// `o.agents` `udp` agents started together on `o.leases` leases.
@@ -460,9 +456,157 @@ fn many_agents(o: &Opts) {
     );
 }
 
+/// Section four: the Kubernetes subnet manager (`--kube-subnet-mgr`) with `o.leases` fake
+/// nodes in the stand-in API server, each with flannel's annotations.
+fn kube(o: &Opts) {
+    use weft_tests::kubelab::FakeOp;
+    let n = o.leases;
+    let mut c = TestCluster::with_config("bku", StoreKind::Kube, 3, &scale_net(r#"{"Type":"vxlan"}"#), &[]);
+    for i in 1..=3 {
+        register(&c, i);
+    }
+    let k = c.kube.as_ref().expect("kube");
+    let fifth = n / 5;
+    let t = Instant::now();
+    k.fake_nodes(0..fifth, FakeOp::Create(Fake::Vxlan));
+    println!(
+        "\nwrote {fifth} fake nodes into the stand-in API server in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "\n{:<68} {:>12} {:>20} {:>8}",
+        "vxlan, --kube-subnet-mgr (stand-in API server)", "Weft", "reference", "ratio"
+    );
+    let (_, _, routes) = start_and_time(&mut c, 1);
+    assert_eq!(routes, fifth as usize, "node 1 routes every fake node");
+    let small = heartbeat_cost(&c, 0..fifth, 1);
+    let k = c.kube.as_ref().expect("kube");
+    k.fake_nodes(fifth..n, FakeOp::Create(Fake::Vxlan));
+    assert!(
+        eventually(Duration::from_secs(60), || routes_in(&c, 1) == n as usize),
+        "node 1 routes {} of {n} fake nodes:\n{}",
+        routes_in(&c, 1),
+        c.lab.nodes[0].log_tail(30)
+    );
+    let hand = by_hand(c.lab.nodes[1].ns.name(), n);
+    let (secs, cpu, routes) = start_and_time(&mut c, 3);
+    assert_eq!(
+        routes,
+        n as usize + 1,
+        "the subnet file came before every route (the fakes and node 1)"
+    );
+    sync_rows(
+        &format!("initial sync, {n} nodes (start to subnet file, s)"),
+        secs,
+        hand,
+        cpu,
+        rss_mib(pid(&c, 3)),
+    );
+    let big = heartbeat_cost(&c, 0..n, 2);
+    row(
+        &format!("CPU per kubelet heartbeat of a peer, {n} nodes (us)"),
+        format!("{big:.1}"),
+        format!("{small:.1} at {fifth}"),
+        format!("{:.2}x", big / small),
+    );
+    new_node_latency(&c, n, o.trials);
+}
+
+fn register(c: &TestCluster, i: usize) {
+    let name = weft::lab::cluster::kube_node_name(i);
+    let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": format!("10.0.{i}.0/24")}});
+    let file = c.tmp.path().join(format!("{name}.json"));
+    std::fs::write(&file, node.to_string()).expect("node");
+    c.kube
+        .as_ref()
+        .expect("kube")
+        .must(&["create", "-f", &file.display().to_string()]);
+}
+
+/// Node 1's CPU per status heartbeat of the fake nodes in `range` (microseconds), asserting
+/// that not one of them reached the kernel.
+fn heartbeat_cost(c: &TestCluster, range: std::ops::Range<u32>, beat: u32) -> f64 {
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    let monitor = Watcher::start("ip", &["-n", &ns, "monitor", "route", "neigh"]);
+    std::thread::sleep(Duration::from_millis(200));
+    // Enough heartbeats that the CPU they cost is many clock ticks.
+    let rounds = (10_000 / range.len().max(1)).max(1) as u32;
+    let count = (range.len() as u32 * rounds) as f64;
+    let before = cpu_seconds(pid(c, 1));
+    for r in 0..rounds {
+        let op = weft_tests::kubelab::FakeOp::Heartbeat(beat * 100 + r);
+        c.kube.as_ref().expect("kube").fake_nodes(range.clone(), op);
+    }
+    // The last heartbeats are still in flight to the agent for a moment.
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_seconds(pid(c, 1)) - before;
+    // The kernel's own entries (an IPv6 link-local route as a device comes up) are not ours.
+    let changes: Vec<String> = monitor
+        .lines()
+        .into_iter()
+        .filter(|l| !l.contains("proto kernel"))
+        .collect();
+    assert!(
+        changes.is_empty(),
+        "heartbeats reached the kernel: {:?}",
+        &changes[..changes.len().min(5)]
+    );
+    spent / count * 1e6
+}
+
+/// One new Node with its annotations until node 1's kernel has its route, beside
+/// `kubectl get nodes -w` seeing it.
+fn new_node_latency(c: &TestCluster, n: u32, trials: usize) {
+    let k = c.kube.as_ref().expect("kube");
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    let monitor = Watcher::start("ip", &["-n", &ns, "monitor", "route"]);
+    let kc = k.kubeconfig.display().to_string();
+    let watch = Watcher::start(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &k.ns,
+            "kubectl",
+            "--kubeconfig",
+            &kc,
+            "get",
+            "nodes",
+            "-w",
+            "--watch-only",
+            "-o",
+            "name",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut weft, mut reference) = (Vec::new(), Vec::new());
+    for t in 0..trials as u32 {
+        let i = 30_000 + t;
+        let route = fake_subnet(i).to_string();
+        let name = format!("node/fake-{i}");
+        let t0 = Instant::now();
+        k.fake_nodes(i..i + 1, weft_tests::kubelab::FakeOp::Create(Fake::Vxlan));
+        let seen = monitor
+            .wait_line(t0, Duration::from_secs(5), |l| l.starts_with(&route))
+            .expect("route came");
+        let told = watch
+            .wait_line(t0, Duration::from_secs(5), |l| l.trim() == name)
+            .expect("kubectl saw the node");
+        weft.push(seen.duration_since(t0).as_secs_f64() * 1000.0);
+        reference.push(told.duration_since(t0).as_secs_f64() * 1000.0);
+    }
+    let label = format!("one new node until its route is in the kernel, {n} nodes");
+    latency_rows(&label, &mut weft, &mut reference, "kubectl get -w");
+}
+
 fn main() {
     let o = Opts::from_args();
-    vxlan(&o);
-    big(&o);
-    many_agents(&o);
+    let only_kube = std::env::args().any(|a| a == "--kube-only");
+    if !only_kube {
+        vxlan(&o);
+        big(&o);
+        many_agents(&o);
+    }
+    kube(&o);
 }

@@ -2,6 +2,8 @@
 //! helpers to prove traffic across them. Everything made here is removed on drop, also when
 //! a test panics.
 
+pub mod kubeapi;
+pub mod kubelab;
 pub mod webdriver;
 
 use std::net::Ipv4Addr;
@@ -19,17 +21,22 @@ pub const NET_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ud
 
 /// The `weft` binary under test: `$WEFT_BIN`, else the workspace's release build, else debug.
 pub fn weft_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("WEFT_BIN") {
+    workspace_bin("weft", "WEFT_BIN", "cargo build --release -p weft")
+}
+
+/// A binary of this workspace: `$var`, else the release build, else the debug one.
+pub fn workspace_bin(name: &str, var: &str, build: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
         return PathBuf::from(p);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     for profile in ["release", "debug"] {
-        let p = root.join("target").join(profile).join("weft");
+        let p = root.join("target").join(profile).join(name);
         if p.exists() {
             return p;
         }
     }
-    panic!("no weft binary: run `cargo build --release -p weft` first or set WEFT_BIN");
+    panic!("no {name} binary: run `{build}` first or set {var}");
 }
 
 /// An example module built by `scripts/build-policies`: `target/policies/<name>.wasm`, or
@@ -85,6 +92,8 @@ pub enum StoreKind {
     Etcd,
     /// etcd serving only TLS with client-certificate authentication.
     EtcdTls,
+    /// The stand-in Kubernetes API server (`--kube-subnet-mgr`); the test creates the Nodes.
+    Kube,
 }
 
 /// A test cluster: the lab, its temp dir, and etcd if used. Field order is drop order.
@@ -93,6 +102,8 @@ pub struct TestCluster {
     pub lab: Cluster,
     /// etcd, when the store is etcd.
     pub etcd: Option<Etcd>,
+    /// The Kubernetes API server, when the store is Kubernetes.
+    pub kube: Option<kubelab::KubeApi>,
     /// Keeps the directory alive as long as the cluster.
     pub tmp: tempfile::TempDir,
     /// Leases written for nodes that do not exist: routes every node holds besides its peers'.
@@ -118,6 +129,9 @@ impl TestCluster {
         let prefix = unique_prefix(tag);
         let lab_store = match store {
             StoreKind::Embedded => LabStore::Embedded(tmp.path().join("store.db")),
+            StoreKind::Kube => LabStore::Kube {
+                kubeconfig: tmp.path().join("kube").join("kubeconfig"),
+            },
             // Filled in once etcd has an address.
             StoreKind::Etcd | StoreKind::EtcdTls => LabStore::Etcd {
                 endpoints: String::new(),
@@ -133,8 +147,12 @@ impl TestCluster {
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
         };
         let mut lab = Cluster::build(spec, nodes).expect("build lab");
+        let kube = (store == StoreKind::Kube).then(|| {
+            let (ns, addr) = lab.add_host("kubeapi").expect("API server host");
+            kubelab::KubeApi::start(ns, addr, &tmp.path().join("kube"))
+        });
         let etcd = match store {
-            StoreKind::Embedded => None,
+            StoreKind::Embedded | StoreKind::Kube => None,
             StoreKind::Etcd | StoreKind::EtcdTls => {
                 let (ns, addr) = lab.add_host("etcd").expect("etcd host");
                 let tls = (store == StoreKind::EtcdTls).then(|| TlsFiles::generate(tmp.path(), addr));
@@ -152,6 +170,7 @@ impl TestCluster {
         TestCluster {
             lab,
             etcd,
+            kube,
             tmp,
             fake_routes: 0,
         }
@@ -227,8 +246,16 @@ impl TestCluster {
     /// Runs `weft <sub> <store flags> <args>` from `ns` (default: etcd's host, or the root
     /// namespace for the embedded store).
     pub fn weft_cli(&self, sub: &str, args: &[&str], ns: Option<&str>) -> Result<String, String> {
-        let mut cmd = match &self.etcd {
-            Some(e) => {
+        let mut cmd = match (&self.etcd, &self.kube) {
+            (_, Some(k)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.unwrap_or(&k.ns)]);
+                c.arg(weft_bin());
+                c.args([sub, "--kube-subnet-mgr", "--kubeconfig-file"]);
+                c.arg(&k.kubeconfig);
+                c
+            }
+            (Some(e), None) => {
                 let mut c = Command::new("ip");
                 c.args([
                     "netns",
@@ -244,7 +271,7 @@ impl TestCluster {
                 }
                 c
             }
-            None => {
+            (None, None) => {
                 let LabStore::Embedded(p) = &self.lab.spec.store else {
                     unreachable!()
                 };

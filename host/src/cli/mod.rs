@@ -142,10 +142,47 @@ pub(crate) struct StoreArgs {
     /// The embedded store's database file, used when no etcd endpoint is given.
     #[arg(global = true, long, env = "WEFT_STORE", default_value = "/var/lib/weft/store.db")]
     store: PathBuf,
+    /// Keep leases on the Kubernetes API's Node objects, as flannel's --kube-subnet-mgr does
+    /// (the subnet is the node's spec.podCIDR).
+    #[arg(global = true, long, env = "WEFT_KUBE_SUBNET_MGR")]
+    kube_subnet_mgr: bool,
+    /// Kubernetes API server URL (default: the kubeconfig's, else the in-cluster one).
+    #[arg(global = true, long, env = "WEFT_KUBE_API_URL")]
+    kube_api_url: Option<String>,
+    /// kubeconfig file (default: the pod's service account).
+    #[arg(global = true, long, env = "WEFT_KUBECONFIG_FILE")]
+    kubeconfig_file: Option<PathBuf>,
+    /// Prefix of the node annotations the lease is published in (flannel's).
+    #[arg(global = true, long, env = "WEFT_KUBE_ANNOTATION_PREFIX", default_value = weft::lease::kube::DEFAULT_PREFIX)]
+    kube_annotation_prefix: String,
+    /// This node's name in Kubernetes (the downward API's spec.nodeName).
+    #[arg(global = true, long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Set the node condition NetworkUnavailable=False once the lease is published.
+    #[arg(global = true, long, env = "WEFT_SET_NODE_NETWORK_UNAVAILABLE", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", require_equals = true, action = clap::ArgAction::Set)]
+    set_node_network_unavailable: bool,
 }
 
 impl StoreArgs {
+    /// The store the flags name; `net_config` is where the Kubernetes mode reads net-conf.json.
     pub(crate) fn options(&self) -> StoreOptions {
+        self.options_with(None)
+    }
+
+    pub(crate) fn options_with(&self, net_config: Option<&PathBuf>) -> StoreOptions {
+        if self.kube_subnet_mgr {
+            return StoreOptions::Kube(weft::lease::kube::KubeOptions {
+                api_url: self.kube_api_url.clone().filter(|u| !u.is_empty()),
+                kubeconfig: self.kubeconfig_file.clone().filter(|p| !p.as_os_str().is_empty()),
+                annotation_prefix: self.kube_annotation_prefix.clone(),
+                node_name: self.node_name.clone().filter(|n| !n.is_empty()),
+                net_config: net_config
+                    .cloned()
+                    .unwrap_or_else(|| PathBuf::from("/etc/kube-flannel/net-conf.json")),
+                set_network_unavailable: self.set_node_network_unavailable,
+            });
+        }
         StoreOptions::from_flags(
             EtcdOptions {
                 endpoints: self.etcd_endpoints.clone(),
@@ -250,8 +287,9 @@ struct AgentArgs {
     #[arg(long, env = "WEFT_LEASE_TTL", default_value_t = 86400,
           value_parser = clap::value_parser!(u64).range(2..=31_536_000))]
     lease_ttl: u64,
-    /// Network config JSON (flannel format), written to a store that has none.
-    #[arg(long, env = "WEFT_NET_CONFIG")]
+    /// Network config JSON (flannel format), written to a store that has none; with
+    /// --kube-subnet-mgr, the mounted net-conf.json (default /etc/kube-flannel/net-conf.json).
+    #[arg(long, env = "WEFT_NET_CONFIG", visible_alias = "net-config-path")]
     net_config: Option<PathBuf>,
     /// Address of the metrics and health endpoint.
     #[arg(long, env = "WEFT_ADMIN_LISTEN", default_value = "127.0.0.1:8286")]
@@ -460,7 +498,7 @@ async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Agent(a) => {
             let opts = AgentOptions {
-                store: a.store.options(),
+                store: a.store.options_with(a.net_config.as_ref()),
                 iface: a.iface,
                 public_ip: a.public_ip,
                 subnet_file: a.subnet_file,

@@ -26,6 +26,13 @@ pub enum LabStore {
     Embedded(PathBuf),
     /// etcd endpoints and key prefix.
     Etcd { endpoints: String, prefix: String },
+    /// A Kubernetes API server, reached with this kubeconfig; node `i` is Node `node-<i>`.
+    Kube { kubeconfig: PathBuf },
+}
+
+/// The Kubernetes node name of lab node `i` (1-based).
+pub fn kube_node_name(i: usize) -> String {
+    format!("node-{i}")
 }
 
 /// What to build.
@@ -263,6 +270,11 @@ impl Cluster {
                 "--etcd-prefix".into(),
                 prefix.clone(),
             ]),
+            LabStore::Kube { kubeconfig } => args.extend([
+                "--kube-subnet-mgr".into(),
+                "--kubeconfig-file".into(),
+                kubeconfig.display().to_string(),
+            ]),
         }
         args.extend(self.spec.agent_args.iter().cloned());
         Ok(args)
@@ -278,6 +290,18 @@ impl Cluster {
     /// Starts node `i`'s agent (logging to its log file).
     pub fn start_agent(&mut self, i: usize) -> Result<(), LabError> {
         let args = self.agent_args(i)?;
+        self.start_agent_with(i, &[], &[], &args)
+    }
+
+    /// Starts node `i`'s agent with `args`, run through `wrap` (a command line that ends by
+    /// executing what follows it) and with `env` added.
+    pub fn start_agent_with(
+        &mut self,
+        i: usize,
+        wrap: &[&str],
+        env: &[(&str, &str)],
+        args: &[String],
+    ) -> Result<(), LabError> {
         let bin = self.spec.weft_bin.display().to_string();
         let n = self.node_mut(i)?;
         if let Some(a) = n.agent.take() {
@@ -288,10 +312,20 @@ impl Cluster {
             .append(true)
             .open(n.log_file())?;
         let err = log.try_clone()?;
+        let (program, rest) = match wrap.split_first() {
+            Some((p, rest)) => (
+                p.to_string(),
+                rest.iter().map(|s| s.to_string()).chain([bin.clone()]).collect(),
+            ),
+            None => (bin.clone(), Vec::new()),
+        };
         let child =
-            n.ns.command(&bin)
-                .args(&args)
+            n.ns.command(&program)
+                .args(&rest)
+                .args(args)
+                .envs(env.iter().copied())
                 .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+                .env("NODE_NAME", kube_node_name(i))
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(err)

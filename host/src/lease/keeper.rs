@@ -8,13 +8,15 @@ use std::time::{Duration, SystemTime};
 use ipnet::Ipv4Net;
 
 use super::alloc::{choose, Choice};
-use super::{Lease, LeaseAttrs, LeaseStore, StoreError};
+use super::{Assignment, Lease, LeaseAttrs, LeaseStore, StoreError};
 use crate::config::NetworkConfig;
 
 /// How many times one acquisition re-lists after losing races before giving up for a while.
 const LIST_ROUNDS: usize = 20;
 /// How many subnets one listing may be tried on before re-listing.
 const CREATES_PER_LIST: usize = 10;
+/// How often a node waiting for its assigned subnet looks again.
+const ASSIGNMENT_POLL: Duration = Duration::from_secs(2);
 
 /// Why no lease could be had.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,9 @@ pub enum AcquireError {
         range_size: u64,
         leased: usize,
     },
+    /// The subnet assigned to this node lies outside the network config's network.
+    #[error("the subnet assigned to this node, {subnet}, is outside the network {network} of the network config: the cluster CIDR and net-conf.json's Network must agree")]
+    Outside { subnet: Ipv4Net, network: Ipv4Net },
     /// Other nodes kept winning every subnet this node tried.
     #[error("lost the race for a subnet {0} times in a row; the store is too contended")]
     Contended(usize),
@@ -65,7 +70,49 @@ impl LeaseKeeper {
 
     /// Gets this node a lease: its existing one (same PublicIP), else `preferred` if free,
     /// else a random free subnet; a lost creation race moves on to another subnet.
+    /// On a store that assigns subnets (Kubernetes), takes the assigned one instead, waiting
+    /// for it to be assigned.
     pub async fn acquire(&self, preferred: Option<Ipv4Net>) -> Result<Lease, AcquireError> {
+        match self.store.assignment().await {
+            Ok(Assignment::Free) => self.pick(preferred).await,
+            _ => self.take_assigned().await,
+        }
+    }
+
+    /// Waits for the subnet someone else assigns, then publishes this node's lease on it. An
+    /// unreachable store or a missing assignment is waited out, said once at warning level.
+    async fn take_assigned(&self) -> Result<Lease, AcquireError> {
+        let mut said: Option<String> = None;
+        loop {
+            let why = match self.store.assignment().await {
+                Ok(Assignment::Assigned(subnet)) => {
+                    if !self.config.network.contains(&subnet) {
+                        return Err(AcquireError::Outside {
+                            subnet,
+                            network: self.config.network,
+                        });
+                    }
+                    match self.store.create_lease(subnet, &self.attrs, self.ttl).await {
+                        Ok(Some(l)) => return Ok(l),
+                        // Reassigned between the two reads: look again.
+                        Ok(None) => continue,
+                        Err(e) => e.to_string(),
+                    }
+                }
+                Ok(Assignment::Pending(why)) => why,
+                Ok(Assignment::Free) => return self.pick(None).await,
+                Err(e) => e.to_string(),
+            };
+            if said.as_deref() != Some(why.as_str()) {
+                tracing::warn!("{why}");
+                said = Some(why);
+            }
+            tokio::time::sleep(ASSIGNMENT_POLL).await;
+        }
+    }
+
+    /// Picks a free subnet (this PublicIP's existing lease first) and leases it.
+    async fn pick(&self, preferred: Option<Ipv4Net>) -> Result<Lease, AcquireError> {
         let range = self.config.range();
         let mut tried: HashSet<Ipv4Net> = HashSet::new();
         let mut lost = 0usize;

@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod embedded;
 pub mod etcd;
 pub mod keeper;
+pub mod kube;
 pub mod table;
 pub mod watch;
 
@@ -144,7 +145,18 @@ pub struct Doc {
     pub revision: i64,
 }
 
-/// Where leases and the network config live: the embedded database or etcd.
+/// Who picks a node's subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// The node picks a free one from the network config's range (embedded store, etcd).
+    Free,
+    /// Someone else assigned this one (Kubernetes: the node's `spec.podCIDR`).
+    Assigned(Ipv4Net),
+    /// Someone else assigns it and has not yet; the reason says who and how.
+    Pending(String),
+}
+
+/// Where leases and the network config live: the embedded database, etcd or Kubernetes.
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
     /// Human-readable description of the store, for logs.
@@ -155,6 +167,11 @@ pub trait LeaseStore: Send + Sync {
 
     /// Writes the network config unless one is already there; true if this call wrote it.
     async fn init_network_config(&self, json: &str) -> Result<bool, StoreError>;
+
+    /// Who picks this node's subnet; stores that let nodes choose need not say.
+    async fn assignment(&self) -> Result<Assignment, StoreError> {
+        Ok(Assignment::Free)
+    }
 
     /// Every live lease and the revision of the listing.
     async fn list_leases(&self) -> Result<LeaseSnapshot, StoreError>;

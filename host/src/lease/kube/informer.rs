@@ -1,0 +1,137 @@
+//! Following one kind of Kubernetes object as an informer does: list, then watch from the
+//! list's resourceVersion with bookmarks (so a quiet watch still advances), resume a broken
+//! watch from the last version seen, and list again only on 410 Gone (the version was
+//! compacted away). Errors back off exponentially. Each change is handed on one object at a
+//! time, so what a change costs does not grow with the number of objects; only a re-list
+//! hands on the whole set.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use serde::de::DeserializeOwned;
+
+/// What the informer saw.
+#[derive(Debug)]
+pub enum Change<K> {
+    /// A full listing: exactly these objects exist.
+    Listed(Vec<K>),
+    /// An object was created or changed.
+    Applied(K),
+    /// An object was deleted (its last state).
+    Deleted(K),
+    /// The watch is established (after a listing or a resumed watch).
+    Connected,
+    /// The API server could not be read; the last known objects stand.
+    Disconnected(String),
+}
+
+/// How long one watch request runs before it is renewed (the API server's own limit is
+/// randomised between 30 and 60 minutes; shorter keeps a half-dead connection short-lived).
+const WATCH_TIMEOUT_SECS: u32 = 290;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Follows every object of `api` forever, calling `on` in order.
+pub async fn run<K, F>(api: Api<K>, mut on: F)
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: FnMut(Change<K>) + Send,
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let version = match api.list(&ListParams::default()).await {
+            Ok(list) => {
+                on(Change::Listed(list.items));
+                list.metadata.resource_version.unwrap_or_default()
+            }
+            Err(e) => {
+                on(Change::Disconnected(format!("cannot list: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        watch_from(&api, version, &mut on).await;
+    }
+}
+
+/// How one watch request ended.
+enum End {
+    /// Renew it from this version.
+    Resume(String),
+    /// The version is gone: list again.
+    Relist,
+}
+
+/// Watches from `version` until it is compacted away, resuming after every break.
+async fn watch_from<K, F>(api: &Api<K>, mut version: String, on: &mut F)
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: FnMut(Change<K>) + Send,
+{
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
+        let stream = match api.watch(&params, &version).await {
+            Ok(s) => s,
+            Err(kube::Error::Api(e)) if e.code == 410 => return,
+            Err(e) => {
+                on(Change::Disconnected(format!("cannot watch: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        on(Change::Connected);
+        match drain(stream.boxed(), &mut version, on).await {
+            Ok(End::Resume(v)) => {
+                version = v;
+                backoff = BACKOFF_MIN;
+            }
+            Ok(End::Relist) => return,
+            Err(e) => {
+                on(Change::Disconnected(format!("watch broke: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn drain<K, F>(
+    mut stream: futures::stream::BoxStream<'_, kube::Result<WatchEvent<K>>>,
+    version: &mut String,
+    on: &mut F,
+) -> kube::Result<End>
+where
+    K: kube::Resource + Clone + Debug,
+    F: FnMut(Change<K>),
+{
+    let seen = |k: &K, version: &mut String| {
+        if let Some(v) = k.meta().resource_version.clone() {
+            *version = v;
+        }
+    };
+    while let Some(event) = stream.try_next().await? {
+        match event {
+            WatchEvent::Added(k) | WatchEvent::Modified(k) => {
+                seen(&k, version);
+                on(Change::Applied(k));
+            }
+            WatchEvent::Deleted(k) => {
+                seen(&k, version);
+                on(Change::Deleted(k));
+            }
+            WatchEvent::Bookmark(b) => *version = b.metadata.resource_version,
+            WatchEvent::Error(e) if e.code == 410 => {
+                tracing::debug!(message = %e.message, "watch version expired; listing again");
+                return Ok(End::Relist);
+            }
+            WatchEvent::Error(e) => return Err(kube::Error::Api(e)),
+        }
+    }
+    Ok(End::Resume(version.clone()))
+}
