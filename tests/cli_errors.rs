@@ -85,6 +85,66 @@ fn unreachable_etcd_is_reported() {
 }
 
 #[test]
+fn kubernetes_mode_without_what_it_needs_is_reported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let net = write(
+        &dir,
+        "net-conf.json",
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    );
+    let (code, line) = agent_fails(&["--kube-subnet-mgr", "--net-config-path", &net], false);
+    assert_eq!(code, 1);
+    assert!(
+        line.contains("--kube-subnet-mgr needs this node's name: set NODE_NAME"),
+        "{line}"
+    );
+    let (code, line) = agent_fails(
+        &["--kube-subnet-mgr", "--node-name", "n1", "--net-config-path", &net],
+        false,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        line.contains("not running in a pod") && line.contains("--kubeconfig-file"),
+        "{line}"
+    );
+    let kc = dir.path().join("missing-kubeconfig").display().to_string();
+    let (code, line) = agent_fails(
+        &["--kube-subnet-mgr", "--node-name", "n1", "--kubeconfig-file", &kc],
+        false,
+    );
+    assert_eq!(code, 1);
+    assert!(line.contains(&format!("--kubeconfig-file {kc}")), "{line}");
+    let junk = write(&dir, "kubeconfig", "clusters: [nonsense");
+    let (code, line) = agent_fails(
+        &["--kube-subnet-mgr", "--node-name", "n1", "--kubeconfig-file", &junk],
+        false,
+    );
+    assert_eq!(code, 1);
+    assert!(line.contains(&format!("--kubeconfig-file {junk}")), "{line}");
+    // An API server that refuses: the command line says where and why, in one line, at once.
+    let started = std::time::Instant::now();
+    let (code, _, err) = weft(&[
+        "lease",
+        "ls",
+        "--kube-subnet-mgr",
+        "--kube-api-url",
+        "https://127.0.0.1:1",
+    ]);
+    assert_eq!(code, 1);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("weft: error: "), "{err}");
+    assert!(
+        last.contains("nodes at https://127.0.0.1:1/") && last.contains("Connection refused"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn missing_dev_net_tun_is_reported() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = dir.path().join("s.db").display().to_string();

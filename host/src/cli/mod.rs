@@ -458,9 +458,12 @@ fn init_logging(default: &str) {
 /// Parses the command line and runs it; errors print as one line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // kube's client logs each failed request itself, without context; Weft reports them with
+    // it. A one-shot command's error line already says what its store's warnings would.
     init_logging(match &cli.command {
         Command::Module(m) if m.is_test() => "warn",
-        _ => "info",
+        Command::Lease(_) | Command::Module(_) => "info,kube_client=off,weft::lease::kube=error",
+        _ => "info,kube_client=off",
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -497,6 +500,11 @@ async fn shutdown_signal() {
 async fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Agent(a) => {
+            if a.store.kube_subnet_mgr && a.store.node_name.as_deref().is_none_or(str::is_empty) {
+                anyhow::bail!(
+                    "--kube-subnet-mgr needs this node's name: set NODE_NAME (the downward API's spec.nodeName) or --node-name"
+                );
+            }
             let opts = AgentOptions {
                 store: a.store.options_with(a.net_config.as_ref()),
                 iface: a.iface,

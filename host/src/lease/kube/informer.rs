@@ -33,8 +33,25 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// Follows every object of `api` forever, calling `on` in order.
-pub async fn run<K, F>(api: Api<K>, mut on: F)
+/// An error with its causes: kube's own text for a refused connection is only "client error
+/// (Connect)", the reason is further down the chain.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+/// Follows every object of `api` forever, calling `on` in order; `what` names them in errors
+/// (`nodes at https://...`).
+pub async fn run<K, F>(api: Api<K>, what: String, mut on: F)
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     F: FnMut(Change<K>) + Send,
@@ -47,14 +64,14 @@ where
                 list.metadata.resource_version.unwrap_or_default()
             }
             Err(e) => {
-                on(Change::Disconnected(format!("cannot list: {e}")));
+                on(Change::Disconnected(format!("cannot list {what}: {}", chain(&e))));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
         backoff = BACKOFF_MIN;
-        watch_from(&api, version, &mut on).await;
+        watch_from(&api, &what, version, &mut on).await;
     }
 }
 
@@ -67,7 +84,7 @@ enum End {
 }
 
 /// Watches from `version` until it is compacted away, resuming after every break.
-async fn watch_from<K, F>(api: &Api<K>, mut version: String, on: &mut F)
+async fn watch_from<K, F>(api: &Api<K>, what: &str, mut version: String, on: &mut F)
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     F: FnMut(Change<K>) + Send,
@@ -79,7 +96,7 @@ where
             Ok(s) => s,
             Err(kube::Error::Api(e)) if e.code == 410 => return,
             Err(e) => {
-                on(Change::Disconnected(format!("cannot watch: {e}")));
+                on(Change::Disconnected(format!("cannot watch {what}: {}", chain(&e))));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
@@ -93,7 +110,10 @@ where
             }
             Ok(End::Relist) => return,
             Err(e) => {
-                on(Change::Disconnected(format!("watch broke: {e}")));
+                on(Change::Disconnected(format!(
+                    "the watch of {what} broke: {}",
+                    chain(&e)
+                )));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }

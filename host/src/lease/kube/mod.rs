@@ -148,6 +148,11 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("Kubernetes API: {e}"))
 }
 
+/// A kube error with its causes, as a store error.
+fn kube_error(what: &str, e: &kube::Error) -> StoreError {
+    unavailable(format!("{what}: {}", informer::chain(e)))
+}
+
 /// The client configuration: the kubeconfig file, else the pod's service account, with
 /// `--kube-api-url` replacing the server either names.
 async fn client_config(opts: &KubeOptions) -> Result<kube::Config, StoreError> {
@@ -185,7 +190,7 @@ impl KubeStore {
     pub async fn connect(opts: &KubeOptions) -> Result<KubeStore, StoreError> {
         let config = client_config(opts).await?;
         let url = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config).map_err(unavailable)?;
+        let client = kube::Client::try_from(config).map_err(|e| kube_error("cannot build a client", &e))?;
         let nodes: Api<Node> = Api::all(client.clone());
         let modules: Api<DynamicObject> = Api::all_with(client, &module::resource());
         let keys = Keys::new(&opts.annotation_prefix);
@@ -209,9 +214,14 @@ impl KubeStore {
     /// The node informer's state, starting the informer on first use.
     fn feed(&self) -> &Mutex<LeaseFeed> {
         self.node_task.get_or_init(|| {
-            spawn_informer(self.nodes.clone(), self.feed.clone(), self.listed.clone(), |f, c| {
-                f.on_change(c)
-            })
+            let what = format!("nodes at {}", self.url);
+            spawn_informer(
+                self.nodes.clone(),
+                what,
+                self.feed.clone(),
+                self.listed.clone(),
+                |f, c| f.on_change(c),
+            )
         });
         &self.feed
     }
@@ -219,9 +229,14 @@ impl KubeStore {
     /// The module informer's state, starting the informer on first use.
     fn cache(&self) -> &Mutex<ModuleCache> {
         self.module_task.get_or_init(|| {
-            spawn_informer(self.modules.clone(), self.cache.clone(), self.listed.clone(), |m, c| {
-                m.on_change(c)
-            })
+            let what = format!("WasmModule objects at {}", self.url);
+            spawn_informer(
+                self.modules.clone(),
+                what,
+                self.cache.clone(),
+                self.listed.clone(),
+                |m, c| m.on_change(c),
+            )
         });
         &self.cache
     }
@@ -247,7 +262,11 @@ impl KubeStore {
     /// up; `None` when the node's pod CIDR is not `subnet`.
     async fn publish(&self, subnet: Ipv4Net, attrs: &LeaseAttrs) -> Result<Option<Lease>, StoreError> {
         let name = self.node_name()?.to_string();
-        let node = self.nodes.get(&name).await.map_err(unavailable)?;
+        let node = self
+            .nodes
+            .get(&name)
+            .await
+            .map_err(|e| kube_error(&format!("cannot read node {name}"), &e))?;
         if annotations::pod_cidr(&node) != Some(subnet) {
             return Ok(None);
         }
@@ -283,7 +302,7 @@ impl KubeStore {
                 Ok(o) => self.wrote(Change::Applied(o)),
                 // Deleted meanwhile: nothing to report on.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(unavailable(e)),
+                Err(e) => return Err(kube_error(&format!("cannot report on wasmmodule {module}"), &e)),
             }
         }
         Ok(())
@@ -297,14 +316,18 @@ impl KubeStore {
         let written = match self.modules.create(&PostParams::default(), &obj).await {
             Ok(o) => o,
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                let mut current = self.modules.get(name).await.map_err(unavailable)?;
+                let mut current = self
+                    .modules
+                    .get(name)
+                    .await
+                    .map_err(|e| kube_error(&format!("cannot read wasmmodule {name}"), &e))?;
                 current.data["spec"] = obj.data["spec"].clone();
                 self.modules
                     .replace(name, &PostParams::default(), &current)
                     .await
-                    .map_err(unavailable)?
+                    .map_err(|e| kube_error(&format!("cannot replace wasmmodule {name}"), &e))?
             }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => return Err(kube_error(&format!("cannot create wasmmodule {name}"), &e)),
         };
         self.wrote(Change::Applied(written));
         Ok(())
@@ -320,6 +343,7 @@ impl KubeStore {
 
 fn spawn_informer<K, S>(
     api: Api<K>,
+    what: String,
     state: Arc<Mutex<S>>,
     listed: Arc<Notify>,
     on: fn(&mut S, Change<K>),
@@ -328,7 +352,7 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     S: Send + 'static,
 {
-    tokio::spawn(informer::run(api, move |c| {
+    tokio::spawn(informer::run(api, what, move |c| {
         let news = matches!(c, Change::Listed(_) | Change::Disconnected(_));
         on(&mut lock(&state), c);
         if news {
@@ -350,7 +374,7 @@ impl KubeStore {
                 Err(kube::Error::Api(e)) if !matches!(e.code, 409 | 429 | 500..) => {
                     return Err(unavailable(format!("{what}: {} ({})", e.message, e.code)))
                 }
-                Err(e) if attempt >= WRITE_ATTEMPTS => return Err(unavailable(format!("{what}: {e}"))),
+                Err(e) if attempt >= WRITE_ATTEMPTS => return Err(kube_error(what, &e)),
                 Err(e) => tracing::debug!(error = %e, attempt, "{what}: retrying"),
             }
             tokio::time::sleep(wait).await;
@@ -394,7 +418,7 @@ impl LeaseStore for KubeStore {
                     "node \"{name}\" does not exist in the Kubernetes API (check NODE_NAME)"
                 )))
             }
-            Err(e) => return Err(unavailable(e)),
+            Err(e) => return Err(kube_error(&format!("cannot read node {name}"), &e)),
         };
         Ok(match annotations::pod_cidr(&node) {
             Some(net) => Assignment::Assigned(net),
@@ -429,7 +453,11 @@ impl LeaseStore for KubeStore {
     }
 
     async fn delete_lease(&self, subnet: Ipv4Net) -> Result<bool, StoreError> {
-        let listed = self.nodes.list(&Default::default()).await.map_err(unavailable)?;
+        let listed = self
+            .nodes
+            .list(&Default::default())
+            .await
+            .map_err(|e| kube_error("cannot list nodes", &e))?;
         let Some(node) = listed
             .items
             .iter()
@@ -487,7 +515,7 @@ impl LeaseStore for KubeStore {
                     Ok(true)
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
-                Err(e) => Err(unavailable(e)),
+                Err(e) => Err(kube_error(&format!("cannot delete wasmmodule {name}"), &e)),
             },
             DocKind::ModuleStatus => {
                 let patches = module::forget_patches(&lock(self.cache()).objects, name);
