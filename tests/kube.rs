@@ -258,7 +258,33 @@ fn vxlan_weft_and_flannel_nodes_route_to_each_other_through_outages_and_deletion
     let (src, _) = c.pod(1, 1);
     let (_, dst) = c.pod(f, 1);
     assert!(ping(&src, dst), "node 1 lost the flannel node");
+    flannel_node_moves_to_weft(&mut c, f);
     the_cluster_role_grants_exactly_what_weft_used(&c);
+}
+
+/// The flannel node moves to Weft, as a cluster migrates one node at a time: flannel stops and
+/// its device goes (two VXLAN devices cannot share VNI 1 and port 8472), Weft's agent starts
+/// on the same Node object, keeps its pod CIDR, publishes its own VTEP MAC, and every pod
+/// reaches the node's pod again.
+fn flannel_node_moves_to_weft(c: &mut TestCluster, f: usize) {
+    let ns = c.lab.nodes[f - 1].ns.name().to_string();
+    let subnet = c.subnet(f);
+    sh(&ns, "ip link del flannel.1");
+    c.lab.start_agent(f).expect("start Weft on the flannel node");
+    assert_eq!(c.lab.wait_ready(f, Duration::from_secs(20)).expect("ready"), subnet);
+    let n = kube(c).node(&kube_node_name(f));
+    let data = n["metadata"]["annotations"][format!("{PREFIX}/backend-data")].as_str().unwrap_or("").to_string();
+    assert!(!data.contains(FLANNEL_MAC) && data.contains("VtepMAC"), "Weft published its own MAC: {data}");
+    check_published(c, f, "vxlan");
+    for n in [1, 2, f] {
+        wait_routes(c, n, 2);
+    }
+    for (a, b) in [(1, f), (f, 2)] {
+        let (src, _) = c.pod(a, 1);
+        let (_, dst) = c.pod(b, 1);
+        let (ok, out) = ping_output(&src, dst);
+        assert!(ok, "node {a} -> node {b} after the move:\n{out}");
+    }
 }
 
 /// A module applied with kubectl is enforced on every Weft node (and on traffic from the
