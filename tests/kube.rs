@@ -273,8 +273,14 @@ fn flannel_node_moves_to_weft(c: &mut TestCluster, f: usize) {
     c.lab.start_agent(f).expect("start Weft on the flannel node");
     assert_eq!(c.lab.wait_ready(f, Duration::from_secs(20)).expect("ready"), subnet);
     let n = kube(c).node(&kube_node_name(f));
-    let data = n["metadata"]["annotations"][format!("{PREFIX}/backend-data")].as_str().unwrap_or("").to_string();
-    assert!(!data.contains(FLANNEL_MAC) && data.contains("VtepMAC"), "Weft published its own MAC: {data}");
+    let data = n["metadata"]["annotations"][format!("{PREFIX}/backend-data")]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        !data.contains(FLANNEL_MAC) && data.contains("VtepMAC"),
+        "Weft published its own MAC: {data}"
+    );
     check_published(c, f, "vxlan");
     for n in [1, 2, f] {
         wait_routes(c, n, 2);
@@ -550,6 +556,35 @@ fn host_gw_waits_for_the_pod_cidr_then_routes_with_a_flannel_node() {
     }
     all_pairs_ping(&c, 4);
     restart_under_traffic(&mut c);
+    lease_commands_on_kubernetes(&c);
+}
+
+/// `weft lease ls` and `rm` on Kubernetes: the listing holds every published node (the
+/// flannel one too); removing a live node's lease withdraws its annotations, and its agent
+/// publishes them again at once, as it re-acquires a lease removed from etcd.
+fn lease_commands_on_kubernetes(c: &TestCluster) {
+    let ls = c.weft_cli("lease", &["ls"], None).expect("lease ls");
+    for n in 1..=4 {
+        assert!(ls.contains(&c.subnet(n).to_string()), "{ls}");
+    }
+    let two = c.subnet(2).to_string();
+    c.weft_cli("lease", &["rm", &two], None).expect("lease rm");
+    let marker = format!("{PREFIX}/kube-subnet-manager");
+    assert!(
+        eventually(Duration::from_secs(10), || kube(c).node("node-2")["metadata"]
+            ["annotations"][&marker]
+            == "true"),
+        "node 2 never published again:\n{}",
+        c.lab.nodes[1].log_tail(20)
+    );
+    assert!(
+        c.lab.nodes[1].log_tail(50).contains("re-acquired the same subnet"),
+        "{}",
+        c.lab.nodes[1].log_tail(20)
+    );
+    let (src, _) = c.pod(1, 1);
+    let (_, dst) = c.pod(2, 1);
+    assert!(ping(&src, dst), "node 1 -> node 2 after the lease came back");
 }
 
 /// Node 2's agent restarted under a 5 Hz ping from node 1: no packet lost, and it adopts its
