@@ -168,16 +168,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     tracing::info!(network = %config.network, subnet_len = config.subnet_len, backend = %config.backend.kind, "network config");
 
     let DataPath { backend, modules, node } = data_path(&opts, &config, &underlay)?;
-    let attrs = LeaseAttrs::new(underlay.addr, backend.kind(), backend.backend_data());
-    let keeper = Arc::new(LeaseKeeper::new(
-        store.clone(),
-        config.clone(),
-        attrs,
-        opts.lease_ttl,
-        opts.renew_margin,
-    ));
-    let previous = SubnetEnv::read(&opts.subnet_file).map(|e| e.subnet);
-    let lease = keeper.acquire(previous).await?;
+    let (keeper, lease) = take_lease(&opts, &store, &config, &underlay, &*backend).await?;
     let health = Arc::new(StoreHealth::default());
     health.connected.store(true, Ordering::Relaxed);
     let state = Arc::new(AgentState::new(
@@ -190,18 +181,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     load_modules_first(&store, &modules, node.public_ip, opts.module_poll).await;
     ensure_ip_forwarding();
     backend.start(&lease)?;
-    if let Some(stats) = &state.kernel_policy {
-        if let Err(e) = crate::nfq::start(
-            modules.clone(),
-            config.network,
-            opts.policy_queue,
-            opts.policy_queues,
-            stats.clone(),
-        ) {
-            tracing::error!(error = %e, backend = backend.kind(),
-                "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
-        }
-    }
+    start_kernel_policy(&opts, &config, &state, &modules, &*backend);
     let events = serve_admin(&opts, admin, admin_tls, &state, &store, &config)?;
 
     // Follow the cluster's leases. Losing our own lease wakes the keeper task.
@@ -222,22 +202,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
         why = dataplane_failure(backend.stats()) => return Err(AgentError::Dataplane(why)),
     }
 
-    if opts.ip_masq {
-        crate::masq::install(config.network, lease.subnet)?;
-        tracing::info!(table = crate::masq::TABLE, network = %config.network, "masquerading pod traffic that leaves the cluster network");
-    }
-    let env = SubnetEnv {
-        network: config.network,
-        subnet: lease.subnet,
-        mtu: backend.mtu(),
-        ip_masq: opts.ip_masq,
-    };
-    env.write(&opts.subnet_file).map_err(|source| AgentError::SubnetFile {
-        path: opts.subnet_file.clone(),
-        source,
-    })?;
-    state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(subnet = %lease.subnet, leases = state.leases_known(), file = %opts.subnet_file.display(), "node ready: every lease is in the data path");
+    let env = declare_ready(&opts, &config, &lease, &*backend, &state)?;
 
     let keep = Keep {
         keeper,
@@ -260,6 +225,78 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     }
     tracing::info!("shutting down: the lease and the kernel's entries stay for a restart to adopt");
     outcome
+}
+
+/// This node's lease: the one it held (by PublicIP, or the subnet file's), a free one, or on
+/// Kubernetes the one assigned to it; and the keeper that renews it.
+async fn take_lease(
+    opts: &AgentOptions,
+    store: &Arc<dyn LeaseStore>,
+    config: &NetworkConfig,
+    underlay: &iface::Underlay,
+    backend: &dyn Backend,
+) -> Result<(Arc<LeaseKeeper>, Lease), AgentError> {
+    let attrs = LeaseAttrs::new(underlay.addr, backend.kind(), backend.backend_data());
+    let keeper = Arc::new(LeaseKeeper::new(
+        store.clone(),
+        config.clone(),
+        attrs,
+        opts.lease_ttl,
+        opts.renew_margin,
+    ));
+    let previous = SubnetEnv::read(&opts.subnet_file).map(|e| e.subnet);
+    let lease = keeper.acquire(previous).await?;
+    Ok((keeper, lease))
+}
+
+/// Wasm policy on a kernel data path (NFQUEUE), when the backend has one. Failing to start it
+/// is loud but not fatal: the network itself still works.
+fn start_kernel_policy(
+    opts: &AgentOptions,
+    config: &NetworkConfig,
+    state: &AgentState,
+    modules: &Arc<Pipeline>,
+    backend: &dyn Backend,
+) {
+    let Some(stats) = &state.kernel_policy else { return };
+    if let Err(e) = crate::nfq::start(
+        modules.clone(),
+        config.network,
+        opts.policy_queue,
+        opts.policy_queues,
+        stats.clone(),
+    ) {
+        tracing::error!(error = %e, backend = backend.kind(),
+            "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
+    }
+}
+
+/// Once every lease is routable: masquerading if asked, then `subnet.env` (what CNI waits
+/// for), then `/readyz`.
+fn declare_ready(
+    opts: &AgentOptions,
+    config: &NetworkConfig,
+    lease: &Lease,
+    backend: &dyn Backend,
+    state: &AgentState,
+) -> Result<SubnetEnv, AgentError> {
+    if opts.ip_masq {
+        crate::masq::install(config.network, lease.subnet)?;
+        tracing::info!(table = crate::masq::TABLE, network = %config.network, "masquerading pod traffic that leaves the cluster network");
+    }
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: lease.subnet,
+        mtu: backend.mtu(),
+        ip_masq: opts.ip_masq,
+    };
+    env.write(&opts.subnet_file).map_err(|source| AgentError::SubnetFile {
+        path: opts.subnet_file.clone(),
+        source,
+    })?;
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(subnet = %lease.subnet, leases = state.leases_known(), file = %opts.subnet_file.display(), "node ready: every lease is in the data path");
+    Ok(env)
 }
 
 /// Modules load before traffic can flow: a node must not forward unfiltered while its firewall
