@@ -155,3 +155,59 @@ where
     }
     Ok(End::Resume(version.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Node;
+
+    use super::*;
+
+    /// Watch events as the API server sends them (JSON lines), decoded as kube decodes them.
+    fn events(lines: &[&str]) -> futures::stream::BoxStream<'static, kube::Result<WatchEvent<Node>>> {
+        let decoded: Vec<kube::Result<WatchEvent<Node>>> = lines
+            .iter()
+            .map(|l| Ok(serde_json::from_str(l).expect("a watch event")))
+            .collect();
+        futures::stream::iter(decoded).boxed()
+    }
+
+    fn run_drain(lines: &[&str]) -> (kube::Result<End>, String, Vec<String>) {
+        let mut version = "10".to_string();
+        let mut seen = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let end = rt.block_on(drain(events(lines), &mut version, &mut |c: Change<Node>| {
+            seen.push(match c {
+                Change::Applied(n) => format!("applied {}", n.metadata.name.unwrap_or_default()),
+                Change::Deleted(n) => format!("deleted {}", n.metadata.name.unwrap_or_default()),
+                other => format!("{other:?}"),
+            })
+        }));
+        (end, version, seen)
+    }
+
+    #[test]
+    fn bookmarks_and_changes_advance_the_version_and_a_clean_end_resumes_from_it() {
+        let (end, version, seen) = run_drain(&[
+            r#"{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"11"}}}"#,
+            r#"{"type":"BOOKMARK","object":{"kind":"Node","apiVersion":"v1","metadata":{"resourceVersion":"40"}}}"#,
+            r#"{"type":"DELETED","object":{"metadata":{"name":"a","resourceVersion":"41"}}}"#,
+            r#"{"type":"BOOKMARK","object":{"kind":"Node","apiVersion":"v1","metadata":{"resourceVersion":"57"}}}"#,
+        ]);
+        assert_eq!(seen, ["applied a", "deleted a"]);
+        assert_eq!(version, "57", "a quiet watch still moves on: no 410 when it reconnects");
+        assert!(matches!(end, Ok(End::Resume(v)) if v == "57"));
+    }
+
+    #[test]
+    fn gone_means_list_again_and_other_errors_break_the_watch() {
+        let (end, version, _) = run_drain(&[
+            r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","message":"too old resource version: 10 (30)","reason":"Expired","code":410}}"#,
+        ]);
+        assert!(matches!(end, Ok(End::Relist)));
+        assert_eq!(version, "10");
+        let (end, _, _) = run_drain(&[
+            r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","message":"internal error","reason":"InternalError","code":500}}"#,
+        ]);
+        assert!(matches!(end, Err(kube::Error::Api(e)) if e.code == 500));
+    }
+}
