@@ -539,6 +539,13 @@ fn host_gw_waits_for_the_pod_cidr_then_routes_with_a_flannel_node() {
         r#"{"spec":{"podCIDR":"10.244.13.0/24","podCIDRs":["10.244.13.0/24"]}}"#,
     ]);
     c.up(1);
+    for n in 1..=3 {
+        let log = c.lab.nodes[n - 1].log_tail(200);
+        assert!(
+            !log.contains("keeping the last known routes"),
+            "a healthy start reported an outage:\n{log}"
+        );
+    }
     assert_eq!(c.subnet(3), "10.244.13.0/24".parse().expect("cidr"));
     check_published(&c, 3, "host-gw");
     // No WasmModule CRD in this cluster: the agents run, and say why modules are not read.

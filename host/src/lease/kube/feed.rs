@@ -63,10 +63,7 @@ impl LeaseFeed {
             }
             Change::Deleted(n) => self.apply(annotations::name(&n), None),
             Change::Connected => {
-                if !self.up && self.last_error.is_some() {
-                    tracing::info!("Kubernetes API reachable again; following nodes");
-                }
-                self.up = true;
+                self.mark_up();
                 Vec::new()
             }
             Change::Disconnected(why) => {
@@ -122,8 +119,18 @@ impl LeaseFeed {
             let lease = annotations::lease_of(n, &self.keys);
             events.extend(self.apply(name, lease));
         }
+        // A listing that arrived proves the server answers: a watch may start at once, without
+        // waiting for the informer's own watch request to be accepted.
         self.listed = true;
+        self.mark_up();
         events
+    }
+
+    fn mark_up(&mut self) {
+        if !self.up && self.last_error.is_some() {
+            tracing::info!("Kubernetes API reachable again; following nodes");
+        }
+        self.up = true;
     }
 
     fn emit(&mut self, events: Vec<LeaseEvent>) {
@@ -242,6 +249,17 @@ mod tests {
         assert_eq!(f.snapshot().unwrap().leases.len(), 2, "the last known leases stand");
         f.on_change(Change::Connected);
         assert!(f.subscribe(f.seq).is_ok());
+    }
+
+    #[test]
+    fn a_watch_may_start_right_after_the_listing() {
+        let mut f = LeaseFeed::new(Keys::new("flannel.alpha.coreos.com"));
+        assert!(f.subscribe(0).is_err(), "nothing listed, nothing to watch");
+        f.on_change(Change::Listed(vec![node("a", "10.244.1.0/24", "198.18.0.2", 1)]));
+        assert!(
+            f.subscribe(f.seq).is_ok(),
+            "no spurious outage before the informer's watch is accepted"
+        );
     }
 
     #[test]

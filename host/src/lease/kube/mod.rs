@@ -71,6 +71,7 @@ impl ModuleCache {
             Change::Listed(all) => {
                 self.objects = all.into_iter().map(|o| (module::name(&o).to_string(), o)).collect();
                 self.listed = true;
+                self.up = true;
                 (true, true)
             }
             Change::Applied(o) => {
