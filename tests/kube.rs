@@ -7,7 +7,6 @@
 //! agents resume (through a 410 Gone re-list) when it returns; a WasmModule applied with
 //! kubectl is enforced on every node.
 
-use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -423,36 +422,15 @@ fn the_cluster_role_grants_exactly_what_weft_used(c: &TestCluster) {
     assert_eq!(used, granted, "requests Weft made vs the ClusterRole");
 }
 
-/// The API server goes away for 30 s under a ping between two Weft pods and one to the
+/// The API server goes away for 30 s under a 10 Hz ping between two Weft pods and one to the
 /// flannel node: no packet is lost, the agents notice, and when it returns with the old
 /// watch versions compacted away they list again and follow new changes.
 fn api_outage_costs_nothing(c: &mut TestCluster) {
     let (src, _) = c.pod(1, 1);
     let (_, dst) = c.pod(2, 1);
     let (_, flannel_pod) = c.pod(4, 1);
-    let pinger = |dst: Ipv4Addr| {
-        let src = src.clone();
-        std::thread::spawn(move || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &src,
-                    "ping",
-                    "-q",
-                    "-i",
-                    "0.2",
-                    "-c",
-                    "160",
-                    "-W",
-                    "1",
-                    &dst.to_string(),
-                ])
-                .output()
-                .expect("ping")
-        })
-    };
-    let (p1, p2) = (pinger(dst), pinger(flannel_pod));
+    // 32 s of 10 Hz pings, the outage inside them.
+    let (p1, p2) = (steady_ping(&src, dst, 320), steady_ping(&src, flannel_pod, 320));
     std::thread::sleep(Duration::from_secs(1));
     c.kube.as_mut().expect("kube").stop();
     let stopped = Instant::now();
@@ -464,11 +442,12 @@ fn api_outage_costs_nothing(c: &mut TestCluster) {
     std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed()));
     c.kube.as_mut().expect("kube").resume(true);
     for (name, p) in [("node 2", p1), ("the flannel node", p2)] {
-        let out = p.join().expect("ping thread");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.contains("160 packets transmitted, 160 received"),
-            "pings to {name} lost during the outage:\n{text}"
+        let lines = p.finish(Duration::from_secs(15));
+        let counts = ping_counts(&lines);
+        assert_eq!(
+            counts,
+            Some((320, 320)),
+            "pings to {name} lost during the outage:\n{lines:?}"
         );
     }
     assert!(
@@ -594,38 +573,23 @@ fn lease_commands_on_kubernetes(c: &TestCluster) {
     assert!(ping(&src, dst), "node 1 -> node 2 after the lease came back");
 }
 
-/// Node 2's agent restarted under a 5 Hz ping from node 1: no packet lost, and it adopts its
+/// Node 2's agent restarted under a 10 Hz ping from node 1: no packet lost, and it adopts its
 /// published lease without rewriting what flannel reads.
 fn restart_under_traffic(c: &mut TestCluster) {
     let before = kube(c).node("node-2")["metadata"]["annotations"].clone();
     let (src, _) = c.pod(1, 1);
     let (_, dst) = c.pod(2, 1);
-    let pinger = std::thread::spawn(move || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &src,
-                "ping",
-                "-q",
-                "-i",
-                "0.2",
-                "-c",
-                "25",
-                "-W",
-                "1",
-                &dst.to_string(),
-            ])
-            .output()
-            .expect("ping")
-    });
+    let pinger = steady_ping(&src, dst, 50);
     std::thread::sleep(Duration::from_secs(1));
     c.lab.stop_agent(2, true).expect("stop");
     c.lab.start_agent(2).expect("start");
     c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready again");
-    let out = pinger.join().expect("ping thread");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("25 packets transmitted, 25 received"), "{text}");
+    let lines = pinger.finish(Duration::from_secs(15));
+    assert_eq!(
+        ping_counts(&lines),
+        Some((50, 50)),
+        "pings lost across the restart: {lines:?}"
+    );
     assert_eq!(kube(c).node("node-2")["metadata"]["annotations"], before);
 }
 
