@@ -323,6 +323,37 @@ fn offloads_off_moves_packets_one_by_one_and_still_carries_everything() {
     );
 }
 
+/// Idle pings (each crosses alone) are carried by whichever thread is awake: on the answering
+/// node the receiving thread sends the reply it just caused, on the asking node the sending
+/// thread delivers the reply it waits for. Every ping is answered, and both nodes count turns
+/// they saved a wake-up in.
+#[test]
+fn an_idle_round_trip_is_carried_by_the_thread_that_is_awake() {
+    let mut c = TestCluster::new("hp", StoreKind::Embedded, 2);
+    c.up(1);
+    let (src, _) = c.pod(1, 1);
+    let (_, dst) = c.pod(2, 1);
+    assert!(ping(&src, dst));
+    let before = (
+        c.metric(1, "weft_dataplane_helped_turns_total{dir=\"rx\"}"),
+        c.metric(2, "weft_dataplane_helped_turns_total{dir=\"tx\"}"),
+    );
+    let (ok, out) = weft_tests::ping_output_with(&src, dst, &["-c", "40", "-i", "0.02"]);
+    assert!(ok && out.contains(" 0% packet loss"), "{out}");
+    let after = (
+        c.metric(1, "weft_dataplane_helped_turns_total{dir=\"rx\"}"),
+        c.metric(2, "weft_dataplane_helped_turns_total{dir=\"tx\"}"),
+    );
+    assert!(
+        after.0 > before.0,
+        "the asking node's sending thread never delivered a reply: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.1 > before.1,
+        "the answering node's receiving thread never sent a reply: {before:?} -> {after:?}"
+    );
+}
+
 /// Sixteen flows at once between two nodes with two queues each: every byte arrives checked,
 /// the flows spread over both queues of the sender (the TUN device's flow hash) and of the
 /// receiver (steered by the sender's per-queue source port), and each flow stays on one.

@@ -326,6 +326,12 @@ fn dataplane(f: &mut Family, s: &AgentState) -> std::fmt::Result {
             "Packets each queue of the userspace data path sent (tx) and delivered (rx).",
             queues,
         )?;
+        f.counter(
+            "weft_dataplane_helped_turns",
+            "Turns in which a userspace queue's thread moved the other direction's packets while that direction's thread slept (a wake-up saved).",
+            [("tx", load(&st.helped_tx)), ("rx", load(&st.helped_rx))]
+                .map(|(dir, v)| (vec![("dir", dir.to_string())], v)),
+        )?;
     }
     f.counter(
         "weft_dataplane_dropped_packets",

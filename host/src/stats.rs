@@ -80,6 +80,12 @@ pub struct DataplaneStats {
     pub queue_tx: [AtomicU64; 8],
     /// See `queue_tx`.
     pub queue_rx: [AtomicU64; 8],
+    /// Turns in which the receiving thread sent what the device held, its sending thread
+    /// asleep (a wake-up saved on the way out).
+    pub helped_tx: AtomicU64,
+    /// Turns in which the sending thread delivered what the socket held, its receiving thread
+    /// asleep (a wake-up saved on the way in).
+    pub helped_rx: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
     failure: OnceLock<String>,
 }

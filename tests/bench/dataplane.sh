@@ -14,6 +14,8 @@
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
 #   sudo tests/bench/dataplane.sh --quick    # 1 round of 2 s (CI smoke run)
+#   sudo WEFT_BEFORE=/path/to/old/weft tests/bench/dataplane.sh   # adds that binary's udp and
+#        userspace VXLAN paths to the same rounds, and rows comparing the two builds
 #
 # Topology per path: two node namespaces joined by a veth pair (MTU 1500), each with one pod
 # namespace behind a bridge. Traffic never leaves these namespaces. Inside each round the paths
@@ -73,6 +75,14 @@ setup_weft hg host-gw
 setup_kernel
 setup_plain
 PATHS="udp udpfw vx vxp vxm vxpm vxu hg kvx plain"
+USERSPACE="udp udpfw vxu"
+if [[ -n "${WEFT_BEFORE:-}" ]]; then
+  [[ -x "$WEFT_BEFORE" ]] || { echo "WEFT_BEFORE=$WEFT_BEFORE is not an executable" >&2; exit 1; }
+  NOW=$WEFT; WEFT=$WEFT_BEFORE
+  setup_weft udpb udp
+  setup_weft vxub '{"Type":"vxlan","Userspace":true}'
+  WEFT=$NOW; PATHS+=" udpb vxub"; USERSPACE+=" udpb vxub"
+fi
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
 MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows conn cpu}
 command -v sockperf >/dev/null || MODES=${MODES//sockperf/}
@@ -110,7 +120,6 @@ cpu() {
   python3 -c "print('%.1f/%.1f' % (($c1-$c0)/$SECS*100, ($c2-$c1)/$SECS*100))"
 }
 
-USERSPACE="udp udpfw vxu"
 declare -A R
 q0=$(queued vxp)
 for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
@@ -125,7 +134,7 @@ for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
       sockperf) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(sockperf_pp $t "${POD2[$t]}")"; done ;;
       flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
       conn) for t in vx vxp vxm vxpm kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
-      cpu) for t in udp vxu; do R[$t-$mode]+=" $(cpu $t)"; done ;;
+      cpu) for t in $USERSPACE; do [[ $t == udpfw ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
   done
 done
@@ -166,7 +175,14 @@ row "same, nodes with --ip-masq, TCP (Gbit/s)" vxpm vxm tcp
 row "same, nodes with --ip-masq, conn/s" vxpm vxm conn
 row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
 row "vxlan / kernel VXLAN, conn/s" vx kvx conn
-for t in udp vxu; do
+if [[ -n "${WEFT_BEFORE:-}" ]]; then
+  for m in "tcp TCP (Gbit/s)" "tcp4 TCP 4 streams (Gbit/s)" "udp64 UDP 64 B (kpps)" "ping idle ping RTT (ms)" \
+    "sockperf sockperf pp 64 B (us)" "flows 1,000 UDP flows (kpps)"; do
+    row "udp / before, ${m#* }" udp udpb "${m%% *}"
+    row "vxlan userspace / before, ${m#* }" vxu vxub "${m%% *}"
+  done
+fi
+for t in ${USERSPACE/udpfw/}; do
   printf '%-40s %25s\n' "agents' CPU, $t (% of a core: idle/TCP)" "$(echo ${R[$t-cpu]} | tr ' ' '\n' | tail -1)"
 done
 echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"

@@ -312,21 +312,16 @@ pub fn ping(ns: &str, dst: Ipv4Addr) -> bool {
 
 /// Pings `dst` from `ns` (3 tries, 2 s each): (success, ping's output).
 pub fn ping_output(ns: &str, dst: Ipv4Addr) -> (bool, String) {
+    ping_output_with(ns, dst, &["-c", "3", "-i", "0.2"])
+}
+
+/// Pings `dst` from `ns` with `args` (count, interval) and a 2 s wait: (success, ping's output).
+pub fn ping_output_with(ns: &str, dst: Ipv4Addr, args: &[&str]) -> (bool, String) {
+    let dst = dst.to_string();
     let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            "-n",
-            &dst.to_string(),
-        ])
+        .args(["netns", "exec", ns, "ping"])
+        .args(args)
+        .args(["-W", "2", "-n", &dst])
         .output()
         .expect("run ping (is iputils-ping installed?)");
     let text = format!(

@@ -13,6 +13,14 @@
 //! several flows use every core. A thread that moved packets keeps polling for a moment before
 //! it sleeps ([`spin`]), so back-to-back traffic does not pay a wake-up per packet.
 //!
+//! Each direction's state sits behind its own lock, and a thread that is awake also moves the
+//! other direction's packets while that direction's thread sleeps. An idle round trip is then
+//! carried by whichever thread is awake: writing a request into the device runs the pod's
+//! stack at once, so its answer is already queued on the device when the write returns, and
+//! the same thread sends it on instead of waking its partner (a wake-up of an idle vCPU costs
+//! tens of microseconds on a VM); the thread that sent a request catches the answer on the
+//! socket while it spins. Under load both threads are awake and each keeps to its own side.
+//!
 //! The loops work in batches: with TUN offloads a read from the device is a TCP super-packet
 //! that `tun-rs` splits into segments, which leave in one UDP GSO send per peer
 //! ([`batch`]); UDP GRO hands over runs of datagrams that `tun-rs` coalesces back into
@@ -25,8 +33,8 @@ pub mod spin;
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -142,11 +150,21 @@ pub fn start<F: Framing>(
     });
     for (q, ((dev, rx), tx)) in devices.into_iter().zip(rx).zip(tx).enumerate() {
         dev.set_nonblocking(true).map_err(tun_error)?;
+        let header = ctx.framing.header_len();
         let queue = Arc::new(Queue {
             q,
             tun: dev,
             rx,
             tx,
+            out: Side::new(TxSide {
+                chain: WorkerChain::new(ctx.modules.clone()),
+                b: TxBuffers::new(ctx.mtu, header),
+            }),
+            inn: Side::new(RxSide {
+                chain: WorkerChain::new(ctx.modules.clone()),
+                b: RxBuffers::new(ctx.mtu, header > 0),
+                failures: Failures::default(),
+            }),
             ctx: ctx.clone(),
         });
         let other = queue.clone();
@@ -239,7 +257,58 @@ struct Queue<F> {
     tun: SyncDevice,
     rx: Arc<UnderlaySocket>,
     tx: Arc<UnderlaySocket>,
+    /// Device -> underlay.
+    out: Side<TxSide>,
+    /// Underlay -> device.
+    inn: Side<RxSide>,
     ctx: Arc<Ctx<F>>,
+}
+
+/// One direction's state, and whether the thread that owns it is asleep. Whoever holds the
+/// lock moves that direction's packets, so one flow's packets still go out in order.
+struct Side<S> {
+    state: Mutex<S>,
+    asleep: AtomicBool,
+}
+
+impl<S> Side<S> {
+    fn new(state: S) -> Self {
+        Side {
+            state: Mutex::new(state),
+            asleep: AtomicBool::new(false),
+        }
+    }
+
+    /// The state, for its own thread (waiting while the other thread helps out).
+    fn own(&self) -> MutexGuard<'_, S> {
+        // A poisoned lock means a panic elsewhere; the buffers themselves are still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, for the other thread: only while its own thread sleeps, and never waiting.
+    fn help(&self) -> Option<MutexGuard<'_, S>> {
+        if !self.asleep.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// What the device -> underlay direction works with.
+struct TxSide {
+    chain: WorkerChain,
+    b: TxBuffers,
+}
+
+/// What the underlay -> device direction works with.
+struct RxSide {
+    chain: WorkerChain,
+    b: RxBuffers,
+    failures: Failures,
 }
 
 /// The sending thread's buffers, allocated once.
@@ -302,18 +371,17 @@ impl RxBuffers {
 type Fatal = String;
 
 impl<F: Framing> Queue<F> {
-    /// The device -> underlay thread.
+    /// The device -> underlay thread (and underlay -> device while that thread sleeps).
     fn run_tx(&self) {
         let c = &self.ctx;
-        let mut chain = WorkerChain::new(c.modules.clone());
-        let mut b = TxBuffers::new(c.mtu, c.framing.header_len());
         let mut spin = spin::Spin::new(c.spin);
         loop {
-            let moved = match self.drain_device(&mut chain, &mut b) {
+            let moved = self.turn_out().and_then(|n| Ok(n + self.help_in()?));
+            let moved = match moved {
                 Ok(n) => n,
                 Err(why) => return c.stats.fail(why),
             };
-            if !self.idle(&mut spin, moved, self.tun.as_raw_fd()) {
+            if !self.idle(&mut spin, moved, self.tun.as_raw_fd(), &self.out.asleep) {
                 return c
                     .stats
                     .fail(format!("TUN device {} failed (was it deleted?)", c.device));
@@ -321,28 +389,64 @@ impl<F: Framing> Queue<F> {
         }
     }
 
-    /// The underlay -> device thread.
+    /// The underlay -> device thread (and device -> underlay while that thread sleeps).
     fn run_rx(&self) {
         let c = &self.ctx;
-        let mut chain = WorkerChain::new(c.modules.clone());
-        let mut b = RxBuffers::new(c.mtu, c.framing.header_len() > 0);
         let mut spin = spin::Spin::new(c.spin);
-        let mut failures = Failures::default();
         loop {
-            let got = match self.drain_underlay(&mut chain, &mut b, &mut failures) {
+            let got = self.turn_in().and_then(|n| Ok(n + self.help_out()?));
+            let got = match got {
                 Ok(n) => n,
                 Err(why) => return c.stats.fail(why),
             };
-            if !self.idle(&mut spin, got, self.rx.fd()) {
+            if !self.idle(&mut spin, got, self.rx.fd(), &self.inn.asleep) {
                 return c.stats.fail("the underlay socket failed".into());
             }
         }
     }
 
+    /// One turn of device -> underlay by its own thread.
+    fn turn_out(&self) -> Result<usize, Fatal> {
+        let mut s = self.out.own();
+        let TxSide { chain, b } = &mut *s;
+        self.drain_device(chain, b)
+    }
+
+    /// One turn of underlay -> device by its own thread.
+    fn turn_in(&self) -> Result<usize, Fatal> {
+        let mut s = self.inn.own();
+        let RxSide { chain, b, failures } = &mut *s;
+        self.drain_underlay(chain, b, failures)
+    }
+
+    /// Device -> underlay by the receiving thread, if the sending thread sleeps: the answer
+    /// to what it just wrote into the device.
+    fn help_out(&self) -> Result<usize, Fatal> {
+        let Some(mut s) = self.out.help() else { return Ok(0) };
+        let TxSide { chain, b } = &mut *s;
+        let n = self.drain_device(chain, b)?;
+        if n > 0 {
+            self.ctx.stats.helped_tx.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+
+    /// Underlay -> device by the sending thread, if the receiving thread sleeps: the answer
+    /// to what it just sent.
+    fn help_in(&self) -> Result<usize, Fatal> {
+        let Some(mut s) = self.inn.help() else { return Ok(0) };
+        let RxSide { chain, b, failures } = &mut *s;
+        let n = self.drain_underlay(chain, b, failures)?;
+        if n > 0 {
+            self.ctx.stats.helped_rx.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+
     /// After a turn that moved `moved` packets: go on at once, spin a little longer, or sleep
-    /// until `fd` is readable. False when `fd` is broken.
+    /// until `fd` is readable (saying so in `asleep`). False when `fd` is broken.
     #[inline]
-    fn idle(&self, spin: &mut spin::Spin, moved: usize, fd: std::os::fd::RawFd) -> bool {
+    fn idle(&self, spin: &mut spin::Spin, moved: usize, fd: std::os::fd::RawFd, asleep: &AtomicBool) -> bool {
         let now = Instant::now();
         if moved > 0 {
             spin.traffic(now);
@@ -354,7 +458,10 @@ impl<F: Framing> Queue<F> {
             std::thread::yield_now();
             return true;
         }
-        wait_readable(fd).is_ok()
+        asleep.store(true, Ordering::Release);
+        let ok = wait_readable(fd).is_ok();
+        asleep.store(false, Ordering::Release);
+        ok
     }
 
     /// Reads what the device holds (up to a burst) and sends it; returns how many reads.
