@@ -81,7 +81,8 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
   NOW=$WEFT; WEFT=$WEFT_BEFORE
   setup_weft udpb udp
   setup_weft vxub '{"Type":"vxlan","Userspace":true}'
-  WEFT=$NOW; PATHS+=" udpb vxub"; USERSPACE+=" udpb vxub"
+  setup_weft udpfwb udp "'$WEFT' module --store '$TMP/udpfwb.db' add fw '$FW' --config-json '$CFG' >/dev/null"
+  WEFT=$NOW; PATHS+=" udpb udpfwb vxub"; USERSPACE+=" udpb udpfwb vxub"
 fi
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
 MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows conn cpu}
@@ -134,7 +135,7 @@ for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
       sockperf) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(sockperf_pp $t "${POD2[$t]}")"; done ;;
       flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
       conn) for t in vx vxp vxm vxpm kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
-      cpu) for t in $USERSPACE; do [[ $t == udpfw ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
+      cpu) for t in $USERSPACE; do [[ $t == udpfw* ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
   done
 done
@@ -180,9 +181,11 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
     "sockperf sockperf pp 64 B (us)" "flows 1,000 UDP flows (kpps)"; do
     row "udp / before, ${m#* }" udp udpb "${m%% *}"
     row "vxlan userspace / before, ${m#* }" vxu vxub "${m%% *}"
+    row "udp+firewall / before, ${m#* }" udpfw udpfwb "${m%% *}"
   done
 fi
-for t in ${USERSPACE/udpfw/}; do
+for t in $USERSPACE; do
+  [[ $t == udpfw* ]] && continue
   printf '%-40s %25s\n' "agents' CPU, $t (% of a core: idle/TCP)" "$(echo ${R[$t-cpu]} | tr ' ' '\n' | tail -1)"
 done
 echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"

@@ -5,6 +5,7 @@
 
 pub mod flow;
 pub mod forward;
+pub mod hash;
 pub mod mac;
 pub mod route;
 
@@ -167,51 +168,76 @@ pub fn parse_ipv4(buf: &[u8]) -> Result<Ipv4Meta, PacketError> {
         return Err(PacketError::BadChecksum);
     }
     let frag = u16::from_be_bytes([buf[6], buf[7]]);
-    let mut m = Ipv4Meta {
+    let later_fragment = frag & 0x1fff != 0;
+    let protocol = buf[9];
+    let t = if later_fragment {
+        Transport::NONE
+    } else {
+        transport(protocol, &buf[header_len..total_len])
+    };
+    // Built in one go from values: filling the ports into a struct written before makes the
+    // caller's first read of it wait for every store still in flight (a failed store forward).
+    Ok(Ipv4Meta {
         header_len,
         total_len,
         ttl: buf[8],
-        protocol: buf[9],
+        protocol,
         src: Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]),
         dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
-        later_fragment: frag & 0x1fff != 0,
+        later_fragment,
+        src_port: t.src_port,
+        dst_port: t.dst_port,
+        tcp_flags: t.tcp_flags,
+        payload: (header_len + t.start.min(total_len - header_len), t.len),
+    })
+}
+
+/// What the transport header says: ports, TCP flags, and where its payload starts (from the
+/// transport header) and how long it is.
+struct Transport {
+    src_port: u16,
+    dst_port: u16,
+    tcp_flags: u8,
+    start: usize,
+    len: usize,
+}
+
+impl Transport {
+    /// A later fragment: no transport header, and no payload a module sees.
+    const NONE: Transport = Transport {
         src_port: 0,
         dst_port: 0,
         tcp_flags: 0,
-        payload: (total_len, 0),
+        start: usize::MAX,
+        len: 0,
     };
-    if !m.later_fragment {
-        transport(&mut m, &buf[header_len..total_len]);
-    }
-    Ok(m)
 }
 
 /// Reads the ports (and TCP flags) of the transport header `l4`, and where its payload lies.
 /// A header cut short leaves the ports 0: the packet is still forwarded by its addresses.
-#[inline]
-fn transport(m: &mut Ipv4Meta, l4: &[u8]) {
+/// Inlined so the answer stays in registers (see [`parse_ipv4`]).
+#[inline(always)]
+fn transport(protocol: u8, l4: &[u8]) -> Transport {
     let be16 = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
-    let start = match m.protocol {
-        6 if l4.len() >= 20 => {
-            m.src_port = be16(0);
-            m.dst_port = be16(2);
-            m.tcp_flags = l4[13];
-            (usize::from(l4[12] >> 4) * 4).clamp(20, l4.len())
-        }
-        17 if l4.len() >= 8 => {
-            m.src_port = be16(0);
-            m.dst_port = be16(2);
-            8
-        }
-        PROTO_ICMP if l4.len() >= 8 => {
-            m.src_port = u16::from(l4[0]) << 8 | u16::from(l4[1]);
-            // Echo request/reply: the identifier tells one ping session from another.
-            m.dst_port = if matches!(l4[0], 0 | 8) { be16(4) } else { 0 };
-            8
-        }
-        _ => 0,
+    let (src_port, dst_port, tcp_flags, start) = match protocol {
+        6 if l4.len() >= 20 => (
+            be16(0),
+            be16(2),
+            l4[13],
+            (usize::from(l4[12] >> 4) * 4).clamp(20, l4.len()),
+        ),
+        17 if l4.len() >= 8 => (be16(0), be16(2), 0, 8),
+        // Echo request/reply: the identifier tells one ping session from another.
+        PROTO_ICMP if l4.len() >= 8 => (be16(0), if matches!(l4[0], 0 | 8) { be16(4) } else { 0 }, 0, 8),
+        _ => (0, 0, 0, 0),
     };
-    m.payload = (m.header_len + start, l4.len() - start);
+    Transport {
+        src_port,
+        dst_port,
+        tcp_flags,
+        start,
+        len: l4.len() - start,
+    }
 }
 
 /// Decrements the TTL of a parsed packet in place, patching the header checksum

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+
+use super::hash::FastMap;
 use ipnet::Ipv4Net;
 
 use super::mac::Mac;
@@ -61,8 +63,8 @@ pub struct RouteTable {
     mask: u32,
     own: Option<Ipv4Net>,
     local: Option<Ipv4Addr>,
-    by_subnet: HashMap<u32, Ipv4Addr>,
-    by_peer: HashMap<Ipv4Addr, Peer>,
+    by_subnet: FastMap<u32, Ipv4Addr>,
+    by_peer: FastMap<Ipv4Addr, Peer>,
 }
 
 /// One route as a lease gives it.
@@ -88,8 +90,8 @@ impl RouteTable {
             },
             own,
             local: None,
-            by_subnet: HashMap::new(),
-            by_peer: HashMap::new(),
+            by_subnet: FastMap::default(),
+            by_peer: FastMap::default(),
         }
     }
 

@@ -1,9 +1,14 @@
 //! The per-worker verdict cache: one entry per flow (direction + 5-tuple), stamped with the
 //! chain generation that decided it. An entry from an older generation is not a hit, but it
 //! still tells the chain that the flow was already in flight.
+//!
+//! Set-associative, like a CPU cache: a flow can live in one of the four slots of one set, and a
+//! set is two adjacent cache lines. A new flow's lookup and its insert touch the same lines, so
+//! deciding one costs one memory miss, not the three a general hash map's control bytes, slot
+//! and growth cost; a full set forgets its least recently seen flow, so no insert ever sweeps
+//! the table (the cost of an event does not grow with the flows held); and flows crafted to
+//! collide only push each other out of their own set.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 
 use super::flow::FlowKey;
@@ -30,12 +35,39 @@ pub type Ttl = u64;
 /// A flow with no packet for this long is forgotten (it counts as new when it comes back).
 pub const IDLE_MS: u64 = 120_000;
 
-#[derive(Debug, Clone, Copy)]
+/// Slots per set.
+const WAYS: usize = 4;
+/// Words per slot: the key (two), generation and via (one), last seen and expiry (one).
+const WORDS: usize = 4;
+/// A set's alignment in words: 128 bytes, the pair of lines the CPU fetches together.
+const SET_ALIGN_WORDS: usize = 16;
+
+/// Flags in the key's high word, above the 105 bits a [`FlowKey`] uses.
+const OCCUPIED: u64 = 1 << 63;
+const DROP: u64 = 1 << 62;
+const HAS_VIA: u64 = 1 << 61;
+const FLAGS: u64 = DROP | HAS_VIA;
+
+/// Times are kept as 32-bit milliseconds from the cache's base; the base moves on before they
+/// could wrap.
+const REBASE_AT: u64 = 1 << 31;
+/// An expiry that never comes (the verdict stands for the flow's life).
+const FOREVER: u32 = u32::MAX;
+
+/// One slot, unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
-    generation: u64,
+    generation: u32,
     verdict: Verdict,
-    expires_ms: u64,
-    seen_ms: u64,
+    /// Milliseconds from the base.
+    seen: u32,
+    expires: u32,
+}
+
+impl Entry {
+    fn hit(&self, generation: u32, now: u32) -> bool {
+        self.generation == generation && (self.expires == FOREVER || now < self.expires)
+    }
 }
 
 /// The answer of a lookup.
@@ -50,103 +82,199 @@ pub enum Lookup {
     },
 }
 
-/// A multiply-xorshift hash of the packed key: the key is already uniform in its low bits
-/// (addresses and ports), so SipHash's collision resistance would buy nothing here but cost.
-#[derive(Default)]
-pub struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-
-    fn write_u128(&mut self, v: u128) {
-        let x = (v as u64) ^ ((v >> 64) as u64).rotate_left(29);
-        let x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = x ^ (x >> 32);
-    }
+/// The packed key's hash ([`crate::packet::hash`]); a set holds colliding flows' harm to
+/// themselves.
+#[inline]
+fn mix(key: FlowKey) -> u64 {
+    crate::packet::hash::mix((key as u64) ^ ((key >> 64) as u64).rotate_left(29))
 }
 
-/// The cache; bounded, so a scan of many flows cannot grow it without limit.
+/// A bounded map from flows to verdicts.
 pub struct FlowCache {
-    map: HashMap<FlowKey, Entry, BuildHasherDefault<KeyHasher>>,
-    capacity: usize,
-    /// Consecutive segments of one super-packet share a flow: the last hit answers them with
-    /// no hashing at all.
+    /// The slots, as plain words: allocated zeroed (an empty slot is all zeroes), so the pages
+    /// of sets no flow reached are never touched.
+    words: Vec<u64>,
+    /// Where the first set starts in `words` (for its alignment).
+    first: usize,
+    /// Sets minus one (a power of two minus one).
+    mask: usize,
+    /// The clock reading times are counted from.
+    base_ms: u64,
+    occupied: usize,
+    /// The last hit, so the segments of one super-packet skip even the set.
     last: Option<(FlowKey, Entry)>,
-    /// Entries thrown away to make room (idle or not).
+    /// Flows forgotten to make room.
     pub evictions: u64,
 }
 
 impl FlowCache {
-    /// A cache of at most `capacity` flows.
+    /// A cache for about `capacity` flows (rounded up to whole sets of a power-of-two count).
     pub fn new(capacity: usize) -> Self {
+        let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
+        let words = vec![0u64; sets * WAYS * WORDS + SET_ALIGN_WORDS];
+        let align = SET_ALIGN_WORDS * 8;
+        let first = ((align - words.as_ptr() as usize % align) % align) / 8;
         FlowCache {
-            map: HashMap::with_capacity_and_hasher(capacity.min(4096), Default::default()),
-            capacity: capacity.max(1),
+            words,
+            first,
+            mask: sets - 1,
+            base_ms: 0,
+            occupied: 0,
             last: None,
             evictions: 0,
         }
     }
 
-    /// Number of flows held.
+    /// Flows held.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.occupied
     }
 
-    /// True when empty.
+    /// True when no flow is held.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.occupied == 0
     }
 
-    /// Looks `key` up for chain generation `generation` at time `now_ms`.
+    /// Where `key`'s set starts in `words`.
+    #[inline]
+    fn set(&self, key: FlowKey) -> usize {
+        self.first + ((mix(key) >> 32) as usize & self.mask) * WAYS * WORDS
+    }
+
+    /// `now_ms` as a time from the base, moving the base on first if needed.
+    #[inline]
+    fn now(&mut self, now_ms: u64) -> u32 {
+        let rel = now_ms.saturating_sub(self.base_ms);
+        if rel < REBASE_AT {
+            return rel as u32;
+        }
+        self.rebase(rel - REBASE_AT / 2);
+        now_ms.saturating_sub(self.base_ms) as u32
+    }
+
+    /// Moves the base `shift` ms on: once every 12 days of uptime, a walk over the sets.
+    #[cold]
+    fn rebase(&mut self, shift: u64) {
+        self.base_ms += shift;
+        let shift = u32::try_from(shift).unwrap_or(u32::MAX);
+        let first = self.first;
+        for w in self.words[first..].chunks_exact_mut(WORDS) {
+            if w[1] & OCCUPIED == 0 {
+                continue;
+            }
+            let (seen, expires) = (w[3] as u32, (w[3] >> 32) as u32);
+            let expires = if expires == FOREVER {
+                FOREVER
+            } else {
+                expires.saturating_sub(shift)
+            };
+            w[3] = u64::from(seen.saturating_sub(shift)) | u64::from(expires) << 32;
+        }
+        self.last = None;
+    }
+
+    /// The slot of `key` in the set at `set`, if it is there.
+    #[inline]
+    fn find(&self, set: usize, key: FlowKey) -> Option<usize> {
+        let (lo, hi) = (key as u64, (key >> 64) as u64 | OCCUPIED);
+        (0..WAYS)
+            .map(|way| set + way * WORDS)
+            .find(|&s| self.words[s] == lo && self.words[s + 1] & !FLAGS == hi)
+    }
+
+    fn entry(&self, s: usize) -> Entry {
+        let (hi, gv, t) = (self.words[s + 1], self.words[s + 2], self.words[s + 3]);
+        let via = (hi & HAS_VIA != 0).then(|| Ipv4Addr::from((gv >> 32) as u32));
+        Entry {
+            generation: gv as u32,
+            verdict: Verdict {
+                drop: hi & DROP != 0,
+                via,
+            },
+            seen: t as u32,
+            expires: (t >> 32) as u32,
+        }
+    }
+
+    fn store(&mut self, s: usize, key: FlowKey, e: &Entry) {
+        let mut hi = (key >> 64) as u64 | OCCUPIED;
+        if e.verdict.drop {
+            hi |= DROP;
+        }
+        if e.verdict.via.is_some() {
+            hi |= HAS_VIA;
+        }
+        let via = e.verdict.via.map_or(0, u32::from);
+        self.words[s] = key as u64;
+        self.words[s + 1] = hi;
+        self.words[s + 2] = u64::from(e.generation) | u64::from(via) << 32;
+        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
+    }
+
+    /// The cached verdict of `key` under chain `generation` (compared in its low 32 bits: a chain
+    /// changes when an operator loads modules, so they do not come round again), refreshing
+    /// the flow's last-seen time.
     #[inline]
     pub fn lookup(&mut self, key: FlowKey, generation: u64, now_ms: u64) -> Lookup {
+        let (generation, now) = (generation as u32, self.now(now_ms));
         if let Some((k, e)) = &self.last {
-            if *k == key && e.generation == generation && now_ms < e.expires_ms && now_ms < e.seen_ms + 1000 {
+            // Within a second of the last look the memo's seen time is fresh enough.
+            if *k == key && e.hit(generation, now) && now < e.seen.saturating_add(1000) {
                 return Lookup::Hit(e.verdict);
             }
         }
-        let Some(e) = self.map.get_mut(&key) else {
+        let Some(s) = self.find(self.set(key), key) else {
             return Lookup::Miss { established: false };
         };
-        let idle = now_ms.saturating_sub(e.seen_ms) >= IDLE_MS;
-        if idle {
+        let mut e = self.entry(s);
+        if u64::from(now.saturating_sub(e.seen)) >= IDLE_MS {
             return Lookup::Miss { established: false };
         }
-        e.seen_ms = now_ms;
-        if e.generation == generation && now_ms < e.expires_ms {
-            self.last = Some((key, *e));
+        e.seen = now;
+        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
+        if e.hit(generation, now) {
+            self.last = Some((key, e));
             Lookup::Hit(e.verdict)
         } else {
             Lookup::Miss { established: true }
         }
     }
 
-    /// Records a verdict; `ttl_ms` 0 records only that the flow was seen.
+    /// Caches `verdict` for `key` for `ttl_ms` (0: not at all past this packet), in place of
+    /// the set's least recently seen flow if the set is full.
     pub fn insert(&mut self, key: FlowKey, generation: u64, verdict: Verdict, ttl_ms: Ttl, now_ms: u64) {
-        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
-            let before = self.map.len();
-            self.map.retain(|_, e| now_ms.saturating_sub(e.seen_ms) < IDLE_MS);
-            if self.map.len() >= self.capacity {
-                self.map.clear();
-            }
-            self.evictions += (before - self.map.len()) as u64;
-        }
-        let e = Entry {
-            generation,
-            verdict,
-            expires_ms: now_ms.saturating_add(ttl_ms),
-            seen_ms: now_ms,
+        let now = self.now(now_ms);
+        let set = self.set(key);
+        let s = match self.find(set, key) {
+            Some(s) => s,
+            None => self.room(set),
         };
-        self.map.insert(key, e);
+        let expires = match ttl_ms {
+            Ttl::MAX => FOREVER,
+            t => u64::from(now).saturating_add(t).min(u64::from(FOREVER - 1)) as u32,
+        };
+        let e = Entry {
+            generation: generation as u32,
+            verdict,
+            seen: now,
+            expires,
+        };
+        self.store(s, key, &e);
         self.last = (ttl_ms > 0).then_some((key, e));
+    }
+
+    /// A slot in the set at `set` for a new flow: a free one, or the least recently seen.
+    fn room(&mut self, set: usize) -> usize {
+        let slots = (0..WAYS).map(|way| set + way * WORDS);
+        if let Some(s) = slots.clone().find(|&s| self.words[s + 1] & OCCUPIED == 0) {
+            self.occupied += 1;
+            return s;
+        }
+        self.evictions += 1;
+        let oldest = slots.min_by_key(|&s| self.words[s + 3] as u32);
+        // The memo may hold the flow going out.
+        self.last = None;
+        oldest.unwrap_or(set)
     }
 }
 
@@ -184,20 +312,124 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_stays_bounded_preferring_to_drop_idle_flows() {
+    fn a_full_set_forgets_its_least_recently_seen_flow() {
+        // Capacity 4 is one set: every flow competes for the same four slots.
         let mut c = FlowCache::new(4);
         for k in 0..4 {
-            c.insert(k, 1, Verdict::PASS, u64::MAX, 0);
+            c.insert(k, 1, Verdict::PASS, u64::MAX, k as u64);
         }
-        c.lookup(3, 1, IDLE_MS - 1);
-        c.insert(10, 1, Verdict::PASS, u64::MAX, IDLE_MS);
-        assert_eq!(c.len(), 2, "three idle flows went, the busy one stayed");
-        assert_eq!(c.lookup(3, 1, IDLE_MS + 1), Lookup::Hit(Verdict::PASS));
+        assert_eq!(c.lookup(0, 1, 10), Lookup::Hit(Verdict::PASS), "flow 0 is busy again");
+        c.insert(10, 1, Verdict::DROP, u64::MAX, 11);
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.evictions, 1);
+        assert_eq!(
+            c.lookup(1, 1, 12),
+            Lookup::Miss { established: false },
+            "flow 1 was seen longest ago"
+        );
+        for k in [0, 2, 3] {
+            assert_eq!(c.lookup(k, 1, 12), Lookup::Hit(Verdict::PASS));
+        }
+        assert_eq!(c.lookup(10, 1, 12), Lookup::Hit(Verdict::DROP));
         for k in 20..40 {
-            c.insert(k, 1, Verdict::PASS, u64::MAX, IDLE_MS + 2);
+            c.insert(k, 1, Verdict::PASS, u64::MAX, 13);
             assert!(c.len() <= 4);
         }
-        assert!(c.evictions > 0);
+    }
+
+    #[test]
+    fn verdicts_keep_their_via_and_drop_and_sizes_round_up() {
+        let mut c = FlowCache::new(1000);
+        assert_eq!(c.mask + 1, 256, "1000 flows are 250 sets, rounded up to 256");
+        assert_eq!(
+            (c.words.as_ptr() as usize + c.first * 8) % 128,
+            0,
+            "sets start on a line pair"
+        );
+        let via = Verdict {
+            drop: false,
+            via: Some(Ipv4Addr::new(198, 18, 0, 9)),
+        };
+        let both = Verdict {
+            drop: true,
+            via: Some(Ipv4Addr::UNSPECIFIED),
+        };
+        let big: FlowKey = (1 << 104) | (0xffff_u128 << 80) | 0xdead_beef;
+        c.insert(big, 3, via, 5_000, 0);
+        c.insert(big + 1, 3, both, u64::MAX, 0);
+        assert_eq!(c.lookup(big, 3, 1), Lookup::Hit(via));
+        assert_eq!(c.lookup(big + 1, 3, 1), Lookup::Hit(both));
+        assert_eq!(c.lookup(big + 2, 3, 1), Lookup::Miss { established: false });
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn verdicts_outlive_the_clock_base_moving_on() {
+        let mut c = FlowCache::new(64);
+        let t = REBASE_AT - 10;
+        c.insert(1, 1, Verdict::DROP, u64::MAX, t);
+        c.insert(2, 1, Verdict::PASS, 5_000, t);
+        c.insert(3, 1, Verdict::PASS, u64::MAX, t - IDLE_MS);
+        // Days of uptime later, each call still means the same.
+        assert_eq!(c.lookup(1, 1, t + 20), Lookup::Hit(Verdict::DROP));
+        assert!(c.base_ms > 0, "the base moved on");
+        assert_eq!(c.lookup(2, 1, t + 4_999), Lookup::Hit(Verdict::PASS));
+        assert_eq!(
+            c.lookup(2, 1, t + 5_000),
+            Lookup::Miss { established: true },
+            "ttl ran out"
+        );
+        assert_eq!(c.lookup(3, 1, t + 20), Lookup::Miss { established: false }, "idle");
+        let far = 40 * REBASE_AT;
+        assert_eq!(
+            c.lookup(1, 1, far),
+            Lookup::Miss { established: false },
+            "idle after years"
+        );
+        c.insert(4, 1, Verdict::PASS, 1_000, far);
+        assert_eq!(c.lookup(4, 1, far + 999), Lookup::Hit(Verdict::PASS));
+        assert_eq!(c.lookup(4, 1, far + 1_000), Lookup::Miss { established: true });
+    }
+
+    proptest::proptest! {
+        /// Against a plain map of what was inserted: a hit is always the verdict inserted last
+        /// for that flow and generation, still within its ttl; a miss of a flow inserted and
+        /// not expired happens only if some flow was evicted since.
+        #[test]
+        fn hits_are_never_wrong_and_misses_need_an_eviction(
+            ops in proptest::collection::vec((0u128..48, 1u64..3, proptest::bool::ANY, 0u64..3, 0u64..50), 1..400),
+        ) {
+            let mut c = FlowCache::new(16);
+            let mut model: std::collections::HashMap<FlowKey, (u64, Verdict, u64, u64)> = Default::default();
+            let mut now = 0;
+            for (k, generation, drop, ttl, step) in ops {
+                now += step;
+                let key = k * 0x1_0001_0001;
+                let evictions = c.evictions;
+                let expect = model.get(&key).copied();
+                match c.lookup(key, generation, now) {
+                    Lookup::Hit(v) => {
+                        let (g, mv, exp, _) = expect.expect("a hit of a flow never inserted");
+                        proptest::prop_assert_eq!((g, mv), (generation, v));
+                        proptest::prop_assert!(now < exp);
+                    }
+                    Lookup::Miss { .. } => {
+                        if let Some((g, _, exp, since)) = expect {
+                            proptest::prop_assert!(
+                                g != generation || now >= exp || c.evictions > since,
+                                "a live flow missed without an eviction"
+                            );
+                        }
+                        let v = Verdict { drop, via: None };
+                        let ttl = [0, 100, u64::MAX][ttl as usize];
+                        c.insert(key, generation, v, ttl, now);
+                        let exp = now.saturating_add(ttl);
+                        model.insert(key, (generation, v, exp, c.evictions.max(evictions)));
+                    }
+                }
+                proptest::prop_assert!(c.len() <= 16);
+            }
+        }
     }
 
     #[test]

@@ -12,12 +12,14 @@ use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 use weft_guest::abi::{self, Word, CACHE_FLOW, RECORD_SIZE};
 
+use crate::packet::route::RouteTable;
+
 use super::cache::{FlowCache, Lookup, Ttl, Verdict};
 use super::flow::{self, Direction, FlowMeta, Local};
 use super::instance::{CallError, Entry, HostCtx, Instance, Leases};
 use super::runtime::{Compiled, Runtime};
 use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
-use super::stats::{ModuleStats, TraceReason, TraceRecord, VerdictKind};
+use super::stats::{ModuleStats, Tally, TraceReason, TraceRecord, VerdictKind};
 use super::WasmError;
 
 /// Flows a worker's cache holds at most.
@@ -279,17 +281,28 @@ impl Pipeline {
 
 /// A worker's view of the chain: its own instances, cache and record buffer.
 pub struct WorkerChain {
-    pipeline: Arc<Pipeline>,
     chain: Arc<Chain>,
-    instances: Vec<Option<Instance>>,
+    asker: Asker,
     cache: FlowCache,
-    record: [u8; RECORD_SIZE],
     trail: Vec<Trail>,
-    calls: u64,
     traced_ms: u64,
     traced_in_ms: u32,
     hits: u64,
     misses: u64,
+}
+
+/// What asking the modules takes besides the chain asked: kept apart from [`WorkerChain`] so a
+/// decision borrows the chain and this at once, with no reference count taken per new flow.
+struct Asker {
+    pipeline: Arc<Pipeline>,
+    /// The lease table as of this worker's last look: checking for a new one is a plain load,
+    /// where taking a guard per call would be a locked instruction.
+    leases: arc_swap::Cache<Arc<Leases>, Arc<RouteTable>>,
+    instances: Vec<Option<Instance>>,
+    /// Counts per module of the current chain, published once per batch.
+    tallies: Vec<Tally>,
+    record: [u8; RECORD_SIZE],
+    calls: u64,
 }
 
 fn cache_ms(c: u16) -> Ttl {
@@ -302,7 +315,8 @@ fn cache_ms(c: u16) -> Ttl {
 
 impl Drop for WorkerChain {
     fn drop(&mut self) {
-        self.pipeline.preparer.worker(false);
+        self.flush_stats();
+        self.asker.pipeline.preparer.worker(false);
     }
 }
 
@@ -311,15 +325,20 @@ impl WorkerChain {
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
         pipeline.preparer.worker(true);
         let chain = pipeline.chain();
-        let instances = chain.modules.iter().map(|_| None).collect();
+        let n = chain.modules.len();
+        let leases = arc_swap::Cache::new(pipeline.leases.clone());
         WorkerChain {
-            pipeline,
             chain,
-            instances,
+            asker: Asker {
+                pipeline,
+                leases,
+                instances: (0..n).map(|_| None).collect(),
+                tallies: vec![Tally::default(); n],
+                record: [0; RECORD_SIZE],
+                calls: 0,
+            },
             cache: FlowCache::new(CACHE_CAPACITY),
-            record: [0; RECORD_SIZE],
             trail: Vec::with_capacity(8),
-            calls: 0,
             traced_ms: 0,
             traced_in_ms: 0,
             hits: 0,
@@ -331,18 +350,20 @@ impl WorkerChain {
     /// modules that did not change are kept, so their state survives an unrelated swap.
     #[inline]
     pub fn refresh(&mut self) {
-        if self.pipeline.generation.load(Ordering::Acquire) == self.chain.generation {
+        if self.asker.pipeline.generation.load(Ordering::Acquire) == self.chain.generation {
             return;
         }
-        let next = self.pipeline.chain();
+        // The tallies count by place in the old chain.
+        self.flush_stats();
+        let next = self.asker.pipeline.chain();
         let mut old: Vec<(Arc<LoadedModule>, Option<Instance>)> = self
             .chain
             .modules
             .iter()
             .cloned()
-            .zip(std::mem::take(&mut self.instances))
+            .zip(std::mem::take(&mut self.asker.instances))
             .collect();
-        self.instances = next
+        self.asker.instances = next
             .modules
             .iter()
             .map(|m| {
@@ -351,6 +372,7 @@ impl WorkerChain {
                     .and_then(|(_, i)| i.take())
             })
             .collect();
+        self.asker.tallies = vec![Tally::default(); next.modules.len()];
         self.chain = next;
     }
 
@@ -419,45 +441,57 @@ impl WorkerChain {
         let Ok(m) = crate::packet::parse_ipv4(pkt) else {
             return (Verdict::PASS, Vec::new());
         };
-        let chain = self.chain.clone();
         let mut trail = Vec::new();
-        let (v, _) = self.decide_all(&chain, &m, dir, false, pkt, now_ms, &mut trail);
+        let (v, _) = self
+            .asker
+            .decide_all(&self.chain, &m, dir, false, pkt, now_ms, &mut trail);
+        self.flush_stats();
         (v, trail)
     }
 
-    /// Publishes this worker's hit and miss counts; called once per batch.
+    /// Publishes this worker's counts; called once per batch.
     pub fn flush_stats(&mut self) {
+        let pipeline = &self.asker.pipeline;
         if self.hits > 0 {
-            self.pipeline.cache_hits.fetch_add(self.hits, Ordering::Relaxed);
+            pipeline.cache_hits.fetch_add(self.hits, Ordering::Relaxed);
             for m in &self.chain.modules {
                 m.stats.cache_hits.fetch_add(self.hits, Ordering::Relaxed);
             }
             self.hits = 0;
         }
         if self.misses > 0 {
-            self.pipeline.cache_misses.fetch_add(self.misses, Ordering::Relaxed);
+            pipeline.cache_misses.fetch_add(self.misses, Ordering::Relaxed);
             self.misses = 0;
+        }
+        for (m, t) in self.chain.modules.iter().zip(&mut self.asker.tallies) {
+            m.stats.publish(t);
         }
     }
 
     fn evaluate(&mut self, m: &FlowMeta, dir: Direction, established: bool, pkt: &[u8], now_ms: u64) -> (Verdict, Ttl) {
         let mut trail = std::mem::take(&mut self.trail);
         trail.clear();
-        let chain = self.chain.clone();
-        let (verdict, ttl) = self.decide_all(&chain, m, dir, established, pkt, now_ms, &mut trail);
+        let (verdict, ttl) = self
+            .asker
+            .decide_all(&self.chain, m, dir, established, pkt, now_ms, &mut trail);
         // The trace keeps the last few decisions: at a few per millisecond it is as fresh as
         // it gets, and a flood of new flows does not pay for it.
         if self.traced_ms != now_ms {
             (self.traced_ms, self.traced_in_ms) = (now_ms, 0);
         }
         self.traced_in_ms += 1;
-        if self.traced_in_ms > TRACES_PER_MS {
-            self.trail = trail;
-            return (verdict, ttl);
+        if self.traced_in_ms <= TRACES_PER_MS {
+            self.trace(m, dir, now_ms, &mut trail);
         }
+        self.trail = trail;
+        (verdict, ttl)
+    }
+
+    /// Adds what each module said in `trail` to its decision trace.
+    fn trace(&self, m: &FlowMeta, dir: Direction, now_ms: u64, trail: &mut Vec<Trail>) {
         let at_ms = unix_ms(now_ms);
         for (i, kind, reason) in trail.drain(..) {
-            let Some(lm) = chain.modules.get(i) else { continue };
+            let Some(lm) = self.chain.modules.get(i) else { continue };
             lm.stats.trace(TraceRecord {
                 at_ms,
                 egress: dir == Direction::Egress,
@@ -468,12 +502,12 @@ impl WorkerChain {
                 reason,
             });
         }
-        self.trail = trail;
-        (verdict, ttl)
     }
+}
 
-    /// Asks every module in order; returns the verdict and its lifetime, and notes in `trail`
-    /// what each module said.
+impl Asker {
+    /// Asks every module of `chain` in order; returns the verdict and its lifetime, and notes
+    /// in `trail` what each module said.
     #[allow(clippy::too_many_arguments)]
     fn decide_all(
         &mut self,
@@ -485,105 +519,135 @@ impl WorkerChain {
         now_ms: u64,
         trail: &mut Vec<Trail>,
     ) -> (Verdict, Ttl) {
-        let leases = self.pipeline.leases.load();
-        let local = Local { node: self.chain.local };
-        flow::record(m, dir, established, pkt, &leases, local).encode(&mut self.record);
+        let local = Local { node: chain.local };
+        flow::record(m, dir, established, pkt, self.leases.load(), local).encode(&mut self.record);
         let mut verdict = Verdict::PASS;
         let mut ttl = Ttl::MAX;
         for (i, lm) in chain.modules.iter().enumerate() {
             if lm.has(Entry::Policy) {
-                match self.call(i, lm, Entry::Policy, now_ms) {
-                    Ok(w) => {
-                        ttl = ttl.min(cache_ms(w.cache));
-                        let kind = match w.action {
-                            abi::action::DROP => VerdictKind::Drop,
-                            abi::action::ALLOW_LOG => VerdictKind::Log,
-                            _ => VerdictKind::Allow,
-                        };
-                        lm.stats.verdict(kind);
-                        let why = match (lm.dry_run, kind) {
-                            (true, VerdictKind::Drop) => TraceReason::DryRunDrop,
-                            _ => TraceReason::Answered { in_flight: established },
-                        };
-                        trail.push((i, kind, why));
-                        if kind == VerdictKind::Log && lm.stats.log_allowed() {
-                            tracing::info!(target: "weft::flow", module = %lm.name, direction = ?dir, protocol = m.protocol,
-                                src = %m.src, src_port = m.src_port, dst = %m.dst, dst_port = m.dst_port, dry_run = lm.dry_run, "flow logged");
-                        }
-                        if kind == VerdictKind::Drop {
-                            if lm.dry_run {
-                                lm.stats.dry_run_drops.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                // First deny wins: later modules are not asked.
-                                return (Verdict::DROP, ttl);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        if failure_drops(i, lm, &e, &mut ttl, trail) {
-                            return (Verdict::DROP, ttl);
-                        }
-                    }
+                let asked = self.call(chain, i, Entry::Policy, now_ms);
+                if self.policy_drops(i, lm, asked, m, dir, established, &mut ttl, trail) {
+                    return (Verdict::DROP, ttl);
                 }
             }
             if dir == Direction::Egress && verdict.via.is_none() && lm.has(Entry::Route) {
-                match self.call(i, lm, Entry::Route, now_ms) {
-                    Ok(w) => {
-                        ttl = ttl.min(cache_ms(w.cache));
-                        if w.action == abi::route::VIA {
-                            lm.stats.verdict(VerdictKind::Via);
-                            let via = Ipv4Addr::from(w.addr);
-                            trail.push((
-                                i,
-                                VerdictKind::Via,
-                                TraceReason::Via {
-                                    via,
-                                    dry_run: lm.dry_run,
-                                },
-                            ));
-                            if lm.dry_run {
-                                continue;
-                            }
-                            if !leases.is_node(via) {
-                                self.pipeline.bad_via.fetch_add(1, Ordering::Relaxed);
-                            } else if via != local.node && Some(via) != leases.subnet_of(m.dst).map(|s| s.2) {
-                                verdict.via = Some(via);
-                            }
-                        } else {
-                            lm.stats.verdict(VerdictKind::Owner);
-                            trail.push((i, VerdictKind::Owner, TraceReason::Owner));
-                        }
-                    }
-                    Err(e) => {
-                        if failure_drops(i, lm, &e, &mut ttl, trail) {
-                            return (Verdict::DROP, ttl);
-                        }
-                    }
+                let asked = self.call(chain, i, Entry::Route, now_ms);
+                match self.route(i, lm, asked, m, local, &mut ttl, trail) {
+                    Routed::Drop => return (Verdict::DROP, ttl),
+                    Routed::Via(via) => verdict.via = Some(via),
+                    Routed::Direct => {}
                 }
             }
         }
         (verdict, ttl)
     }
 
-    /// One call into module `i`, instantiating it first if needed; failures are counted, can
-    /// quarantine the module, and throw the instance away (its memory may be inconsistent).
-    fn call(&mut self, i: usize, lm: &LoadedModule, entry: Entry, now_ms: u64) -> Result<Word, CallError> {
-        let compiled = match &lm.compiled {
-            Ok(c) => c,
-            Err(e) => return Err(CallError::Trap(format!("not loaded: {e}"))),
+    /// Takes in module `i`'s policy answer: true when the flow is to be dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn policy_drops(
+        &mut self,
+        i: usize,
+        lm: &LoadedModule,
+        asked: Result<Word, CallError>,
+        m: &FlowMeta,
+        dir: Direction,
+        established: bool,
+        ttl: &mut Ttl,
+        trail: &mut Vec<Trail>,
+    ) -> bool {
+        let w = match asked {
+            Ok(w) => w,
+            Err(e) => return failure_drops(i, lm, &e, ttl, trail),
         };
+        *ttl = (*ttl).min(cache_ms(w.cache));
+        let kind = match w.action {
+            abi::action::DROP => VerdictKind::Drop,
+            abi::action::ALLOW_LOG => VerdictKind::Log,
+            _ => VerdictKind::Allow,
+        };
+        self.tallies[i].verdict(kind);
+        let why = match (lm.dry_run, kind) {
+            (true, VerdictKind::Drop) => TraceReason::DryRunDrop,
+            _ => TraceReason::Answered { in_flight: established },
+        };
+        trail.push((i, kind, why));
+        if kind == VerdictKind::Log && lm.stats.log_allowed() {
+            tracing::info!(target: "weft::flow", module = %lm.name, direction = ?dir, protocol = m.protocol,
+                src = %m.src, src_port = m.src_port, dst = %m.dst, dst_port = m.dst_port, dry_run = lm.dry_run, "flow logged");
+        }
+        if kind != VerdictKind::Drop {
+            return false;
+        }
+        if lm.dry_run {
+            lm.stats.dry_run_drops.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        // First deny wins: later modules are not asked.
+        true
+    }
+
+    /// Takes in module `i`'s routing answer.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        i: usize,
+        lm: &LoadedModule,
+        asked: Result<Word, CallError>,
+        m: &FlowMeta,
+        local: Local,
+        ttl: &mut Ttl,
+        trail: &mut Vec<Trail>,
+    ) -> Routed {
+        let w = match asked {
+            Ok(w) => w,
+            Err(e) => {
+                let dropped = failure_drops(i, lm, &e, ttl, trail);
+                return if dropped { Routed::Drop } else { Routed::Direct };
+            }
+        };
+        *ttl = (*ttl).min(cache_ms(w.cache));
+        if w.action != abi::route::VIA {
+            self.tallies[i].verdict(VerdictKind::Owner);
+            trail.push((i, VerdictKind::Owner, TraceReason::Owner));
+            return Routed::Direct;
+        }
+        self.tallies[i].verdict(VerdictKind::Via);
+        let via = Ipv4Addr::from(w.addr);
+        let dry_run = lm.dry_run;
+        trail.push((i, VerdictKind::Via, TraceReason::Via { via, dry_run }));
+        if dry_run {
+            return Routed::Direct;
+        }
+        let leases = self.leases.load();
+        if !leases.is_node(via) {
+            self.pipeline.bad_via.fetch_add(1, Ordering::Relaxed);
+            Routed::Direct
+        } else if via != local.node && Some(via) != leases.subnet_of(m.dst).map(|s| s.2) {
+            Routed::Via(via)
+        } else {
+            Routed::Direct
+        }
+    }
+
+    /// One call into module `i` of `chain`, instantiating it first if needed; failures are
+    /// counted, can quarantine the module, and throw the instance away (its memory may be
+    /// inconsistent).
+    fn call(&mut self, chain: &Chain, i: usize, entry: Entry, now_ms: u64) -> Result<Word, CallError> {
+        let lm = &chain.modules[i];
+        if let Err(e) = &lm.compiled {
+            return Err(CallError::Trap(format!("not loaded: {e}")));
+        }
         if lm.stats.quarantined(now_ms) {
             return Err(CallError::Trap("quarantined".into()));
         }
-        let _ = compiled;
         if self.instances[i].is_none() {
             // Never made here: taken ready, and the preparer makes the next.
             let Some(inst) = lm.spares.take() else {
-                self.pipeline.preparer.refill(&self.chain.modules[i], false);
+                self.pipeline.preparer.refill(lm, false);
                 return Err(CallError::NotReady);
             };
             self.instances[i] = Some(inst);
-            self.pipeline.preparer.refill(&self.chain.modules[i], false);
+            self.pipeline.preparer.refill(lm, false);
         }
         let Some(inst) = self.instances[i].as_mut() else {
             return Err(CallError::Missing);
@@ -595,39 +659,48 @@ impl WorkerChain {
         let t = timed.then(Instant::now);
         self.pipeline.runtime.calling(now_ms);
         let r = inst.call(entry, &self.record);
-        let st = &lm.stats;
-        st.calls.fetch_add(1, Ordering::Relaxed);
+        let tally = &mut self.tallies[i];
+        tally.calls += 1;
         if let Some(t) = t {
-            st.call_ns
-                .fetch_add(t.elapsed().as_nanos() as u64 * TIMED_EVERY, Ordering::Relaxed);
+            tally.call_ns += t.elapsed().as_nanos() as u64 * TIMED_EVERY;
         }
         match &r {
             Ok(_) => {
-                st.outcome(true, now_ms);
+                lm.stats.outcome(true, now_ms);
             }
-            Err(e) => {
-                match e {
-                    CallError::Timeout => st.timeouts.fetch_add(1, Ordering::Relaxed),
-                    CallError::BadVerdict(_) => st.bad_verdicts.fetch_add(1, Ordering::Relaxed),
-                    _ => st.traps.fetch_add(1, Ordering::Relaxed),
-                };
-                if st.log_allowed() {
-                    tracing::warn!(module = %lm.name, sha256 = %lm.sha256, entry = ?entry, error = %e, "module call failed");
-                }
-                self.instances[i] = None;
-                self.pipeline.preparer.refill(&self.chain.modules[i], true);
-                self.failed(lm, now_ms);
-            }
+            Err(e) => self.failed_call(lm, i, entry, e, now_ms),
         }
         r
     }
 
-    fn failed(&self, lm: &LoadedModule, now_ms: u64) {
-        if lm.stats.outcome(false, now_ms) {
+    /// Counts a failed call, throws its instance away and asks for another; may quarantine.
+    fn failed_call(&mut self, lm: &Arc<LoadedModule>, i: usize, entry: Entry, e: &CallError, now_ms: u64) {
+        let st = &lm.stats;
+        match e {
+            CallError::Timeout => st.timeouts.fetch_add(1, Ordering::Relaxed),
+            CallError::BadVerdict(_) => st.bad_verdicts.fetch_add(1, Ordering::Relaxed),
+            _ => st.traps.fetch_add(1, Ordering::Relaxed),
+        };
+        if st.log_allowed() {
+            tracing::warn!(module = %lm.name, sha256 = %lm.sha256, entry = ?entry, error = %e, "module call failed");
+        }
+        self.instances[i] = None;
+        self.pipeline.preparer.refill(lm, true);
+        if st.outcome(false, now_ms) {
             tracing::error!(module = %lm.name, sha256 = %lm.sha256, failure = ?lm.failure,
                 "module quarantined after repeated failures; its failure policy decides meanwhile");
         }
     }
+}
+
+/// Where a routing module sends a flow.
+enum Routed {
+    /// To the node that owns the destination, as the lease table says.
+    Direct,
+    /// Through this other node.
+    Via(Ipv4Addr),
+    /// Nowhere: the module failed closed.
+    Drop,
 }
 
 /// Counts a failed call, applies `lm`'s failure policy and notes it in `trail`: true when the

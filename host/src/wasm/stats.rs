@@ -256,10 +256,48 @@ const FAILING_MS_TO_QUARANTINE: u64 = 1_000;
 const FIRST_BACKOFF_MS: u64 = 30_000;
 const MAX_BACKOFF_MS: u64 = 300_000;
 
+/// One worker's counts for one module since it last published them. A shared counter bumped
+/// per call is a locked instruction, and a locked instruction waits for every store before it
+/// (a new flow's cache insert, a likely miss), so a worker counts here and adds once per batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Decision calls made.
+    pub calls: u64,
+    /// Nanoseconds spent in decision calls (sampled, scaled).
+    pub call_ns: u64,
+    verdicts: [u64; 6],
+}
+
+impl Tally {
+    /// Counts one verdict.
+    #[inline]
+    pub fn verdict(&mut self, k: VerdictKind) {
+        self.verdicts[k as usize] += 1;
+    }
+}
+
 impl ModuleStats {
     /// Counts one verdict.
     pub fn verdict(&self, k: VerdictKind) {
         self.verdicts[k as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds what a worker counted, and zeroes its tally.
+    pub fn publish(&self, t: &mut Tally) {
+        if *t == Tally::default() {
+            return;
+        }
+        let add = |c: &AtomicU64, n: u64| {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&self.calls, t.calls);
+        add(&self.call_ns, t.call_ns);
+        for (c, n) in self.verdicts.iter().zip(t.verdicts) {
+            add(c, n);
+        }
+        *t = Tally::default();
     }
 
     /// Verdicts of one kind so far.

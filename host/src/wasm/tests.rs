@@ -207,13 +207,16 @@ fn failing_modules_follow_their_failure_policy_and_are_quarantined() {
         assert_eq!(w.decide(Direction::Egress, &pkt, w.now_ms()), Verdict::DROP);
     }
     assert_eq!(stats.quarantines.load(Ordering::Relaxed), 1);
+    w.flush_stats();
     let calls = stats.calls.load(Ordering::Relaxed);
+    assert!(calls > 0, "the failing calls were counted");
     let fresh = build_udp(a("10.244.1.6"), 1, a("10.244.2.7"), 80, 64, b"x");
     assert_eq!(
         w.decide(Direction::Egress, &fresh, w.now_ms()),
         Verdict::DROP,
         "quarantined and fail-closed"
     );
+    w.flush_stats();
     assert_eq!(
         stats.calls.load(Ordering::Relaxed),
         calls,
@@ -307,12 +310,20 @@ fn a_swap_re_decides_flows_marking_them_established_and_keeps_unchanged_instance
     let now = w.now_ms();
     assert_eq!(w.decide(Direction::Egress, &egress(80), now), Verdict::PASS);
     let stats = p.module_stats()[0].1.clone();
+    assert_eq!(
+        stats.verdicts(super::stats::VerdictKind::Allow),
+        0,
+        "counted by the worker until it publishes"
+    );
+    w.flush_stats();
     assert_eq!(stats.verdicts(super::stats::VerdictKind::Allow), 1);
     let mut other = spec("other", &module(DROP_7777));
     other.order = 1;
     p.load(vec![keep, other]);
     w.refresh();
     assert_eq!(w.decide(Direction::Egress, &egress(80), now), Verdict::PASS);
+    // The swap published the old chain's counts; these are the new chain's.
+    w.flush_stats();
     assert_eq!(
         stats.verdicts(super::stats::VerdictKind::Log),
         1,
