@@ -6,6 +6,7 @@ pub mod api;
 pub mod atomic;
 pub mod backend;
 pub mod client;
+pub mod clock;
 pub mod cni;
 pub mod config;
 pub mod dashboard;

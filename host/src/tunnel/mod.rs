@@ -282,8 +282,7 @@ const HELP_AFTER_US: u64 = 1_000;
 
 /// Microseconds since the first call, never 0: the clock of [`Side::asleep_since`].
 fn micros() -> u64 {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
+    crate::clock::us() + 1
 }
 
 impl<S> Side<S> {
@@ -314,6 +313,29 @@ impl<S> Side<S> {
             return None;
         }
         self.own()
+    }
+
+    /// One turn by the side's own thread: `work` on its state, or a yield while the other
+    /// thread is helping out (it will be done at once).
+    fn turn(&self, work: impl FnOnce(&mut S) -> Result<usize, Fatal>) -> Result<usize, Fatal> {
+        match self.own() {
+            Some(mut s) => work(&mut s),
+            None => {
+                std::thread::yield_now();
+                Ok(0)
+            }
+        }
+    }
+
+    /// One turn by the other thread, if the side's own thread sleeps; a turn that moved
+    /// packets counts in `helped`.
+    fn help_with(&self, helped: &AtomicU64, work: impl FnOnce(&mut S) -> Result<usize, Fatal>) -> Result<usize, Fatal> {
+        let Some(mut s) = self.help() else { return Ok(0) };
+        let n = work(&mut s)?;
+        if n > 0 {
+            helped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(n)
     }
 
     /// Around the owner's sleep.
@@ -396,12 +418,14 @@ impl RxBuffers {
 type Fatal = String;
 
 impl<F: Framing> Queue<F> {
-    /// The device -> underlay thread (and underlay -> device while that thread sleeps).
+    /// The device -> underlay thread, and underlay -> device while that thread sleeps: the
+    /// answer to what it just sent, delivered while it spins.
     fn run_tx(&self) {
         let c = &self.ctx;
         let mut spin = spin::Spin::new(c.spin);
         loop {
-            let moved = self.turn_out().and_then(|n| Ok(n + self.help_in()?));
+            let moved = self.out.turn(|s| self.send(s));
+            let moved = moved.and_then(|n| Ok(n + self.inn.help_with(&c.stats.helped_rx, |s| self.deliver(s))?));
             let moved = match moved {
                 Ok(n) => n,
                 Err(why) => return c.stats.fail(why),
@@ -414,12 +438,14 @@ impl<F: Framing> Queue<F> {
         }
     }
 
-    /// The underlay -> device thread (and device -> underlay while that thread sleeps).
+    /// The underlay -> device thread, and device -> underlay while that thread sleeps: the
+    /// answer to what it just wrote into the device, which ran the pod's stack at once.
     fn run_rx(&self) {
         let c = &self.ctx;
         let mut spin = spin::Spin::new(c.spin);
         loop {
-            let got = self.turn_in().and_then(|n| Ok(n + self.help_out()?));
+            let got = self.inn.turn(|s| self.deliver(s));
+            let got = got.and_then(|n| Ok(n + self.out.help_with(&c.stats.helped_tx, |s| self.send(s))?));
             let got = match got {
                 Ok(n) => n,
                 Err(why) => return c.stats.fail(why),
@@ -430,50 +456,14 @@ impl<F: Framing> Queue<F> {
         }
     }
 
-    /// One turn of device -> underlay by its own thread.
-    fn turn_out(&self) -> Result<usize, Fatal> {
-        let Some(mut s) = self.out.own() else {
-            // The receiving thread is sending what the device holds; it will be done at once.
-            std::thread::yield_now();
-            return Ok(0);
-        };
-        let TxSide { chain, b } = &mut *s;
-        self.drain_device(chain, b)
+    /// Device -> underlay with the sending side's state, by whichever thread holds it.
+    fn send(&self, s: &mut TxSide) -> Result<usize, Fatal> {
+        self.drain_device(&mut s.chain, &mut s.b)
     }
 
-    /// One turn of underlay -> device by its own thread.
-    fn turn_in(&self) -> Result<usize, Fatal> {
-        let Some(mut s) = self.inn.own() else {
-            // The sending thread is delivering what the socket holds; it will be done at once.
-            std::thread::yield_now();
-            return Ok(0);
-        };
-        let RxSide { chain, b, failures } = &mut *s;
-        self.drain_underlay(chain, b, failures)
-    }
-
-    /// Device -> underlay by the receiving thread, if the sending thread sleeps: the answer
-    /// to what it just wrote into the device.
-    fn help_out(&self) -> Result<usize, Fatal> {
-        let Some(mut s) = self.out.help() else { return Ok(0) };
-        let TxSide { chain, b } = &mut *s;
-        let n = self.drain_device(chain, b)?;
-        if n > 0 {
-            self.ctx.stats.helped_tx.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(n)
-    }
-
-    /// Underlay -> device by the sending thread, if the receiving thread sleeps: the answer
-    /// to what it just sent.
-    fn help_in(&self) -> Result<usize, Fatal> {
-        let Some(mut s) = self.inn.help() else { return Ok(0) };
-        let RxSide { chain, b, failures } = &mut *s;
-        let n = self.drain_underlay(chain, b, failures)?;
-        if n > 0 {
-            self.ctx.stats.helped_rx.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(n)
+    /// Underlay -> device with the receiving side's state, by whichever thread holds it.
+    fn deliver(&self, s: &mut RxSide) -> Result<usize, Fatal> {
+        self.drain_underlay(&mut s.chain, &mut s.b, &mut s.failures)
     }
 
     /// After a turn that moved `moved` packets: go on at once, spin a little longer, or sleep

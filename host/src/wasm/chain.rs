@@ -738,7 +738,7 @@ fn unix_ms(now_ms: u64) -> u64 {
 }
 
 /// Milliseconds since the process first asked: the clock of caches and quarantines.
+#[inline]
 pub fn clock_ms() -> u64 {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+    crate::clock::ms()
 }
