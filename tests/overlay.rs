@@ -313,6 +313,13 @@ fn offloads_off_moves_packets_one_by_one_and_still_carries_everything() {
         assert!(ping(&src, dst_ip));
         tcp_transfer(&src, &dst_ns, dst_ip, 4 << 20);
     }
+    for n in [1, 2] {
+        assert_eq!(
+            c.metric(n, "weft_dataplane_coalesced_segments_total"),
+            0.0,
+            "without offloads nothing may be merged for the device"
+        );
+    }
     // With offloads on (the default) the same log says so.
     let mut d = TestCluster::new("of", StoreKind::Embedded, 1);
     d.up(0);
@@ -356,7 +363,9 @@ fn an_idle_round_trip_is_carried_by_the_thread_that_is_awake() {
 
 /// Sixteen flows at once between two nodes with two queues each: every byte arrives checked,
 /// the flows spread over both queues of the sender (the TUN device's flow hash) and of the
-/// receiver (steered by the sender's per-queue source port), and each flow stays on one.
+/// receiver (steered by the sender's per-queue source port), and each flow stays on one. The
+/// receiver merged their segments into super-packets for its device, runs of flows
+/// interleaved.
 #[test]
 fn many_flows_use_every_queue_and_arrive_intact() {
     let cfg = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Queues":2}}"#;
@@ -389,5 +398,13 @@ fn many_flows_use_every_queue_and_arrive_intact() {
     assert_eq!(
         c.metric(2, "weft_dataplane_dropped_packets_total{reason=\"malformed\"}"),
         0.0
+    );
+    let (segments, writes) = (
+        c.metric(2, "weft_dataplane_coalesced_segments_total"),
+        c.metric(2, "weft_dataplane_coalesced_writes_total"),
+    );
+    assert!(
+        writes > 10.0 && segments >= 2.0 * writes,
+        "the receiver merged no runs: {segments} segments in {writes} writes"
     );
 }

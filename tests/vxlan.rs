@@ -351,6 +351,12 @@ fn userspace_vxlan_talks_to_a_plain_kernel_vxlan_peer_both_ways() {
     tcp_transfer(&wpod, &peer.pod, peer.pod_ip, 4 << 20);
     tcp_transfer(&peer.pod, &wpod, wip, 4 << 20);
     assert!(c.metric(1, "weft_dataplane_rx_packets_total") > 1000.0);
+    // The kernel peer's super-frames, cut into segments, went into the device merged again.
+    assert!(
+        c.metric(1, "weft_dataplane_coalesced_writes_total") > 10.0,
+        "no super-packet was written: {}",
+        c.metric(1, "weft_dataplane_coalesced_segments_total")
+    );
     assert_eq!(
         c.metric(1, "weft_dataplane_dropped_packets_total{reason=\"foreign_frame\"}"),
         0.0,

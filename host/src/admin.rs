@@ -332,6 +332,16 @@ fn dataplane(f: &mut Family, s: &AgentState) -> std::fmt::Result {
             [("tx", load(&st.helped_tx)), ("rx", load(&st.helped_rx))]
                 .map(|(dir, v)| (vec![("dir", dir.to_string())], v)),
         )?;
+        f.counter(
+            "weft_dataplane_coalesced_segments",
+            "TCP segments from peers written into the device merged into super-packets (receive offload in userspace).",
+            [(vec![], load(&st.coalesced_segments))],
+        )?;
+        f.counter(
+            "weft_dataplane_coalesced_writes",
+            "Super-packets those segments made, one write into the device each.",
+            [(vec![], load(&st.coalesced_writes))],
+        )?;
     }
     f.counter(
         "weft_dataplane_dropped_packets",

@@ -86,6 +86,10 @@ pub struct DataplaneStats {
     /// Turns in which the sending thread delivered what the socket held, its receiving thread
     /// asleep (a wake-up saved on the way in).
     pub helped_rx: AtomicU64,
+    /// TCP segments from peers that went into the device merged into super-packets.
+    pub coalesced_segments: AtomicU64,
+    /// The super-packets they made (one write each).
+    pub coalesced_writes: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
     failure: OnceLock<String>,
 }
@@ -120,10 +124,9 @@ impl DataplaneStats {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Counts a packet delivered from a peer.
-    #[inline]
-    pub fn received(&self, bytes: usize) {
-        self.rx_packets.fetch_add(1, Ordering::Relaxed);
-        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Counts a run of packets delivered from a peer at once.
+    pub fn received_run(&self, packets: u64, bytes: u64) {
+        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod flow;
 pub mod forward;
+pub mod gro;
 pub mod hash;
 pub mod mac;
 pub mod route;
@@ -80,7 +81,7 @@ fn header_sum_ok(h: &[u8]) -> bool {
 
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
 pub fn checksum(data: &[u8]) -> u16 {
-    !fold(sum16(data, 0))
+    !fold64(sum_wide(data, 0))
 }
 
 fn sum16(data: &[u8], mut sum: u32) -> u32 {
@@ -92,6 +93,52 @@ fn sum16(data: &[u8], mut sum: u32) -> u32 {
         sum += u32::from(*last) << 8;
     }
     sum
+}
+
+/// A one's-complement sum of `data` (as 16-bit big-endian words, an odd last byte padded) onto
+/// `sum`, eight bytes per addition: payload checksums on the data path run at memory speed.
+/// Fold it with [`fold64`].
+///
+/// The bulk is summed as host-order 64-bit words with the carry wrapped around, and only the
+/// folded result is put in network order: a one's-complement sum commutes with swapping the
+/// bytes of every word (RFC 1071, 2(B)), so no word is swapped on the way.
+#[inline]
+pub(crate) fn sum_wide(data: &[u8], mut sum: u64) -> u64 {
+    fn word(w: &[u8]) -> u64 {
+        u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }
+    fn add(acc: u64, v: u64) -> u64 {
+        let (s, carry) = acc.overflowing_add(v);
+        s + u64::from(carry)
+    }
+    // Two sums, so an addition waits for the one before last, not the last.
+    let (mut a, mut b) = (0u64, 0u64);
+    let mut blocks = data.chunks_exact(16);
+    for w in &mut blocks {
+        a = add(a, word(&w[..8]));
+        b = add(b, word(&w[8..]));
+    }
+    let mut words = blocks.remainder().chunks_exact(8);
+    for w in &mut words {
+        a = add(a, word(w));
+    }
+    let host = fold64(add(a, b));
+    sum += u64::from(if cfg!(target_endian = "little") {
+        host.swap_bytes()
+    } else {
+        host
+    });
+    sum + u64::from(sum16(words.remainder(), 0))
+}
+
+/// Folds a [`sum_wide`] sum into 16 bits (not complemented).
+#[inline]
+pub(crate) fn fold64(sum: u64) -> u16 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }
 
 fn fold(mut sum: u32) -> u16 {
@@ -133,7 +180,7 @@ pub fn complete_partial_checksum(pkt: &mut [u8]) -> bool {
     }
     pkt[field_at] = 0;
     pkt[field_at + 1] = 0;
-    let mut c = !fold(sum16(&pkt[m.header_len..m.total_len], pseudo));
+    let mut c = !fold64(sum_wide(&pkt[m.header_len..m.total_len], u64::from(pseudo)));
     if m.protocol == 17 && c == 0 {
         c = 0xffff;
     }
@@ -500,6 +547,34 @@ mod tests {
 #[cfg(test)]
 mod sum_tests {
     use super::*;
+
+    /// RFC 1071 word by word, the reference.
+    fn rfc1071(d: &[u8]) -> u16 {
+        !fold(sum16(d, 0))
+    }
+
+    /// The wide sum agrees with the word-by-word one for every length and start.
+    #[test]
+    fn the_wide_sum_agrees_with_rfc_1071() {
+        let data: Vec<u8> = (0..3010u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..80).chain([1399, 1400, 1401, 2999]) {
+            for start in [0, 2, 4, 6] {
+                let d = &data[start..start + len];
+                assert_eq!(checksum(d), rfc1071(d), "len {len} start {start}");
+            }
+        }
+        assert_eq!(fold64(u64::MAX), 0xffff);
+        let ones = [0xffu8; 100];
+        for len in 0..100 {
+            assert_eq!(
+                !fold64(sum_wide(&ones[..len], 0xffff_ffff)),
+                rfc1071(&[&ones[..len], &[0xff; 4]].concat()),
+                "carries, len {len}"
+            );
+        }
+    }
 
     /// The fast header check agrees with the byte-wise checksum on every header.
     #[test]

@@ -24,14 +24,17 @@
 //!
 //! The loops work in batches: with TUN offloads a read from the device is a TCP super-packet
 //! that `tun-rs` splits into segments, which leave in one UDP GSO send per peer
-//! ([`batch`]); UDP GRO hands over runs of datagrams that `tun-rs` coalesces back into
-//! super-packets for one write into the device.
+//! ([`batch`]); UDP GRO hands over runs of datagrams. Their TCP segments are merged back into
+//! super-packets where they were received ([`crate::packet::gro`]) and written with one
+//! `writev` each; other packets go through `tun-rs`'s coalescer (UDP, where the kernel takes
+//! UDP segmentation from a TUN device).
 
 pub mod batch;
 pub mod framing;
 pub mod sock;
 pub mod spin;
 
+use std::io::IoSlice;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +46,7 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 use self::framing::Framing;
 use self::sock::UnderlaySocket;
 use crate::packet::forward::{self, Inbound, Outbound};
+use crate::packet::gro::{self, Gro, Span};
 use crate::packet::route::{RouteTable, SharedRoutes};
 use crate::stats::{DataplaneStats, DropReason};
 use crate::wasm::{Direction, Pipeline, WorkerChain};
@@ -103,7 +107,12 @@ struct Ctx<F> {
     device: String,
     mtu: usize,
     spin: Duration,
+    /// Whether the device takes a virtio header (and so super-packets) in front of every write.
+    vnet: bool,
 }
+
+// The coalescer writes the header the device was opened with.
+const _: () = assert!(gro::VNET_HDR_LEN == VIRTIO_NET_HDR_LEN);
 
 /// Most reads from the device before queued datagrams are sent regardless, bounding latency.
 const DRAIN_BURST: usize = 64;
@@ -148,6 +157,7 @@ pub fn start<F: Framing>(
         device: spec.device.clone(),
         mtu: spec.mtu as usize,
         spin: spec.spin,
+        vnet: tun_offload,
     });
     for (q, ((dev, rx), tx)) in devices.into_iter().zip(rx).zip(tx).enumerate() {
         dev.set_nonblocking(true).map_err(tun_error)?;
@@ -358,26 +368,43 @@ struct RxSide {
     failures: Failures,
 }
 
-/// The sending thread's buffers, allocated once.
+/// The sending thread's buffers, allocated once. A read from the device is split into
+/// `segs` (one packet per slot, after room for the framing header); the batch names the slots
+/// it will send, so slots are reused only once the batch is empty.
 struct TxBuffers {
     read: Vec<u8>,
     segs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    header: Vec<u8>,
+    /// Slots in use by packets read since the batch was last empty.
+    used: usize,
+    header: usize,
     batch: batch::GsoBatch,
 }
 
+/// Slots: one read's segments (at most `IDEAL_BATCH_SIZE`) beside a full batch.
+const TX_SLOTS: usize = IDEAL_BATCH_SIZE + batch::MAX_SEGMENTS;
+
 impl TxBuffers {
     fn new(mtu: usize, header: usize) -> Self {
-        // A segment is at most one MTU.
-        let segment = (mtu + 64).max(2048);
+        // A segment is at most one MTU, after the framing header.
+        let segment = header + (mtu + 64).max(2048);
         TxBuffers {
             read: vec![0u8; VIRTIO_NET_HDR_LEN + 65_536],
-            segs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; segment]).collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
-            header: vec![0u8; header],
+            segs: (0..TX_SLOTS).map(|_| vec![0u8; segment]).collect(),
+            sizes: vec![0; TX_SLOTS],
+            used: 0,
+            header,
             batch: batch::GsoBatch::new(),
         }
+    }
+
+    /// The slots the next read may split into: all of them once the batch is empty, else
+    /// those after the batch's, with room for a whole read.
+    fn room(&mut self) -> Option<usize> {
+        if self.batch.is_empty() {
+            self.used = 0;
+        }
+        (TX_SLOTS - self.used >= IDEAL_BATCH_SIZE).then_some(self.used)
     }
 }
 
@@ -389,6 +416,8 @@ struct RxBuffers {
     split: Vec<Vec<u8>>,
     split_sizes: Vec<usize>,
     resplit: Vec<u8>,
+    /// This run's TCP segments, as super-packets to be.
+    merge: Gro,
 }
 
 impl RxBuffers {
@@ -410,6 +439,7 @@ impl RxBuffers {
             split,
             split_sizes,
             resplit: Vec::new(),
+            merge: Gro::new(),
         }
     }
 }
@@ -491,7 +521,17 @@ impl<F: Framing> Queue<F> {
     fn drain_device(&self, chain: &mut WorkerChain, b: &mut TxBuffers) -> Result<usize, Fatal> {
         let mut reads = 0;
         while reads < DRAIN_BURST {
-            let n = match self.tun.recv_multiple(&mut b.read, &mut b.segs, &mut b.sizes, 0) {
+            let first = match b.room() {
+                Some(first) => first,
+                None => {
+                    self.flush(&mut b.batch, &b.segs);
+                    0
+                }
+            };
+            let got = self
+                .tun
+                .recv_multiple(&mut b.read, &mut b.segs[first..], &mut b.sizes[first..], b.header);
+            let n = match got {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -503,82 +543,108 @@ impl<F: Framing> Queue<F> {
                 Err(e) => return Err(format!("TUN device {} failed: {e}", self.ctx.device)),
             };
             reads += 1;
-            let routes = self.ctx.routes.load();
-            chain.refresh();
-            let now = chain.now_ms();
-            for i in 0..n {
-                let size = b.sizes[i];
-                self.egress(chain, &routes, &mut b.segs[i][..size], &mut b.header, &mut b.batch, now);
-            }
-            chain.flush_stats();
+            b.used = first + n;
+            self.send_read(chain, b, first..first + n);
         }
-        self.flush(&mut b.batch);
+        self.flush(&mut b.batch, &b.segs);
         Ok(reads)
     }
 
-    /// One packet from a local pod: decided, routed, framed into the batch.
+    /// Decides, routes and frames the packets of one read (in `slots`), batching them.
+    fn send_read(&self, chain: &mut WorkerChain, b: &mut TxBuffers, slots: std::ops::Range<usize>) {
+        let routes = self.ctx.routes.load();
+        chain.refresh();
+        let now = chain.now_ms();
+        for slot in slots {
+            let framed = b.header + b.sizes[slot];
+            let Some((peer, len)) = self.egress(chain, &routes, &mut b.segs[slot][..framed], b.header, now) else {
+                continue;
+            };
+            if !b.batch.accepts(peer, len) {
+                self.flush(&mut b.batch, &b.segs);
+            }
+            b.batch.push(peer, slot, len);
+        }
+        chain.flush_stats();
+    }
+
+    /// One packet from a local pod, after `header` bytes of room in `slot`: decided, routed
+    /// and framed in place; the peer and the datagram's length, if it leaves.
     #[inline]
     fn egress(
         &self,
         chain: &mut WorkerChain,
         routes: &RouteTable,
-        seg: &mut [u8],
-        header: &mut [u8],
-        batch: &mut batch::GsoBatch,
+        slot: &mut [u8],
+        header: usize,
         now: u64,
-    ) {
+    ) -> Option<(Ipv4Addr, usize)> {
         let stats = &self.ctx.stats;
-        let meta = match forward::parse(seg) {
-            Ok(m) => m,
-            Err(reason) => return stats.dropped(reason),
-        };
+        let (head, seg) = slot.split_at_mut(header);
+        let meta = forward::parse(seg).map_err(|reason| stats.dropped(reason)).ok()?;
         let verdict = chain.decide_parsed(Direction::Egress, &meta, seg, now);
         if verdict.drop {
-            return stats.dropped(DropReason::Policy);
+            stats.dropped(DropReason::Policy);
+            return None;
         }
         match forward::outbound_parsed(routes, &meta, seg) {
             Outbound::Send { peer, len } => {
                 let peer = verdict.via.unwrap_or(peer);
-                if let Err(reason) = self.ctx.framing.write_header(routes, peer, header) {
-                    return stats.dropped(reason);
+                if let Err(reason) = self.ctx.framing.write_header(routes, peer, head) {
+                    stats.dropped(reason);
+                    return None;
                 }
-                if !batch.accepts(peer, header.len() + len) {
-                    self.flush(batch);
-                }
-                batch.push_parts(peer, header, &seg[..len]);
+                Some((peer, header + len))
             }
             Outbound::Reply(icmp, reason) => {
                 stats.dropped(reason);
                 if self.write_back(&icmp) {
                     stats.icmp_sent.fetch_add(1, Ordering::Relaxed);
                 }
+                None
             }
-            Outbound::Drop(reason) => stats.dropped(reason),
+            Outbound::Drop(reason) => {
+                stats.dropped(reason);
+                None
+            }
         }
     }
 
-    fn flush(&self, batch: &mut batch::GsoBatch) {
-        if let Some((peer, segment, count, bytes)) = batch.parts() {
-            let stats = &self.ctx.stats;
-            match self.tx.send_run(peer, segment, count, bytes) {
-                Ok(()) => {
-                    if let Some(c) = self.ctx.routes.load().counters(peer) {
-                        c.tx_packets.fetch_add(count as u64, Ordering::Relaxed);
-                        c.tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    }
-                    stats.tx_packets.fetch_add(count as u64, Ordering::Relaxed);
-                    stats.tx_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    if let Some(c) = stats.queue_tx.get(self.q) {
-                        c.fetch_add(count as u64, Ordering::Relaxed);
-                    }
-                }
+    /// Sends the batch, gathering its datagrams from their slots, and empties it.
+    fn flush(&self, batch: &mut batch::GsoBatch, segs: &[Vec<u8>]) {
+        if let Some((peer, segment, bytes, parts)) = batch.parts() {
+            let mut run = [IoSlice::new(&[]); batch::MAX_SEGMENTS];
+            for (io, p) in run.iter_mut().zip(parts) {
+                *io = IoSlice::new(&segs[p.slot][..p.len]);
+            }
+            let count = parts.len();
+            match self.tx.send_run(peer, segment, &run[..count]) {
+                // Counted as inner bytes, without the framing headers.
+                Ok(()) => self.count_sent(
+                    peer,
+                    count as u64,
+                    (bytes - count * self.ctx.framing.header_len()) as u64,
+                ),
                 Err(e) => {
                     tracing::debug!(error = %e, %peer, "send failed");
-                    stats.dropped(DropReason::IoError);
+                    self.ctx.stats.dropped(DropReason::IoError);
                 }
             }
         }
         batch.clear();
+    }
+
+    fn count_sent(&self, peer: Ipv4Addr, packets: u64, bytes: u64) {
+        let stats = &self.ctx.stats;
+        if let Some(c) = self.ctx.routes.load().counters(peer) {
+            c.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            c.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        stats.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(c) = stats.queue_tx.get(self.q) {
+            c.fetch_add(packets, Ordering::Relaxed);
+        }
     }
 
     /// Writes one locally made packet (an ICMP error) into the device.
@@ -632,79 +698,146 @@ impl<F: Framing> Queue<F> {
         chain.refresh();
         let now = chain.now_ms();
         let relay = chain.relaying();
-        let mut frames = (&mut b.recv[..n], segment);
-        if let Some(f) = c.framing.super_frame(frames.0, segment, c.mtu) {
-            match c
-                .framing
-                .split(frames.0, f, &mut b.split, &mut b.split_sizes, &mut b.resplit)
-            {
-                Some(seg) => frames = (&mut b.resplit[..], seg),
+        let RxBuffers {
+            recv,
+            out,
+            gro,
+            split,
+            split_sizes,
+            resplit,
+            merge,
+        } = b;
+        let (frames, step) = match c.framing.super_frame(&recv[..n], segment, c.mtu) {
+            None => (&mut recv[..n], segment.max(1)),
+            Some(f) => match c.framing.split(&mut recv[..n], f, split, split_sizes, resplit) {
+                Some(seg) => (&mut resplit[..], seg.max(1)),
                 None => return c.stats.dropped(DropReason::Malformed),
-            }
-        }
+            },
+        };
         let hl = c.framing.header_len();
         let (mut k, mut delivered, mut bytes) = (0, 0u64, 0u64);
-        for dgram in frames.0.chunks_mut(frames.1.max(1)) {
-            if let Err(reason) = c.framing.open(dgram) {
-                c.stats.dropped(reason);
-                continue;
-            }
-            let inner = &mut dgram[hl..];
-            c.framing.finish(inner);
-            let Some(len) = self.ingress(chain, &routes, from, inner, relay, now) else {
+        merge.clear();
+        for start in (0..frames.len()).step_by(step) {
+            let end = (start + step).min(frames.len());
+            let Some(len) = self.ingress(chain, &routes, from, &mut frames[start..end], relay, now) else {
                 continue;
             };
-            if k == b.out.len() {
-                self.write(&mut b.gro, &mut b.out[..k]);
-                k = 0;
-            }
-            let o = &mut b.out[k];
-            o.clear();
-            o.resize(VIRTIO_NET_HDR_LEN, 0);
-            o.extend_from_slice(&inner[..len]);
-            k += 1;
-            c.stats.received(len);
             delivered += 1;
             bytes += len as u64;
+            let inner = Span { start: start + hl, len };
+            if c.vnet && frames[inner.start + 9] == 6 {
+                merge.push(frames, inner);
+                continue;
+            }
+            if k == out.len() {
+                self.write(gro, &mut out[..k]);
+                k = 0;
+            }
+            let o = &mut out[k];
+            o.clear();
+            o.resize(VIRTIO_NET_HDR_LEN, 0);
+            o.extend_from_slice(&frames[inner.start..inner.start + len]);
+            k += 1;
         }
+        self.write_merged(merge, frames);
         if k > 0 {
-            self.write(&mut b.gro, &mut b.out[..k]);
+            self.write(gro, &mut out[..k]);
         }
-        if let Some(p) = routes.counters(from).filter(|_| delivered > 0) {
-            p.rx_packets.fetch_add(delivered, Ordering::Relaxed);
-            p.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
-        if let Some(q) = c.stats.queue_rx.get(self.q) {
-            q.fetch_add(delivered, Ordering::Relaxed);
-        }
+        self.count_delivered(&routes, from, delivered, bytes);
         chain.flush_stats();
     }
 
-    /// One inner packet from a peer: checked and decided; the length to deliver, if it may enter.
+    fn count_delivered(&self, routes: &RouteTable, from: Ipv4Addr, packets: u64, bytes: u64) {
+        if packets == 0 {
+            return;
+        }
+        let stats = &self.ctx.stats;
+        stats.received_run(packets, bytes);
+        if let Some(p) = routes.counters(from) {
+            p.rx_packets.fetch_add(packets, Ordering::Relaxed);
+            p.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if let Some(q) = stats.queue_rx.get(self.q) {
+            q.fetch_add(packets, Ordering::Relaxed);
+        }
+    }
+
+    /// One datagram from a peer: its framing opened, its inner packet finished, checked and
+    /// decided; the inner packet's length, if it may enter.
     #[inline]
     fn ingress(
         &self,
         chain: &mut WorkerChain,
         routes: &RouteTable,
         from: Ipv4Addr,
-        inner: &mut [u8],
+        dgram: &mut [u8],
         relay: bool,
         now: u64,
     ) -> Option<usize> {
-        let stats = &self.ctx.stats;
-        let meta = forward::parse(inner).map_err(|r| stats.dropped(r)).ok()?;
+        let c = &self.ctx;
+        if let Err(reason) = c.framing.open(dgram) {
+            c.stats.dropped(reason);
+            return None;
+        }
+        let inner = &mut dgram[c.framing.header_len()..];
+        c.framing.finish(inner);
+        let meta = forward::parse(inner).map_err(|r| c.stats.dropped(r)).ok()?;
         match forward::inbound_parsed(routes, from, &meta, inner, relay) {
             Inbound::Deliver { len } => {
                 if chain.decide_parsed(Direction::Ingress, &meta, &inner[..len], now).drop {
-                    stats.dropped(DropReason::Policy);
+                    c.stats.dropped(DropReason::Policy);
                     return None;
                 }
                 Some(len)
             }
             Inbound::Drop(reason) => {
-                stats.dropped(reason);
+                c.stats.dropped(reason);
                 None
             }
+        }
+    }
+
+    /// Writes the run's TCP segments as planned: one `writev` per super-packet, from where they
+    /// were received.
+    fn write_merged(&self, plan: &Gro, buf: &mut [u8]) {
+        let (mut segments, mut writes) = (0, 0);
+        for i in 0..plan.len() {
+            let vnet = plan.seal(buf, i);
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; gro::MAX_SEGMENTS + 1];
+            iov[0] = libc::iovec {
+                iov_base: vnet.as_ptr() as *mut libc::c_void,
+                iov_len: vnet.len(),
+            };
+            let mut n = 1;
+            for part in plan.parts(i) {
+                let piece = &buf[part.start..part.start + part.len];
+                iov[n] = libc::iovec {
+                    iov_base: piece.as_ptr() as *mut libc::c_void,
+                    iov_len: piece.len(),
+                };
+                n += 1;
+            }
+            // SAFETY: the first `n` iovecs point into `vnet` and `buf`, both alive and unchanged
+            // for the call; the kernel only reads them. `n` is at most MAX_SEGMENTS + 1.
+            let r = unsafe { libc::writev(self.tun.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                tracing::debug!(error = %e, "writing to the TUN device failed");
+                for _ in 0..plan.count(i) {
+                    self.ctx.stats.dropped(DropReason::IoError);
+                }
+            } else if plan.count(i) > 1 {
+                segments += plan.count(i) as u64;
+                writes += 1;
+            }
+        }
+        if writes > 0 {
+            let stats = &self.ctx.stats;
+            stats.coalesced_segments.fetch_add(segments, Ordering::Relaxed);
+            stats.coalesced_writes.fetch_add(writes, Ordering::Relaxed);
         }
     }
 

@@ -103,24 +103,19 @@ impl UnderlaySocket {
         self.gso.load(Ordering::Relaxed)
     }
 
-    /// Sends `count` datagrams packed in `bytes` (each `segment` long but the last) to `peer`.
-    /// A full send buffer is waited out (backpressure for the sender, not a drop).
-    pub fn send_run(&self, peer: Ipv4Addr, segment: usize, count: usize, bytes: &[u8]) -> std::io::Result<()> {
+    /// Sends one datagram per slice of `run` (each `segment` long but the last) to `peer`, the
+    /// kernel gathering them. A full send buffer is waited out (backpressure for the sender,
+    /// not a drop).
+    pub fn send_run(&self, peer: Ipv4Addr, segment: usize, run: &[IoSlice<'_>]) -> std::io::Result<()> {
         let dst = SocketAddrV4::new(peer, self.port);
-        if count > 1 && self.gso() {
+        if run.len() > 1 && self.gso() {
             let seg = u16::try_from(segment).unwrap_or(u16::MAX);
             let addr = SockaddrIn::from(dst);
             let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
             let sent = self.retrying(|| {
-                socket::sendmsg(
-                    self.sock.as_raw_fd(),
-                    &[IoSlice::new(bytes)],
-                    &cmsg,
-                    MsgFlags::empty(),
-                    Some(&addr),
-                )
-                .map(drop)
-                .map_err(std::io::Error::from)
+                socket::sendmsg(self.sock.as_raw_fd(), run, &cmsg, MsgFlags::empty(), Some(&addr))
+                    .map(drop)
+                    .map_err(std::io::Error::from)
             });
             match sent {
                 Ok(()) => return Ok(()),
@@ -132,8 +127,8 @@ impl UnderlaySocket {
                 Err(e) => return Err(e),
             }
         }
-        for chunk in bytes.chunks(segment.max(1)) {
-            self.retrying(|| self.sock.send_to(chunk, dst).map(drop))?;
+        for dgram in run {
+            self.retrying(|| self.sock.send_to(dgram, dst).map(drop))?;
         }
         Ok(())
     }
