@@ -56,7 +56,6 @@ struct Merge {
     /// Payload bytes in all.
     payload: usize,
     next_seq: u32,
-    open: bool,
     /// Whether the first segment's checksum was checked (only needed once a second joins).
     checked: bool,
     psh: bool,
@@ -85,6 +84,7 @@ struct Segment {
 pub struct Gro {
     merges: Vec<Merge>,
     links: Vec<Link>,
+    /// The merges still taking segments, oldest first (at most `MAX_OPEN`).
     open: Vec<usize>,
 }
 
@@ -138,7 +138,6 @@ impl Gro {
             // Out of sequence, a bigger segment, new options or a damaged one: that flow's
             // super-packet ends here and this segment starts the next.
             self.open.remove(slot);
-            self.merges[m].open = false;
             self.start(at, Some(seg));
         }
     }
@@ -146,8 +145,7 @@ impl Gro {
     /// Whether `pkt` can extend merge `m` (checking checksums as the merge grows past one).
     fn joins(&mut self, buf: &[u8], m: usize, pkt: &[u8], seg: Segment) -> bool {
         let g = &self.merges[m];
-        let fits = g.open
-            && seg.seq == g.next_seq
+        let fits = seg.seq == g.next_seq
             && seg.payload <= g.mss
             && g.count < MAX_SEGMENTS
             && g.head + g.payload + seg.payload <= MAX_IP_LEN
@@ -165,14 +163,8 @@ impl Gro {
     }
 
     fn close_flow(&mut self, buf: &[u8], pkt: &[u8]) {
-        let merges = &mut self.merges;
-        self.open.retain(|&m| {
-            let same = same_flow(merges[m].first.of(buf), pkt);
-            if same {
-                merges[m].open = false;
-            }
-            !same
-        });
+        let merges = &self.merges;
+        self.open.retain(|&m| !same_flow(merges[m].first.of(buf), pkt));
     }
 
     fn start(&mut self, at: Span, seg: Option<Segment>) {
@@ -193,7 +185,6 @@ impl Gro {
             count: 1,
             payload: mss,
             next_seq: seq,
-            open: seg.is_some() && !psh,
             checked: false,
             psh,
             links: NONE,
@@ -201,8 +192,7 @@ impl Gro {
         });
         if seg.is_some() && !psh {
             if self.open.len() == MAX_OPEN {
-                let oldest = self.open.remove(0);
-                self.merges[oldest].open = false;
+                self.open.remove(0);
             }
             self.open.push(i);
         }
@@ -228,7 +218,6 @@ impl Gro {
         g.next_seq = seg.seq.wrapping_add(seg.payload as u32);
         g.psh |= seg.flags & TCP_PSH != 0;
         if seg.payload < g.mss || g.psh || g.count == MAX_SEGMENTS {
-            g.open = false;
             self.open.retain(|&o| o != m);
         }
     }

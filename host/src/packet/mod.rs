@@ -72,11 +72,7 @@ fn header_sum_ok(h: &[u8]) -> bool {
     for w in h.chunks_exact(4) {
         sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
     }
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    fold64(sum) == 0xffff
 }
 
 /// The Internet checksum (RFC 1071) of `data`, folded and complemented.
