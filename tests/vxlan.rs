@@ -421,6 +421,98 @@ fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
         .sum()
 }
 
+/// Adds the firewall denying tcp/7777 and waits until both nodes queue new flows.
+fn add_firewall(c: &TestCluster) {
+    let fw = policy_wasm("firewall").display().to_string();
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
+        .expect("add");
+    for n in 1..=2 {
+        assert!(
+            eventually(Duration::from_secs(20), || policy_rules(c, n).contains("NFQUEUE")),
+            "node {n} never queued:\n{}",
+            c.lab.nodes[n - 1].log_tail(20)
+        );
+    }
+}
+
+/// Node `n`'s nftables tables, as `nft list tables` prints them.
+fn nft_tables(c: &TestCluster, n: usize) -> String {
+    in_node(c, n, &["nft", "list", "tables"])
+}
+
+/// Node `n`'s map `map` of known services, as `nft list map` prints it.
+fn known_map(c: &TestCluster, n: usize, map: &str) -> String {
+    in_node(c, n, &["nft", "list", "map", "ip", "weft_policy", map])
+}
+
+/// The firewall's verdicts hold for every source of a service, so after a service's first
+/// flow the kernel answers its next ones: queued once, then never, allowed or denied, until the
+/// chain changes; a change takes effect on the next flow.
+#[test]
+fn a_service_decided_once_is_answered_by_the_kernel_until_the_chain_changes() {
+    let mut c = TestCluster::with_config("vk", StoreKind::Embedded, 2, VXLAN, &[]);
+    c.up(1);
+    add_firewall(&c);
+    for n in 1..=2 {
+        assert!(
+            eventually(Duration::from_secs(20), || c
+                .metric(n, "weft_kernel_policy_known_ready")
+                == 1.0),
+            "node {n} has no table of known services:\n{}",
+            c.lab.nodes[n - 1].log_tail(20)
+        );
+    }
+    let (p1, _) = c.pod(1, 1);
+    let (p2, ip2) = c.pod(2, 1);
+    // A module just loaded may still be readying its instance on a worker: the agent then
+    // drops (fail-closed) for 50 ms, and the client's SYN retry is the first that passes.
+    let before = (queued(&c, 1, 8472), queued(&c, 2, 8472));
+    assert!(
+        eventually(Duration::from_secs(10), || tcp_connects(&p1, &p2, ip2, 7778)),
+        "tcp/7778 refused:\n{}",
+        c.lab.nodes[0].log_tail(20)
+    );
+    for i in 0..20 {
+        assert!(tcp_connects(&p1, &p2, ip2, 7778), "tcp/7778 refused on connection {i}");
+    }
+    for _ in 0..5 {
+        assert!(!tcp_connects(&p1, &p2, ip2, 7777), "tcp/7777 got through");
+    }
+    let d = (queued(&c, 1, 8472) - before.0, queued(&c, 2, 8472) - before.1);
+    // Node 2 sees 7777's first SYN only if node 1 let it through: it does not.
+    assert!(
+        d.0 <= 4 && d.1 <= 3,
+        "26 connections to two services queued {d:?} packets"
+    );
+    let egress = known_map(&c, 1, "egress");
+    assert!(
+        egress.contains(&format!("{ip2} . tcp . 7778")) && egress.contains("jump allowed"),
+        "{egress}"
+    );
+    assert!(
+        egress.contains(&format!("{ip2} . tcp . 7777")) && egress.contains(": drop"),
+        "{egress}"
+    );
+    let ingress = known_map(&c, 2, "ingress");
+    assert!(ingress.contains(&format!("{ip2} . tcp . 7778")), "{ingress}");
+    assert!(c.metric(1, "weft_kernel_policy_known_services_total{result=\"added\"}") >= 2.0);
+
+    // 7778 denied from now on: the next connection is refused, not answered from the maps.
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":["7777-7778"]}]}"#;
+    c.weft_module(1, &["set", "fw", "--config-json", cfg]).expect("set");
+    assert!(
+        eventually(Duration::from_secs(20), || !tcp_connects(&p1, &p2, ip2, 7778)),
+        "tcp/7778 still allowed after the firewall denied it"
+    );
+    assert!(c.metric(1, "weft_kernel_policy_known_flushes_total") >= 1.0);
+    let egress = known_map(&c, 1, "egress");
+    assert!(
+        !egress.contains("jump allowed"),
+        "an allowed service outlived the chain that allowed it:\n{egress}"
+    );
+}
+
 #[test]
 fn firewall_on_the_kernel_path_queues_only_first_packets() {
     let mut c = TestCluster::with_config("vq", StoreKind::Etcd, 2, VXLAN, &[]);
@@ -431,17 +523,7 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
         "{}",
         c.lab.nodes[0].log_tail(20)
     );
-    let fw = policy_wasm("firewall").display().to_string();
-    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
-    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
-        .expect("add");
-    for n in 1..=2 {
-        assert!(
-            eventually(Duration::from_secs(20), || policy_rules(&c, n).contains("NFQUEUE")),
-            "node {n} never queued:\n{}",
-            c.lab.nodes[n - 1].log_tail(20)
-        );
-    }
+    add_firewall(&c);
     let rules = policy_rules(&c, 1);
     assert!(
         !rules.contains("--queue-bypass"),
@@ -481,26 +563,36 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
         "the connection mark did not carry the flow:\n{returned}"
     );
 
-    // Agent down, fail-closed: new flows stop at the queue; the agent back, they flow again.
+    // Agent down, fail-closed: new flows of services never decided stop at the queue, those of
+    // a service the kernel knows keep their verdict; the agent back, they all flow again.
     c.lab.stop_agent(2, true).expect("stop");
     assert!(
-        !tcp_connects(&p1, &p2, ip2, 7778),
+        !tcp_connects(&p1, &p2, ip2, 7779),
         "a new flow passed with no agent to ask (fail-closed)"
     );
+    assert!(
+        tcp_connects(&p1, &p2, ip2, 7778),
+        "a known service was refused while the agent was away"
+    );
+    assert!(!tcp_connects(&p1, &p2, ip2, 7777), "a known denied service got through");
     c.lab.start_agent(2).expect("start");
     c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
     assert!(
-        eventually(Duration::from_secs(20), || tcp_connects(&p1, &p2, ip2, 7778)),
+        eventually(Duration::from_secs(20), || tcp_connects(&p1, &p2, ip2, 7779)),
         "new flows after the agent came back:\n{}",
         c.lab.nodes[1].log_tail(20)
     );
     assert!(!tcp_connects(&p1, &p2, ip2, 7777));
 
-    // The module removed: nothing is queued any more.
+    // The module removed: nothing is queued any more, and the kernel forgets every service.
     c.weft_module(1, &["rm", "fw"]).expect("rm");
     assert!(
         eventually(Duration::from_secs(20), || !policy_rules(&c, 1).contains("NFQUEUE")),
         "rules kept queueing without modules"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || !nft_tables(&c, 1).contains("weft_policy")),
+        "the table of known services outlived the modules"
     );
     assert!(eventually(Duration::from_secs(20), || tcp_connects(
         &p1, &p2, ip2, 7777

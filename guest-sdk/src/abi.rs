@@ -95,12 +95,34 @@ pub const CACHE_NONE: u16 = 0;
 /// modules change).
 pub const CACHE_FLOW: u16 = 0xFFFF;
 
-/// A decoded verdict word. Layout: bits 0-7 action, bits 8-15 reserved (zero), bits 16-31 cache
-/// (0 none, 0xFFFF the flow's life, otherwise seconds), bits 32-63 an IPv4 address as a number.
+/// Scope values (bits 8-15 of a verdict word): which flows besides this one the verdict holds
+/// for. A module that widens the scope promises that its answer depends on none of the fields
+/// the scope leaves out (the source port; with [`scope::ANY_SOURCE`] also the source address
+/// and what the record derives from it: source node and subnet). The host then decides other
+/// flows of the same service from the cache without calling the module, and on the kernel
+/// paths (`vxlan`, `host-gw`) the kernel answers them without asking the agent.
+pub mod scope {
+    /// This flow only: direction and 5-tuple.
+    pub const FLOW: u8 = 0;
+    /// Every flow of the same direction, protocol, source and destination address and
+    /// destination port, whatever its source port.
+    pub const ANY_SOURCE_PORT: u8 = 1;
+    /// Every flow of the same direction, protocol, destination address and destination port,
+    /// whatever its source.
+    pub const ANY_SOURCE: u8 = 2;
+    /// The widest scope defined.
+    pub const MAX: u8 = ANY_SOURCE;
+}
+
+/// A decoded verdict word. Layout: bits 0-7 action, bits 8-15 scope (see [`scope`]; values past
+/// [`scope::MAX`] are refused), bits 16-31 cache (0 none, 0xFFFF the flow's life, otherwise
+/// seconds), bits 32-63 an IPv4 address as a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Word {
     /// The action byte.
     pub action: u8,
+    /// The scope byte.
+    pub scope: u8,
     /// The cache field.
     pub cache: u16,
     /// The address field (route `VIA` only).
@@ -110,17 +132,19 @@ pub struct Word {
 impl Word {
     /// Packs into the i64 a decision export returns.
     pub const fn pack(self) -> i64 {
-        (self.action as u64 | (self.cache as u64) << 16 | (self.addr as u64) << 32) as i64
+        (self.action as u64 | (self.scope as u64) << 8 | (self.cache as u64) << 16 | (self.addr as u64) << 32) as i64
     }
 
-    /// Unpacks a returned i64; `None` when reserved bits are set.
+    /// Unpacks a returned i64; `None` when the scope is not one this ABI defines.
     pub const fn unpack(v: i64) -> Option<Word> {
         let v = v as u64;
-        if v & 0xFF00 != 0 {
+        let scope = ((v >> 8) & 0xFF) as u8;
+        if scope > scope::MAX {
             return None;
         }
         Some(Word {
             action: (v & 0xFF) as u8,
+            scope,
             cache: ((v >> 16) & 0xFFFF) as u16,
             addr: (v >> 32) as u32,
         })
@@ -326,18 +350,24 @@ mod tests {
     }
 
     #[test]
-    fn words_round_trip_and_reserved_bits_are_refused() {
+    fn words_round_trip_and_unknown_scopes_are_refused() {
         let w = Word {
             action: route::VIA,
+            scope: scope::ANY_SOURCE_PORT,
             cache: 30,
             addr: u32::from_be_bytes([198, 18, 0, 9]),
         };
         assert_eq!(Word::unpack(w.pack()), Some(w));
-        assert_eq!(Word::unpack(0x0100), None);
+        assert_eq!(Word::unpack(0x0100).map(|w| w.scope), Some(scope::ANY_SOURCE_PORT));
+        assert_eq!(Word::unpack(0x0200).map(|w| w.scope), Some(scope::ANY_SOURCE));
+        for bad in [0x0300, 0x8000, 0xFF00] {
+            assert_eq!(Word::unpack(bad), None, "{bad:#x}");
+        }
         assert_eq!(
-            Word::unpack(!0xFF00),
+            Word::unpack(!0xFF00 | 0x0200),
             Some(Word {
                 action: 0xFF,
+                scope: scope::ANY_SOURCE,
                 cache: 0xFFFF,
                 addr: u32::MAX
             })

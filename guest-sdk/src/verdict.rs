@@ -8,6 +8,7 @@ use crate::abi::{self, Word, CACHE_FLOW, CACHE_NONE};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     action: u8,
+    scope: u8,
     cache: u16,
 }
 
@@ -16,6 +17,7 @@ impl Decision {
     pub const fn allow() -> Self {
         Decision {
             action: abi::action::ALLOW,
+            scope: abi::scope::FLOW,
             cache: CACHE_FLOW,
         }
     }
@@ -24,6 +26,7 @@ impl Decision {
     pub const fn drop() -> Self {
         Decision {
             action: abi::action::DROP,
+            scope: abi::scope::FLOW,
             cache: CACHE_FLOW,
         }
     }
@@ -32,6 +35,7 @@ impl Decision {
     pub const fn allow_and_log() -> Self {
         Decision {
             action: abi::action::ALLOW_LOG,
+            scope: abi::scope::FLOW,
             cache: CACHE_FLOW,
         }
     }
@@ -54,6 +58,27 @@ impl Decision {
         self
     }
 
+    /// The same verdict for every flow of this service from this source, whatever its source
+    /// port: the module promises its answer does not depend on the source port. TCP and UDP
+    /// flows only (the host keeps other protocols' verdicts per flow), and never a logged flow.
+    pub const fn for_any_source_port(mut self) -> Self {
+        self.scope = abi::scope::ANY_SOURCE_PORT;
+        self
+    }
+
+    /// The same verdict for every flow of this service (direction, protocol, destination
+    /// address and port) from any source: the module promises its answer depends on nothing
+    /// of the source (address, port, node, subnet).
+    pub const fn for_any_source(mut self) -> Self {
+        self.scope = abi::scope::ANY_SOURCE;
+        self
+    }
+
+    /// The scope byte ([`abi::scope`]).
+    pub const fn scope(self) -> u8 {
+        self.scope
+    }
+
     /// True when the flow may pass.
     pub const fn allows(self) -> bool {
         self.action != abi::action::DROP
@@ -73,6 +98,7 @@ impl Decision {
     pub const fn word(self) -> i64 {
         Word {
             action: self.action,
+            scope: self.scope,
             cache: self.cache,
             addr: 0,
         }
@@ -120,15 +146,39 @@ impl Route {
         match self.via {
             None => Word {
                 action: abi::route::OWNER,
+                scope: abi::scope::FLOW,
                 cache: self.cache,
                 addr: 0,
             },
             Some(a) => Word {
                 action: abi::route::VIA,
+                scope: abi::scope::FLOW,
                 cache: self.cache,
                 addr: u32::from(a),
             },
         }
         .pack()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_widened_decision_keeps_its_action_and_lifetime() {
+        let d = Decision::drop().cache_secs(30).for_any_source();
+        let w = Word::unpack(d.word()).unwrap();
+        assert_eq!(
+            (w.action, w.scope, w.cache),
+            (abi::action::DROP, abi::scope::ANY_SOURCE, 30)
+        );
+        let w = Word::unpack(Decision::allow().for_any_source_port().word()).unwrap();
+        assert_eq!(
+            (w.action, w.scope, w.cache),
+            (abi::action::ALLOW, abi::scope::ANY_SOURCE_PORT, CACHE_FLOW)
+        );
+        assert_eq!(Decision::allow().scope(), abi::scope::FLOW, "one flow unless asked");
+        assert_eq!(Word::unpack(Route::owner().word()).unwrap().scope, abi::scope::FLOW);
     }
 }

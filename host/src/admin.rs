@@ -387,6 +387,24 @@ fn kernel(f: &mut Family, s: &AgentState) -> std::fmt::Result {
         "weft_kernel_policy_errors",
         "Queue messages that did not parse and verdicts that could not be sent.",
         one(load(&k.errors)),
+    )?;
+    f.gauge(
+        "weft_kernel_policy_known_ready",
+        "1 while the kernel's maps of known services (table ip weft_policy) are loaded.",
+        one(i64::from(k.known.ready.load(Ordering::Relaxed))),
+    )?;
+    f.counter(
+        "weft_kernel_policy_known_services",
+        "Services decided for more than one flow handed to the kernel (added), or not taken (refused: a full map or backlog).",
+        [
+            (vec![("result", "added".to_string())], load(&k.known.added)),
+            (vec![("result", "refused".to_string())], load(&k.known.refused)),
+        ],
+    )?;
+    f.counter(
+        "weft_kernel_policy_known_flushes",
+        "Times the kernel's maps of known services were emptied because the chain or the lease table changed.",
+        one(load(&k.known.flushes)),
     )
 }
 
@@ -439,6 +457,11 @@ fn modules(f: &mut Family, s: &AgentState) -> std::fmt::Result {
         "weft_flow_cache_misses",
         "Packets that needed the module chain.",
         one(load(&p.cache_misses)),
+    )?;
+    f.counter(
+        "weft_flow_cache_wide_hits",
+        "New flows answered without a call by a verdict the modules gave for their whole service (any source port or any source).",
+        one(load(&p.wide_hits)),
     )?;
     f.counter(
         "weft_module_bad_via",

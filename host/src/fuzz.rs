@@ -1,5 +1,5 @@
 //! Property tests over everything that reads bytes or text from outside: packets from pods and
-//! peers, VXLAN frames, nfnetlink_queue messages, lease JSON and keys in the store, the offline
+//! peers, VXLAN frames, nfnetlink_queue messages and netlink replies, lease JSON and keys in the store, the offline
 //! bench's flows, expectations and captures, and random valid Wasm modules through the
 //! module host. What they hold: no input panics, and what is accepted is consistent (lengths
 //! within the buffer, encodings that read back as written). The budget is proptest's case count
@@ -127,6 +127,56 @@ proptest! {
     fn nfqueue_verdicts_read_back(queue in any::<u16>(), id in any::<u32>(), verdict in 0u32..5, mark in proptest::option::of(any::<u32>())) {
         let msg = crate::nfq::msg::verdict(queue, id, verdict, mark);
         prop_assert!(crate::nfq::msg::parse(&msg).is_ok());
+    }
+
+    #[test]
+    fn netlink_replies_never_panic_the_framing(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        use crate::nfq::nl;
+        if let Ok(msgs) = nl::split(&bytes) {
+            for m in msgs {
+                prop_assert!(m.body.len() + nl::NLMSG_HDRLEN <= bytes.len());
+                let _ = nl::error(m.body);
+                if let Ok(attrs) = nl::attrs(m.body) {
+                    for (_, data) in attrs {
+                        let _ = nl::attrs(data);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn set_element_batches_read_back(
+        keys in proptest::collection::vec((any::<u32>(), any::<u8>(), any::<u16>(), any::<bool>(), 1u64..200_000), 1..40),
+        seq in any::<u32>(),
+    ) {
+        use crate::nfq::{nft, nl};
+        let keys: Vec<(Vec<u8>, bool, u64)> = keys
+            .into_iter()
+            .map(|(a, p, port, allow, t)| (nft::concat(&[&a.to_be_bytes(), &[p], &port.to_be_bytes()]), allow, t))
+            .collect();
+        let elements: Vec<nft::Element> = keys
+            .iter()
+            .map(|(k, allow, t)| nft::Element {
+                key: k,
+                action: if *allow { nft::Action::Jump("allowed") } else { nft::Action::Drop },
+                timeout_ms: *t,
+            })
+            .collect();
+        let mut b = nft::Batch::new("weft_policy", seq);
+        b.add("egress", &elements);
+        let (bytes, _) = b.finish();
+        let msgs = nl::split(&bytes).expect("a batch splits");
+        prop_assert_eq!(msgs.len(), 3);
+        let top = nl::attrs(&msgs[1].body[nl::NFGEN_LEN..]).expect("attributes");
+        let listed = nl::attrs(top[2].1).expect("elements");
+        prop_assert_eq!(listed.len(), keys.len());
+        for ((_, el), (k, _, t)) in listed.iter().zip(&keys) {
+            let parts = nl::attrs(el).expect("element");
+            let key = nl::attrs(parts[0].1).expect("key");
+            prop_assert_eq!(key[0].1, &k[..]);
+            prop_assert_eq!(parts[2].1, &t.to_be_bytes()[..]);
+        }
     }
 
     #[test]

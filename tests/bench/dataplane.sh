@@ -5,7 +5,9 @@
 #   Weft vxlan (userspace)        vs kernel VXLAN by hand (TCP, UDP 64 B)
 #   Weft vxlan + NFQUEUE firewall vs Weft vxlan without modules (TCP; new connections per second),
 #     both on bare nodes (no connection tracking until the policy needs it) and on nodes running
-#     --ip-masq (connections already tracked, as on most real nodes)
+#     --ip-masq (connections already tracked, as on most real nodes); the firewall's verdicts hold
+#     for whole services, so the kernel answers a service's later connections itself; with
+#     "per_flow" every connection is asked of the agent (the queue's own cost)
 #   Weft host-gw                  vs routes added by hand (TCP)
 #   Weft udp with the firewall    vs Weft udp without modules (every row)
 # Rows: TCP 1 and 4 streams, UDP 64 B, idle ping RTT (300 pings 5 ms apart), sockperf ping-pong
@@ -14,8 +16,9 @@
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
 #   sudo tests/bench/dataplane.sh --quick    # 1 round of 2 s (CI smoke run)
-#   sudo WEFT_BEFORE=/path/to/old/weft tests/bench/dataplane.sh   # adds that binary's udp and
-#        userspace VXLAN paths to the same rounds, and rows comparing the two builds
+#   sudo WEFT_BEFORE=/path/to/old/weft tests/bench/dataplane.sh   # adds that binary's udp,
+#        userspace VXLAN and NFQUEUE paths to the same rounds, and rows comparing the two builds
+#        (WEFT_BEFORE_POLICIES=<its target/policies> when its modules differ from this build's)
 #
 # Topology per path: two node namespaces joined by a veth pair (MTU 1500), each with one pod
 # namespace behind a bridge. Traffic never leaves these namespaces. Inside each round the paths
@@ -63,26 +66,30 @@ setup_plain() {
 # The firewall denies a port nothing here uses: every benchmark flow is asked about once, then
 # allowed and remembered in its connection mark.
 CFG='{"default":"allow","rules":[{"action":"deny","protocol":"tcp","ports":["7777"]}]}'
-echo "setting up 10 paths..."
+CFG_FLOW='{"per_flow":true,"default":"allow","rules":[{"action":"deny","protocol":"tcp","ports":["7777"]}]}'
+echo "setting up 11 paths..."
 setup_weft udp udp
 setup_weft udpfw udp "'$WEFT' module --store '$TMP/udpfw.db' add fw '$FW' --config-json '$CFG' >/dev/null"
 setup_weft vx '{"Type":"vxlan"}'
 setup_weft vxp '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxp.db' add fw '$FW' --config-json '$CFG' >/dev/null"
+setup_weft vxpf '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpf.db' add fw '$FW' --config-json '$CFG_FLOW' >/dev/null"
 setup_weft vxm '{"Type":"vxlan"}' "" --ip-masq
 setup_weft vxpm '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpm.db' add fw '$FW' --config-json '$CFG' >/dev/null" --ip-masq
 setup_weft vxu '{"Type":"vxlan","Userspace":true}'
 setup_weft hg host-gw
 setup_kernel
 setup_plain
-PATHS="udp udpfw vx vxp vxm vxpm vxu hg kvx plain"
+PATHS="udp udpfw vx vxp vxpf vxm vxpm vxu hg kvx plain"
+CONN="vx vxp vxpf vxm vxpm kvx"
 USERSPACE="udp udpfw vxu"
 if [[ -n "${WEFT_BEFORE:-}" ]]; then
   [[ -x "$WEFT_BEFORE" ]] || { echo "WEFT_BEFORE=$WEFT_BEFORE is not an executable" >&2; exit 1; }
-  NOW=$WEFT; WEFT=$WEFT_BEFORE
+  NOW=$WEFT; WEFT=$WEFT_BEFORE; FWB=${WEFT_BEFORE_POLICIES:-$(dirname "$FW")}/firewall.wasm
   setup_weft udpb udp
   setup_weft vxub '{"Type":"vxlan","Userspace":true}'
-  setup_weft udpfwb udp "'$WEFT' module --store '$TMP/udpfwb.db' add fw '$FW' --config-json '$CFG' >/dev/null"
-  WEFT=$NOW; PATHS+=" udpb udpfwb vxub"; USERSPACE+=" udpb udpfwb vxub"
+  setup_weft udpfwb udp "'$WEFT' module --store '$TMP/udpfwb.db' add fw '$FWB' --config-json '$CFG' >/dev/null"
+  setup_weft vxpb '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpb.db' add fw '$FWB' --config-json '$CFG' >/dev/null"
+  WEFT=$NOW; PATHS+=" udpb udpfwb vxub vxpb"; USERSPACE+=" udpb udpfwb vxub"; CONN+=" vxpb"
 fi
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
 MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows conn cpu}
@@ -122,7 +129,7 @@ cpu() {
 }
 
 declare -A R
-q0=$(queued vxp)
+q0=$(queued vxp); f0=$(queued vxpf)
 for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
   for t in $PATHS; do R[$t-$mode]=""; done
   [[ " $MODES " == *" $mode "* ]] || continue
@@ -134,12 +141,12 @@ for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
       ping) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(pingrtt $t "${POD2[$t]}")"; done ;;
       sockperf) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(sockperf_pp $t "${POD2[$t]}")"; done ;;
       flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
-      conn) for t in vx vxp vxm vxpm kvx; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
+      conn) for t in $CONN; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
       cpu) for t in $USERSPACE; do [[ $t == udpfw* ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
   done
 done
-q1=$(queued vxp)
+q1=$(queued vxp); f1=$(queued vxpf)
 
 ratio() { python3 -c "print('%.3f' % (float('$1' or 0)/float('$2') if '$2' and float('$2') else 0))"; }
 med() { echo ${R[$1]} | median; }
@@ -172,6 +179,7 @@ row "udp+firewall / udp, sockperf pp 64 B (us)" udpfw udp sockperf
 row "udp+firewall / udp, 1,000 UDP flows (kpps)" udpfw udp flows
 row "vxlan+NFQUEUE / vxlan, TCP (Gbit/s)" vxp vx tcp
 row "vxlan+NFQUEUE / vxlan, conn/s" vxp vx conn
+row "same, every flow asked, conn/s" vxpf vx conn
 row "same, nodes with --ip-masq, TCP (Gbit/s)" vxpm vxm tcp
 row "same, nodes with --ip-masq, conn/s" vxpm vxm conn
 row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
@@ -183,11 +191,12 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
     row "vxlan userspace / before, ${m#* }" vxu vxub "${m%% *}"
     row "udp+firewall / before, ${m#* }" udpfw udpfwb "${m%% *}"
   done
+  row "vxlan+NFQUEUE / before, conn/s" vxp vxpb conn
 fi
 for t in $USERSPACE; do
   [[ $t == udpfw* ]] && continue
   printf '%-40s %25s\n' "agents' CPU, $t (% of a core: idle/TCP)" "$(echo ${R[$t-cpu]} | tr ' ' '\n' | tail -1)"
 done
-echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0))"
+echo "packets node 1 of vxlan+NFQUEUE queued to its agent during the whole run: $((q1 - q0)) (every flow asked: $((f1 - f0)))"
 # (if, not &&: a last empty row must not fail the pipeline under pipefail)
 for k in "${!R[@]}"; do if [[ -n "${R[$k]}" ]]; then echo "runs $k:${R[$k]}"; fi; done | sort

@@ -1,6 +1,7 @@
 //! Nanoseconds per decision of the Wasm chain, with the firewall module from `policies/`:
-//! a raw module call, a new flow through the whole chain (record, call, cache insert), and the
-//! cached path every later packet takes, against no module at all.
+//! a raw module call, a new flow through the whole chain (record, call, cache insert; the
+//! firewall asked per flow), a new flow of a service the firewall answered for every source
+//! port (no call), and the cached path every later packet takes, against no module at all.
 //!
 //! `scripts/build-policies && cargo bench -p weft-tests --bench decision`
 
@@ -34,7 +35,12 @@ fn leases() -> RouteTable {
     t
 }
 
-fn pipeline(with_module: bool) -> Arc<Pipeline> {
+/// The same rules, every flow asked: what a new flow costs when the module must be called.
+fn per_flow() -> String {
+    CONFIG.replacen('{', r#"{"per_flow":true,"#, 1)
+}
+
+fn pipeline(config: Option<&str>) -> Arc<Pipeline> {
     let cell = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(leases()));
     let p = Pipeline::new(
         Runtime::new(Limits::default()).unwrap(),
@@ -43,9 +49,9 @@ fn pipeline(with_module: bool) -> Arc<Pipeline> {
     )
     .unwrap();
     p.set_own("10.244.1.0/24".parse().unwrap());
-    if with_module {
+    if let Some(config) = config {
         let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();
-        let st = p.load(vec![ModuleSpec::new("fw", &wasm, CONFIG.into())]);
+        let st = p.load(vec![ModuleSpec::new("fw", &wasm, config.into())]);
         assert_eq!(st[0].state, "loaded", "{:?}", st[0].error);
     }
     p
@@ -69,7 +75,7 @@ fn packets(n: usize) -> Vec<Vec<u8>> {
 }
 
 fn bench(c: &mut Criterion) {
-    let p = pipeline(true);
+    let p = pipeline(Some(&per_flow()));
     let rt = p.runtime().clone();
     let wasm = std::fs::read(weft_tests::policy_wasm("firewall")).unwrap();
     let compiled = rt.compile(&wasm).unwrap();
@@ -137,6 +143,22 @@ fn bench(c: &mut Criterion) {
             black_box(w.decide_parsed(Direction::Egress, &m, &fresh, now))
         })
     });
+    // The same new flows, the firewall's verdicts holding for any source port (its default):
+    // after the first, each is answered from the worker's verdicts for whole services.
+    let wide = pipeline(Some(CONFIG));
+    let mut w = WorkerChain::new(wide);
+    w.refresh();
+    c.bench_function(
+        "chain: new flow of a service answered for any source port (no call)",
+        |b| {
+            b.iter(|| {
+                n = n.wrapping_add(1);
+                fresh[20..22].copy_from_slice(&(n as u16).to_be_bytes());
+                let m = parse_ipv4(&fresh).expect("a packet");
+                black_box(w.decide_parsed(Direction::Egress, &m, &fresh, now))
+            })
+        },
+    );
 
     // Cached: the data path hands over the packet parsed already (the parse it needs for the
     // route lookup anyway), so this is the chain's own cost.
@@ -159,7 +181,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(w.decide_parsed(Direction::Egress, black_box(&metas[0]), &few[0], now)))
     });
 
-    let empty = pipeline(false);
+    let empty = pipeline(None);
     let mut w = WorkerChain::new(empty);
     w.refresh();
     c.bench_function("chain: no module loaded", |b| {

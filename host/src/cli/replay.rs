@@ -182,7 +182,7 @@ fn decide_all(
     output: Output,
 ) -> Result<ExitCode> {
     let mut bench = bench(a, limits)?;
-    let mut wrong = 0usize;
+    let (mut wrong, mut broken) = (0usize, 0usize);
     ARMED.store(true, Ordering::Relaxed);
     for (i, f) in flows.iter().enumerate() {
         let o = bench.decide(f);
@@ -190,11 +190,17 @@ fn decide_all(
         let want = expected.and_then(|e| e.get(i)).copied();
         let ok = want.is_none_or(|w| w.matches(o.verdict));
         wrong += usize::from(!ok);
+        broken += usize::from(o.broken_scope.is_some());
         print_outcome(i + 1, f, &o, &logs, want, ok, output);
     }
     ARMED.store(false, Ordering::Relaxed);
     for (m, n) in bench.logs_suppressed() {
         eprintln!("{m}: {n} log lines held back by the agent's rate limit (10 a second)");
+    }
+    if broken > 0 {
+        // Agents would answer the other flows of those services from the first verdict.
+        eprintln!("weft: error: {broken} verdicts were given for more flows than the modules answer alike");
+        return Ok(ExitCode::FAILURE);
     }
     let Some(e) = expected else {
         return Ok(ExitCode::SUCCESS);
@@ -235,6 +241,7 @@ fn print_outcome(
             "flow": n, "packet": f.describe(), "verdict": verdict, "micros": (micros * 10.0).round() / 10.0,
             "cpu_micros": (o.cpu.as_secs_f64() * 1e7).round() / 10.0,
             "modules": modules, "logs": logs, "expected": want.map(|w| w.to_string()), "ok": ok,
+            "scope": replay::scope_name(o.scope), "broken_scope": o.broken_scope,
         });
         println!("{line}");
         return;
@@ -244,10 +251,16 @@ fn print_outcome(
         .iter()
         .map(|s| format!("{}: {} ({})", s.module, s.kind.label(), s.reason))
         .collect();
-    let mismatch = match want {
+    let mut mismatch = match want {
         Some(w) if !ok => format!("  MISMATCH, expected {w}"),
         _ => String::new(),
     };
+    if o.scope != weft::wasm::flow::Scope::Flow {
+        mismatch += &format!("  [{}]", replay::scope_name(o.scope));
+    }
+    if let Some(b) = &o.broken_scope {
+        mismatch += &format!("  BROKEN SCOPE: {b}");
+    }
     println!(
         "{n:>4}  {:<52} {:<16} {:>8.1} µs  {}{mismatch}",
         f.describe(),

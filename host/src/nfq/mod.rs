@@ -14,11 +14,14 @@
 //! either fails, the agent says so once, clearly, and reports the path as unavailable in
 //! `weft_kernel_policy_available`: flows on this path are then not filtered.
 
+pub mod known;
 pub mod msg;
+pub mod nft;
+pub mod nl;
 pub mod rules;
+pub mod socket;
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,9 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 use crate::wasm::{Direction, Pipeline, WorkerChain};
+
+use known::Known;
+use socket::Socket;
 
 /// The default queue number (any of 0..=65535 not used by another program on the node).
 pub const DEFAULT_QUEUE: u16 = 8472;
@@ -47,6 +53,8 @@ pub struct PolicyStats {
     pub denied: AtomicU64,
     /// Messages that did not parse or verdicts that could not be sent.
     pub errors: AtomicU64,
+    /// What the kernel was told of services decided for more than one flow.
+    pub known: known::KnownStats,
 }
 
 /// Why the kernel path cannot be filtered.
@@ -60,131 +68,31 @@ pub enum NfqError {
     Rules(#[from] rules::RulesError),
 }
 
-/// A bound nfnetlink_queue socket.
+/// A netfilter socket bound to one queue.
 struct QueueSocket {
-    fd: OwnedFd,
+    sock: Socket,
     queue: u16,
 }
 
 impl QueueSocket {
     fn open(queue: u16, fail_open: bool) -> Result<QueueSocket, NfqError> {
-        // SAFETY: plain socket calls on a descriptor this function owns from here on.
-        let fd = unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                msg::NETLINK_NETFILTER,
-            );
-            if fd < 0 {
-                return Err(NfqError::Socket(std::io::Error::last_os_error()));
-            }
-            OwnedFd::from_raw_fd(fd)
-        };
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given size.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(NfqError::Socket(std::io::Error::last_os_error()));
-        }
-        // A burst of new flows must not kill the loop with ENOBUFS; big buffers absorb it.
-        let one: libc::c_int = 1;
-        let buf: libc::c_int = 8 << 20;
-        // SAFETY: option values are c_ints that outlive the calls.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_NO_ENOBUFS,
-                (&one as *const libc::c_int).cast(),
-                4,
-            );
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&buf as *const libc::c_int).cast(),
-                4,
-            );
-        }
-        let s = QueueSocket { fd, queue };
+        // A burst of new flows must not kill the loop with ENOBUFS; a big buffer absorbs it.
+        let sock = Socket::open(8 << 20).map_err(NfqError::Socket)?;
         let flags = msg::CFG_F_GSO | if fail_open { msg::CFG_F_FAIL_OPEN } else { 0 };
-        s.send(&msg::bind(queue, 1, COPY_RANGE, flags, QUEUE_MAXLEN))
-            .map_err(|e| NfqError::Bind {
-                queue,
-                reason: e.to_string(),
-            })?;
+        let bind_error = |reason: String| NfqError::Bind { queue, reason };
+        sock.send(&msg::bind(queue, 1, COPY_RANGE, flags, QUEUE_MAXLEN))
+            .map_err(|e| bind_error(e.to_string()))?;
         let mut b = vec![0u8; 8192];
-        let n = s.recv(&mut b, false).map_err(|e| NfqError::Bind {
-            queue,
-            reason: e.to_string(),
-        })?;
-        let reply = msg::parse(&b[..n]).map_err(|e| NfqError::Bind {
-            queue,
-            reason: e.to_string(),
-        })?;
+        let n = sock.recv(&mut b, false).map_err(|e| bind_error(e.to_string()))?;
+        let reply = msg::parse(&b[..n]).map_err(|e| bind_error(e.to_string()))?;
         match reply.first() {
-            Some(msg::Message::Ack { errno: 0, .. }) => Ok(s),
-            Some(msg::Message::Ack { errno, .. }) => Err(NfqError::Bind {
-                queue,
-                reason: match *errno {
-                    libc::EBUSY => "another program already listens on this queue".to_string(),
-                    e => std::io::Error::from_raw_os_error(e).to_string(),
-                },
-            }),
-            _ => Err(NfqError::Bind {
-                queue,
-                reason: "no acknowledgement from the kernel".into(),
-            }),
+            Some(msg::Message::Ack { errno: 0, .. }) => Ok(QueueSocket { sock, queue }),
+            Some(msg::Message::Ack { errno, .. }) => Err(bind_error(match *errno {
+                libc::EBUSY => "another program already listens on this queue".to_string(),
+                e => std::io::Error::from_raw_os_error(e).to_string(),
+            })),
+            _ => Err(bind_error("no acknowledgement from the kernel".into())),
         }
-    }
-
-    fn send(&self, m: &[u8]) -> std::io::Result<()> {
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: `m` and `addr` are valid for the call.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                m.as_ptr().cast(),
-                m.len(),
-                0,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Receives one read; without waiting when `nowait` (then `WouldBlock` if nothing came).
-    fn recv(&self, buf: &mut [u8], nowait: bool) -> std::io::Result<usize> {
-        let flags = if nowait { libc::MSG_DONTWAIT } else { 0 };
-        // SAFETY: `buf` is valid for writes of its length.
-        let r = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
-
-    /// Waits until a read would return something.
-    fn wait(&self) {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, count 1, for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, -1) };
     }
 }
 
@@ -241,12 +149,22 @@ pub fn start(
     stats.available.store(true, Ordering::Relaxed);
     tracing::info!(queue, queues, %network, modules_active = first.queue.is_some(), bypass = first.bypass,
         "Wasm policy on the kernel path: first packets of new flows go through NFQUEUE");
+    let known = match Known::start(pipeline.clone(), stats.clone()) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a socket for the kernel's maps of known services: every new flow is asked of the agent");
+            None
+        }
+    };
+    let mut loaded = None;
+    if let Some(k) = &known {
+        k.follow(first.queue.is_some(), pipeline.chain().own, &mut loaded);
+    }
     for (k, socket) in sockets.into_iter().enumerate() {
-        let pipeline = pipeline.clone();
-        let stats = stats.clone();
+        let (pipeline, stats, known) = (pipeline.clone(), stats.clone(), known.clone());
         std::thread::Builder::new()
             .name(format!("weft-nfq{k}"))
-            .spawn(move || serve(socket, pipeline, stats))
+            .spawn(move || serve(socket, pipeline, stats, known))
             .map_err(NfqError::Socket)?;
     }
     // The rules follow the chain: loading the first module starts queueing, removing the last
@@ -258,6 +176,9 @@ pub fn start(
             loop {
                 std::thread::sleep(Duration::from_millis(250));
                 let want = wanted(&pipeline, network, queue, queues);
+                if let Some(k) = &known {
+                    k.follow(want.queue.is_some(), pipeline.chain().own, &mut loaded);
+                }
                 if want == current {
                     continue;
                 }
@@ -281,14 +202,14 @@ pub fn start(
 /// The verdict loop of one queue: every packet the kernel handed over in one read is answered
 /// (from the chain's cache or its modules), the verdicts leave in one send, and the thread
 /// polls a moment longer before it sleeps.
-fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) {
+fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>, known: Option<Known>) {
     let mut chain = WorkerChain::new(pipeline.clone());
     let mut buf = vec![0u8; 1 << 16];
     let mut replies: Vec<u8> = Vec::with_capacity(8192);
     let mut failures = 0u32;
     let mut spin = crate::tunnel::spin::Spin::new(SPIN);
     loop {
-        let n = match socket.recv(&mut buf, true) {
+        let n = match socket.sock.recv(&mut buf, true) {
             Ok(n) => {
                 failures = 0;
                 n
@@ -298,7 +219,7 @@ fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) 
                     // Polite: whatever else wants this core runs first.
                     std::thread::yield_now();
                 } else {
-                    socket.wait();
+                    socket.sock.wait();
                 }
                 continue;
             }
@@ -319,9 +240,17 @@ fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>) 
         };
         spin.traffic(std::time::Instant::now());
         replies.clear();
-        answer(&socket, &buf[..n], &mut chain, &pipeline, &stats, &mut replies);
+        answer(
+            &socket,
+            &buf[..n],
+            &mut chain,
+            &pipeline,
+            &stats,
+            known.as_ref(),
+            &mut replies,
+        );
         if !replies.is_empty() {
-            if let Err(e) = socket.send(&replies) {
+            if let Err(e) = socket.sock.send(&replies) {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "NFQUEUE verdicts failed");
             }
@@ -336,6 +265,7 @@ fn answer(
     chain: &mut WorkerChain,
     pipeline: &Pipeline,
     stats: &PolicyStats,
+    known: Option<&Known>,
     replies: &mut Vec<u8>,
 ) {
     let msgs = match msg::parse(read) {
@@ -356,7 +286,17 @@ fn answer(
         stats.queued.fetch_add(1, Ordering::Relaxed);
         // One parse answers both the direction and the decision.
         let verdict = match crate::packet::parse_ipv4(payload) {
-            Ok(meta) => chain.decide_parsed(direction(own, meta.src), &meta, payload, now),
+            Ok(meta) => {
+                let dir = direction(own, meta.src);
+                let d = chain.decide_flow(dir, &meta, payload, now);
+                if let (Some(k), Some((scope, ttl))) = (known, d.wide) {
+                    if let Some(key) = known::ServiceKey::of(&meta, dir, scope) {
+                        let (epoch, allow) = (chain.epoch(), !d.verdict.drop);
+                        k.offer(known::Offer { epoch, key, allow, ttl });
+                    }
+                }
+                d.verdict
+            }
             Err(_) => chain.decide(Direction::Ingress, payload, now),
         };
         let reply = if verdict.drop {

@@ -3,16 +3,16 @@
 //! `include/uapi/linux/netfilter/nfnetlink_queue.h`; netlink headers are host-endian, the
 //! netfilter payloads big-endian.
 
+use super::nl::{self, Writer, NFGEN_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
+
+pub use super::nl::Malformed;
+
 /// `NETLINK_NETFILTER`.
 pub const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;
 const NFQNL_MSG_CONFIG: u16 = 2;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
 
 const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
@@ -38,65 +38,41 @@ pub const NF_ACCEPT: u32 = 1;
 /// Run the hook again (with the mark the verdict set).
 pub const NF_REPEAT: u32 = 4;
 
-const NLMSG_HDRLEN: usize = 16;
-const NFGEN_LEN: usize = 4;
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn header(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, queue: u16) {
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by `finish`
-    buf.extend_from_slice(&((NFNL_SUBSYS_QUEUE << 8) | kind).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family (AF_UNSPEC), version 0, queue number big-endian.
-    buf.extend_from_slice(&[0, 0]);
-    buf.extend_from_slice(&queue.to_be_bytes());
-}
-
-fn attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = 4 + data.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(data);
-    buf.resize(align4(buf.len()), 0);
-}
-
-fn finish(mut buf: Vec<u8>) -> Vec<u8> {
-    let len = buf.len() as u32;
-    buf[..4].copy_from_slice(&len.to_ne_bytes());
-    buf
+/// A queue message's header: the queue subsystem, protocol family unspecified, the queue
+/// number as the resource.
+fn header(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, queue: u16) -> Writer<'_> {
+    Writer::begin(buf, (NFNL_SUBSYS_QUEUE << 8) | kind, flags, seq, 0, queue)
 }
 
 /// A request binding this socket to `queue`, copying `copy_range` bytes of each packet, with
 /// the `CFG_F_*` `flags` and at most `max_len` packets waiting.
 pub fn bind(queue: u16, seq: u32, copy_range: u32, flags: u32, max_len: u32) -> Vec<u8> {
     let mut b = Vec::with_capacity(64);
-    header(&mut b, NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue);
+    let mut w = header(&mut b, NFQNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, queue);
     // nfqnl_msg_config_cmd: command, pad, pf (unused since 3.8).
-    attr(&mut b, NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
+    w.attr(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
     let mut params = copy_range.to_be_bytes().to_vec();
     params.push(NFQNL_COPY_PACKET);
-    attr(&mut b, NFQA_CFG_PARAMS, &params);
-    attr(&mut b, NFQA_CFG_QUEUE_MAXLEN, &max_len.to_be_bytes());
-    attr(&mut b, NFQA_CFG_FLAGS, &flags.to_be_bytes());
-    attr(&mut b, NFQA_CFG_MASK, &(CFG_F_FAIL_OPEN | CFG_F_GSO).to_be_bytes());
-    finish(b)
+    w.attr(NFQA_CFG_PARAMS, &params);
+    w.attr(NFQA_CFG_QUEUE_MAXLEN, &max_len.to_be_bytes());
+    w.attr(NFQA_CFG_FLAGS, &flags.to_be_bytes());
+    w.attr(NFQA_CFG_MASK, &(CFG_F_FAIL_OPEN | CFG_F_GSO).to_be_bytes());
+    w.finish();
+    b
 }
 
 /// A verdict on packet `id` of `queue`, setting the packet mark to `mark` when given.
 pub fn verdict(queue: u16, id: u32, verdict: u32, mark: Option<u32>) -> Vec<u8> {
     let mut b = Vec::with_capacity(48);
-    header(&mut b, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, queue);
+    let mut w = header(&mut b, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, queue);
     let mut hdr = verdict.to_be_bytes().to_vec();
     hdr.extend_from_slice(&id.to_be_bytes());
-    attr(&mut b, NFQA_VERDICT_HDR, &hdr);
+    w.attr(NFQA_VERDICT_HDR, &hdr);
     if let Some(m) = mark {
-        attr(&mut b, NFQA_MARK, &m.to_be_bytes());
+        w.attr(NFQA_MARK, &m.to_be_bytes());
     }
-    finish(b)
+    w.finish();
+    b
 }
 
 /// One message read from the socket.
@@ -110,59 +86,31 @@ pub enum Message<'a> {
     Other,
 }
 
-/// Why bytes from the socket did not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed netlink message: {0}")]
-pub struct Malformed(pub &'static str);
-
 /// Splits a datagram from the socket into its messages.
-pub fn parse(mut buf: &[u8]) -> Result<Vec<Message<'_>>, Malformed> {
-    let mut out = Vec::new();
-    while buf.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            return Err(Malformed("length out of bounds"));
-        }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        let body = &buf[NLMSG_HDRLEN..len];
-        out.push(match kind {
-            NLMSG_ERROR => {
-                if body.len() < 4 + NLMSG_HDRLEN {
-                    return Err(Malformed("short error message"));
-                }
-                let errno = -i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
-                let seq = u32::from_ne_bytes([body[12], body[13], body[14], body[15]]);
-                Message::Ack { seq, errno }
-            }
-            NLMSG_DONE => Message::Other,
-            k if k == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET => packet(body)?,
-            _ => Message::Other,
-        });
-        buf = &buf[align4(len).min(buf.len())..];
-    }
-    Ok(out)
+pub fn parse(buf: &[u8]) -> Result<Vec<Message<'_>>, Malformed> {
+    nl::split(buf)?
+        .into_iter()
+        .map(|m| match m.kind {
+            NLMSG_ERROR => nl::error(m.body).map(|(errno, seq)| Message::Ack { seq, errno }),
+            NLMSG_DONE => Ok(Message::Other),
+            k if k == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET => packet(m.body),
+            _ => Ok(Message::Other),
+        })
+        .collect()
 }
 
 fn packet(body: &[u8]) -> Result<Message<'_>, Malformed> {
     if body.len() < NFGEN_LEN {
         return Err(Malformed("short packet message"));
     }
-    let mut attrs = &body[NFGEN_LEN..];
     let (mut id, mut mark, mut payload) = (None, 0, None);
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return Err(Malformed("attribute length out of bounds"));
-        }
-        let data = &attrs[4..len];
+    for (kind, data) in nl::attrs(&body[NFGEN_LEN..])? {
         match kind {
             NFQA_PACKET_HDR if data.len() >= 4 => id = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]])),
             NFQA_MARK if data.len() >= 4 => mark = u32::from_be_bytes([data[0], data[1], data[2], data[3]]),
             NFQA_PAYLOAD => payload = Some(data),
             _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
     }
     Ok(Message::Packet {
         id: id.ok_or(Malformed("packet without a header"))?,
@@ -178,13 +126,14 @@ mod tests {
     /// A packet message as the kernel builds it.
     fn kernel_packet(id: u32, payload: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
-        header(&mut b, NFQNL_MSG_PACKET, 0, 0, 7);
+        let mut w = header(&mut b, NFQNL_MSG_PACKET, 0, 0, 7);
         let mut hdr = id.to_be_bytes().to_vec();
         hdr.extend_from_slice(&[0x08, 0x00, 2]);
-        attr(&mut b, NFQA_PACKET_HDR, &hdr);
-        attr(&mut b, NFQA_MARK, &0x10_0000u32.to_be_bytes());
-        attr(&mut b, NFQA_PAYLOAD, payload);
-        finish(b)
+        w.attr(NFQA_PACKET_HDR, &hdr);
+        w.attr(NFQA_MARK, &0x10_0000u32.to_be_bytes());
+        w.attr(NFQA_PAYLOAD, payload);
+        w.finish();
+        b
     }
 
     #[test]
@@ -238,7 +187,7 @@ mod tests {
             let _ = parse(&good[..cut]);
         }
         let mut bad = good.clone();
-        bad[NLMSG_HDRLEN + NFGEN_LEN] = 0xff; // first attribute's length
+        bad[nl::NLMSG_HDRLEN + NFGEN_LEN] = 0xff; // first attribute's length
         assert!(parse(&bad).is_err());
         let mut huge = good;
         huge[0] = 0xff;

@@ -73,13 +73,15 @@ pub fn render(set: &RuleSet) -> String {
 /// Why the rules could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("cannot run {cmd}: {source} (install iptables)")]
+    #[error("cannot run {cmd}: {source} (install iptables and nftables)")]
     Spawn { cmd: &'static str, source: std::io::Error },
     #[error("{cmd} refused the rules: {stderr}")]
     Refused { cmd: &'static str, stderr: String },
 }
 
-fn run(cmd: &'static str, args: &[&str], input: Option<&str>) -> Result<bool, RulesError> {
+/// Runs `cmd` with `args`, `input` on its standard input: false when it fails without input
+/// (a check), an error naming its complaint when it refuses input.
+pub fn run(cmd: &'static str, args: &[&str], input: Option<&str>) -> Result<bool, RulesError> {
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })

@@ -65,6 +65,9 @@ pub struct RouteTable {
     local: Option<Ipv4Addr>,
     by_subnet: FastMap<u32, Ipv4Addr>,
     by_peer: FastMap<Ipv4Addr, Peer>,
+    /// Bumped by every change [`SharedRoutes`] swaps in: what a reader compares to learn that
+    /// answers derived from the table (a wide verdict, say) may be stale.
+    generation: u64,
 }
 
 /// One route as a lease gives it.
@@ -92,7 +95,19 @@ impl RouteTable {
             local: None,
             by_subnet: FastMap::default(),
             by_peer: FastMap::default(),
+            generation: 0,
         }
+    }
+
+    /// Which change of the shared table this is (0 for a table never shared).
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Marks this table as the change after `prev`.
+    pub fn follows(&mut self, prev: &RouteTable) {
+        self.generation = prev.generation + 1;
     }
 
     /// Names this node: its subnet (never routed, but known to [`subnet_of`](Self::subnet_of))
@@ -362,6 +377,7 @@ impl SharedRoutes {
 
     fn rebuild(&self, w: &mut Writer, update: &TableUpdate, local: Ipv4Addr) {
         let mut t = RouteTable::new(self.network, self.subnet_len, None);
+        t.follows(&self.live.load());
         t.set_local(update.own, local);
         let mut fresh = HashMap::new();
         for l in update.table.leases() {
@@ -400,6 +416,7 @@ impl SharedRoutes {
             tracing::debug!("a reader still holds the spare route table; copying it");
         }
         let table = Arc::make_mut(&mut spare);
+        table.follows(&self.live.load());
         let mut n = 0u64;
         let counters = &mut w.counters;
         for op in w.behind.iter().chain(ops.iter()) {
@@ -549,7 +566,9 @@ mod tests {
             } else {
                 t.apply_all([LeaseEvent::Upserted(lease(i))])
             };
+            let was = routes.load().generation();
             routes.apply(&update(g, &t, Changes::Delta(c)), a("198.18.0.0"));
+            assert_eq!(routes.load().generation(), was + 1, "each swap is a new generation");
             let want: Vec<_> = t
                 .leases()
                 .filter(|l| l.subnet != lease(0).subnet)

@@ -240,6 +240,25 @@ impl FlowCache {
         }
     }
 
+    /// The verdict of `key` under `generation` and how much longer it holds (`Ttl::MAX`: for
+    /// the life of what it covers), refreshing its last-seen time; `None` if there is none.
+    #[inline]
+    pub fn lookup_ttl(&mut self, key: FlowKey, generation: u64, now_ms: u64) -> Option<(Verdict, Ttl)> {
+        let now = self.now(now_ms);
+        let s = self.find(self.set(key), key)?;
+        let mut e = self.entry(s);
+        if u64::from(now.saturating_sub(e.seen)) >= IDLE_MS || !e.hit(generation as u32, now) {
+            return None;
+        }
+        e.seen = now;
+        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
+        let left = match e.expires {
+            FOREVER => Ttl::MAX,
+            x => u64::from(x - now),
+        };
+        Some((e.verdict, left))
+    }
+
     /// Caches `verdict` for `key` for `ttl_ms` (0: not at all past this packet), in place of
     /// the set's least recently seen flow if the set is full.
     pub fn insert(&mut self, key: FlowKey, generation: u64, verdict: Verdict, ttl_ms: Ttl, now_ms: u64) {
@@ -281,6 +300,23 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_ttl_says_how_long_a_verdict_still_holds() {
+        let mut c = FlowCache::new(16);
+        assert_eq!(c.lookup_ttl(7, 1, 0), None);
+        c.insert(7, 1, Verdict::DROP, 10_000, 1_000);
+        assert_eq!(c.lookup_ttl(7, 1, 4_000), Some((Verdict::DROP, 7_000)));
+        assert_eq!(c.lookup_ttl(7, 2, 4_000), None, "another generation");
+        assert_eq!(c.lookup_ttl(7, 1, 11_000), None, "run out");
+        c.insert(8, 1, Verdict::PASS, Ttl::MAX, 0);
+        assert_eq!(c.lookup_ttl(8, 1, 100_000), Some((Verdict::PASS, Ttl::MAX)));
+        assert_eq!(
+            c.lookup_ttl(8, 1, 100_000 + IDLE_MS),
+            None,
+            "idle past IDLE_MS even when it would stand forever"
+        );
+    }
 
     #[test]
     fn hits_need_the_same_generation_and_an_unexpired_entry() {

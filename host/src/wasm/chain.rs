@@ -1,6 +1,12 @@
 //! The decision chain: the ordered modules every node runs, and each data-path worker's own
 //! instances of them and verdict cache. A worker asks once per new flow and direction; the
 //! answer is cached for as long as the modules allow, or until the chain changes.
+//!
+//! A verdict every module consulted gave for more than the flow (any source port, or any
+//! source, of the service: the ABI's scope) is also kept under the service's key, so the
+//! service's next new flows are answered without a call; [`WorkerChain::decide_flow`] says so,
+//! and the kernel paths hand such verdicts to the kernel. Those wide verdicts also lapse when
+//! the lease table changes, since a module may have read the lease facts of the record.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -15,7 +21,7 @@ use weft_guest::abi::{self, Word, CACHE_FLOW, RECORD_SIZE};
 use crate::packet::route::RouteTable;
 
 use super::cache::{FlowCache, Lookup, Ttl, Verdict};
-use super::flow::{self, Direction, FlowMeta, Local};
+use super::flow::{self, Direction, FlowMeta, Local, Scope};
 use super::instance::{CallError, Entry, HostCtx, Instance, Leases};
 use super::runtime::{Compiled, Runtime};
 use super::spec::{FailurePolicy, ModuleSpec, ModuleStatus};
@@ -24,6 +30,8 @@ use super::WasmError;
 
 /// Flows a worker's cache holds at most.
 pub const CACHE_CAPACITY: usize = 65_536;
+/// Services (by wide key) a worker's cache of wide verdicts holds at most.
+pub const WIDE_CAPACITY: usize = 16_384;
 /// How long a flow decided while its module had no instance ready keeps that verdict.
 const NOT_READY_TTL_MS: Ttl = 50;
 
@@ -103,6 +111,9 @@ impl Chain {
     }
 }
 
+/// What [`Pipeline::on_change`] calls.
+type Listener = Box<dyn Fn(u64) + Send + Sync>;
+
 /// The node's chain and what every worker shares: the runtime, the lease view and counters.
 pub struct Pipeline {
     runtime: Arc<Runtime>,
@@ -111,10 +122,15 @@ pub struct Pipeline {
     generation: AtomicU64,
     leases: Arc<Leases>,
     stats: Mutex<HashMap<String, Arc<ModuleStats>>>,
+    /// Called with the new generation after every change of the chain.
+    listeners: Mutex<Vec<Listener>>,
     /// Packets answered from a verdict cache.
     pub cache_hits: AtomicU64,
     /// Packets that needed a decision.
     pub cache_misses: AtomicU64,
+    /// Of the cache hits, new flows answered by a verdict a module gave for their whole
+    /// service (any source port or any source).
+    pub wide_hits: AtomicU64,
     /// Routing verdicts naming a node that holds no lease (ignored).
     pub bad_via: AtomicU64,
 }
@@ -137,8 +153,10 @@ impl Pipeline {
             generation: AtomicU64::new(1),
             leases,
             stats: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            wide_hits: AtomicU64::new(0),
             bad_via: AtomicU64::new(0),
         }))
     }
@@ -161,6 +179,29 @@ impl Pipeline {
         let g = next.generation;
         self.chain.store(Arc::new(next));
         self.generation.store(g, Ordering::Release);
+        if let Ok(listeners) = self.listeners.lock() {
+            for l in listeners.iter() {
+                l(g);
+            }
+        }
+    }
+
+    /// Calls `f` with the new generation after every change of the chain, at once: for what
+    /// keeps verdicts outside the workers (the kernel's) and must forget them with the chain.
+    pub fn on_change(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        if let Ok(mut l) = self.listeners.lock() {
+            l.push(Box::new(f));
+        }
+    }
+
+    /// The current chain's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The lease table's generation, as the modules see it.
+    pub fn lease_generation(&self) -> u64 {
+        self.leases.load().generation()
     }
 
     /// Sets this node's subnet (after acquiring or re-acquiring the lease).
@@ -198,7 +239,7 @@ impl Pipeline {
             }
             modules.push(Arc::new(self.load_one(s)));
         }
-        let statuses = modules
+        let statuses: Vec<ModuleStatus> = modules
             .iter()
             .map(|m| ModuleStatus {
                 name: m.name.to_string(),
@@ -207,6 +248,13 @@ impl Pipeline {
                 error: m.compiled.as_ref().err().map(|e| e.to_string()),
             })
             .collect();
+        // The same modules read again (the registry's heartbeat re-reads them every 30 s):
+        // the chain did not change, and verdicts made under it stand.
+        let same =
+            modules.len() == old.modules.len() && modules.iter().zip(&old.modules).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return statuses;
+        }
         let keep: Vec<[u8; 32]> = modules
             .iter()
             .filter_map(|m| m.compiled.as_ref().ok().map(|c| c.sha256))
@@ -284,11 +332,33 @@ pub struct WorkerChain {
     chain: Arc<Chain>,
     asker: Asker,
     cache: FlowCache,
+    /// Verdicts given for whole services, by [`flow::wide_key`], stamped with `wide_gen`.
+    wide: FlowCache,
+    /// Bumped when the chain or the lease table changes: wide verdicts of older ones lapse.
+    wide_gen: u64,
+    /// The lease table generation `wide_gen` stands for.
+    wide_leases: u64,
     trail: Vec<Trail>,
     traced_ms: u64,
     traced_in_ms: u32,
     hits: u64,
     misses: u64,
+    wide_hits: u64,
+}
+
+/// A verdict and, when it holds for more than the flow, for which flows and how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    /// What to do with the packet.
+    pub verdict: Verdict,
+    /// The scope (wider than the flow) and how long from now the verdict holds for it.
+    pub wide: Option<(Scope, Ttl)>,
+}
+
+impl Decided {
+    fn flow(verdict: Verdict) -> Decided {
+        Decided { verdict, wide: None }
+    }
 }
 
 /// What asking the modules takes besides the chain asked: kept apart from [`WorkerChain`] so a
@@ -326,7 +396,8 @@ impl WorkerChain {
         pipeline.preparer.worker(true);
         let chain = pipeline.chain();
         let n = chain.modules.len();
-        let leases = arc_swap::Cache::new(pipeline.leases.clone());
+        let mut leases = arc_swap::Cache::new(pipeline.leases.clone());
+        let wide_leases = leases.load().generation();
         WorkerChain {
             chain,
             asker: Asker {
@@ -338,11 +409,15 @@ impl WorkerChain {
                 calls: 0,
             },
             cache: FlowCache::new(CACHE_CAPACITY),
+            wide: FlowCache::new(WIDE_CAPACITY),
+            wide_gen: 1,
+            wide_leases,
             trail: Vec::with_capacity(8),
             traced_ms: 0,
             traced_in_ms: 0,
             hits: 0,
             misses: 0,
+            wide_hits: 0,
         }
     }
 
@@ -350,9 +425,15 @@ impl WorkerChain {
     /// modules that did not change are kept, so their state survives an unrelated swap.
     #[inline]
     pub fn refresh(&mut self) {
+        let leases = self.asker.leases.load().generation();
+        if leases != self.wide_leases {
+            self.wide_leases = leases;
+            self.wide_gen += 1;
+        }
         if self.asker.pipeline.generation.load(Ordering::Acquire) == self.chain.generation {
             return;
         }
+        self.wide_gen += 1;
         // The tallies count by place in the old chain.
         self.flush_stats();
         let next = self.asker.pipeline.chain();
@@ -403,11 +484,24 @@ impl WorkerChain {
     /// route lookup, the source check and the flow key share that one parse.
     #[inline]
     pub fn decide_parsed(&mut self, dir: Direction, m: &FlowMeta, pkt: &[u8], now_ms: u64) -> Verdict {
+        self.decide_flow(dir, m, pkt, now_ms).verdict
+    }
+
+    /// The chain generation and lease table generation this worker decides under: what a
+    /// wide verdict handed elsewhere must be forgotten with.
+    pub fn epoch(&self) -> (u64, u64) {
+        (self.chain.generation, self.wide_leases)
+    }
+
+    /// As [`decide_parsed`](Self::decide_parsed), and whether the verdict holds for the flow's
+    /// whole service (asked now, or answered from a verdict that did).
+    #[inline]
+    pub fn decide_flow(&mut self, dir: Direction, m: &FlowMeta, pkt: &[u8], now_ms: u64) -> Decided {
         if self.chain.modules.is_empty() {
-            return Verdict::PASS;
+            return Decided::flow(Verdict::PASS);
         }
         let Some(own) = self.chain.own else {
-            return Verdict::PASS;
+            return Decided::flow(Verdict::PASS);
         };
         // Only the pods' own traffic is decided here; a flow relayed through this node was
         // decided where it started and is decided again where it ends.
@@ -416,37 +510,81 @@ impl WorkerChain {
             Direction::Ingress => own.contains(&m.dst),
         };
         if !ours {
-            return Verdict::PASS;
+            return Decided::flow(Verdict::PASS);
         }
         let key = flow::key(m, dir);
         let generation = self.chain.generation;
         match self.cache.lookup(key, generation, now_ms) {
             Lookup::Hit(v) => {
                 self.hits += 1;
-                v
+                Decided::flow(v)
             }
             Lookup::Miss { established } => {
+                // A flow in flight under an older chain is asked about itself: a module may
+                // let such flows drain where it would refuse new ones.
+                let widened = !established && wide_protocol(m);
+                if widened {
+                    if let Some(d) = self.wide_lookup(m, dir, key, now_ms) {
+                        return d;
+                    }
+                }
                 self.misses += 1;
-                let (v, ttl) = self.evaluate(m, dir, established, pkt, now_ms);
-                self.cache.insert(key, generation, v, ttl, now_ms);
-                v
+                let (v, life) = self.evaluate(m, dir, established, pkt, now_ms);
+                self.cache.insert(key, generation, v, life.ttl, now_ms);
+                if !widened || life.scope == Scope::Flow || life.ttl == 0 {
+                    return Decided::flow(v);
+                }
+                let wide = flow::wide_key(m, dir, life.scope);
+                self.wide.insert(wide, self.wide_gen, v, life.ttl, now_ms);
+                Decided {
+                    verdict: v,
+                    wide: Some((life.scope, life.ttl)),
+                }
             }
         }
     }
 
+    /// The verdict a module gave for the whole service of a new flow, if one stands: kept for
+    /// the flow too, as long as it stands.
+    fn wide_lookup(&mut self, m: &FlowMeta, dir: Direction, key: flow::FlowKey, now_ms: u64) -> Option<Decided> {
+        if self.wide.is_empty() {
+            return None;
+        }
+        for scope in [Scope::AnySourcePort, Scope::AnySource] {
+            let Some((v, ttl)) = self
+                .wide
+                .lookup_ttl(flow::wide_key(m, dir, scope), self.wide_gen, now_ms)
+            else {
+                continue;
+            };
+            self.cache.insert(key, self.chain.generation, v, ttl, now_ms);
+            self.hits += 1;
+            self.wide_hits += 1;
+            return Some(Decided {
+                verdict: v,
+                wide: Some((scope, ttl)),
+            });
+        }
+        None
+    }
+
     /// Decides `pkt` afresh, past the cache and whichever subnet is this node's, and says what
     /// each module said: the offline test bench's question.
-    pub fn explain(&mut self, dir: Direction, pkt: &[u8], now_ms: u64) -> (Verdict, Vec<Trail>) {
+    pub fn explain(&mut self, dir: Direction, pkt: &[u8], now_ms: u64) -> (Verdict, Life, Vec<Trail>) {
         self.refresh();
         let Ok(m) = crate::packet::parse_ipv4(pkt) else {
-            return (Verdict::PASS, Vec::new());
+            return (Verdict::PASS, Life::OPEN, Vec::new());
         };
         let mut trail = Vec::new();
-        let (v, _) = self
+        let (v, mut life) = self
             .asker
             .decide_all(&self.chain, &m, dir, false, pkt, now_ms, &mut trail);
         self.flush_stats();
-        (v, trail)
+        if !wide_protocol(&m) {
+            // What the data path would keep: per flow.
+            life.scope = Scope::Flow;
+        }
+        (v, life, trail)
     }
 
     /// Publishes this worker's counts; called once per batch.
@@ -463,15 +601,26 @@ impl WorkerChain {
             pipeline.cache_misses.fetch_add(self.misses, Ordering::Relaxed);
             self.misses = 0;
         }
+        if self.wide_hits > 0 {
+            pipeline.wide_hits.fetch_add(self.wide_hits, Ordering::Relaxed);
+            self.wide_hits = 0;
+        }
         for (m, t) in self.chain.modules.iter().zip(&mut self.asker.tallies) {
             m.stats.publish(t);
         }
     }
 
-    fn evaluate(&mut self, m: &FlowMeta, dir: Direction, established: bool, pkt: &[u8], now_ms: u64) -> (Verdict, Ttl) {
+    fn evaluate(
+        &mut self,
+        m: &FlowMeta,
+        dir: Direction,
+        established: bool,
+        pkt: &[u8],
+        now_ms: u64,
+    ) -> (Verdict, Life) {
         let mut trail = std::mem::take(&mut self.trail);
         trail.clear();
-        let (verdict, ttl) = self
+        let (verdict, life) = self
             .asker
             .decide_all(&self.chain, m, dir, established, pkt, now_ms, &mut trail);
         // The trace keeps the last few decisions: at a few per millisecond it is as fresh as
@@ -484,7 +633,7 @@ impl WorkerChain {
             self.trace(m, dir, now_ms, &mut trail);
         }
         self.trail = trail;
-        (verdict, ttl)
+        (verdict, life)
     }
 
     /// Adds what each module said in `trail` to its decision trace.
@@ -518,28 +667,28 @@ impl Asker {
         pkt: &[u8],
         now_ms: u64,
         trail: &mut Vec<Trail>,
-    ) -> (Verdict, Ttl) {
+    ) -> (Verdict, Life) {
         let local = Local { node: chain.local };
         flow::record(m, dir, established, pkt, self.leases.load(), local).encode(&mut self.record);
         let mut verdict = Verdict::PASS;
-        let mut ttl = Ttl::MAX;
+        let mut life = Life::OPEN;
         for (i, lm) in chain.modules.iter().enumerate() {
             if lm.has(Entry::Policy) {
                 let asked = self.call(chain, i, Entry::Policy, now_ms);
-                if self.policy_drops(i, lm, asked, m, dir, established, &mut ttl, trail) {
-                    return (Verdict::DROP, ttl);
+                if self.policy_drops(i, lm, asked, m, dir, established, &mut life, trail) {
+                    return (Verdict::DROP, life);
                 }
             }
             if dir == Direction::Egress && verdict.via.is_none() && lm.has(Entry::Route) {
                 let asked = self.call(chain, i, Entry::Route, now_ms);
-                match self.route(i, lm, asked, m, local, &mut ttl, trail) {
-                    Routed::Drop => return (Verdict::DROP, ttl),
+                match self.route(i, lm, asked, m, local, &mut life, trail) {
+                    Routed::Drop => return (Verdict::DROP, life),
                     Routed::Via(via) => verdict.via = Some(via),
                     Routed::Direct => {}
                 }
             }
         }
-        (verdict, ttl)
+        (verdict, life)
     }
 
     /// Takes in module `i`'s policy answer: true when the flow is to be dropped.
@@ -552,20 +701,24 @@ impl Asker {
         m: &FlowMeta,
         dir: Direction,
         established: bool,
-        ttl: &mut Ttl,
+        life: &mut Life,
         trail: &mut Vec<Trail>,
     ) -> bool {
         let w = match asked {
             Ok(w) => w,
-            Err(e) => return failure_drops(i, lm, &e, ttl, trail),
+            Err(e) => return failure_drops(i, lm, &e, life, trail),
         };
-        *ttl = (*ttl).min(cache_ms(w.cache));
+        life.narrow(&w);
         let kind = match w.action {
             abi::action::DROP => VerdictKind::Drop,
             abi::action::ALLOW_LOG => VerdictKind::Log,
             _ => VerdictKind::Allow,
         };
         self.tallies[i].verdict(kind);
+        if kind == VerdictKind::Log {
+            // Logging is per flow: a logged flow is never answered for its service.
+            life.scope = Scope::Flow;
+        }
         let why = match (lm.dry_run, kind) {
             (true, VerdictKind::Drop) => TraceReason::DryRunDrop,
             _ => TraceReason::Answered { in_flight: established },
@@ -595,17 +748,17 @@ impl Asker {
         asked: Result<Word, CallError>,
         m: &FlowMeta,
         local: Local,
-        ttl: &mut Ttl,
+        life: &mut Life,
         trail: &mut Vec<Trail>,
     ) -> Routed {
         let w = match asked {
             Ok(w) => w,
             Err(e) => {
-                let dropped = failure_drops(i, lm, &e, ttl, trail);
+                let dropped = failure_drops(i, lm, &e, life, trail);
                 return if dropped { Routed::Drop } else { Routed::Direct };
             }
         };
-        *ttl = (*ttl).min(cache_ms(w.cache));
+        life.narrow(&w);
         if w.action != abi::route::VIA {
             self.tallies[i].verdict(VerdictKind::Owner);
             trail.push((i, VerdictKind::Owner, TraceReason::Owner));
@@ -693,6 +846,30 @@ impl Asker {
     }
 }
 
+/// How long, and for which flows, a verdict holds: the shortest lifetime and the narrowest
+/// scope of every answer that went into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Life {
+    /// How long the verdict may be reused.
+    pub ttl: Ttl,
+    /// Which flows besides this one it holds for.
+    pub scope: Scope,
+}
+
+impl Life {
+    /// Before any module answered: forever, for anyone.
+    const OPEN: Life = Life {
+        ttl: Ttl::MAX,
+        scope: Scope::AnySource,
+    };
+
+    /// Takes in one module's answer.
+    fn narrow(&mut self, w: &Word) {
+        self.ttl = self.ttl.min(cache_ms(w.cache));
+        self.scope = self.scope.min(Scope::from_abi(w.scope));
+    }
+}
+
 /// Where a routing module sends a flow.
 enum Routed {
     /// To the node that owns the destination, as the lease table says.
@@ -705,7 +882,7 @@ enum Routed {
 
 /// Counts a failed call, applies `lm`'s failure policy and notes it in `trail`: true when the
 /// flow is to be dropped. The verdict stands for at most [`FAILURE_TTL_MS`].
-fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, ttl: &mut Ttl, trail: &mut Vec<Trail>) -> bool {
+fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, life: &mut Life, trail: &mut Vec<Trail>) -> bool {
     lm.stats.verdict(VerdictKind::Failure);
     // A module with no instance ready yet is asked again soon, once one is.
     let stands = if *e == CallError::NotReady {
@@ -713,12 +890,21 @@ fn failure_drops(i: usize, lm: &LoadedModule, e: &CallError, ttl: &mut Ttl, trai
     } else {
         FAILURE_TTL_MS
     };
-    *ttl = (*ttl).min(stands);
+    // A failure is about this flow: the next one of the service asks again.
+    life.ttl = life.ttl.min(stands);
+    life.scope = Scope::Flow;
     tracing::debug!(module = %lm.name, error = %e, "call failed; the failure policy decides");
     let dropped = lm.failure == FailurePolicy::Closed && !lm.dry_run;
     let why = e.to_string().into_boxed_str();
     trail.push((i, VerdictKind::Failure, TraceReason::Failed { why, dropped }));
     dropped
+}
+
+/// Whether a wide verdict can cover `m`'s flow: a first fragment or whole packet of a protocol
+/// whose destination port names the service.
+#[inline]
+fn wide_protocol(m: &FlowMeta) -> bool {
+    !m.later_fragment && flow::WIDE_PROTOCOLS.contains(&m.protocol)
 }
 
 /// What one module (by its place in the chain) said about a flow, for the decision trace.

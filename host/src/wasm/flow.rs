@@ -7,7 +7,7 @@ use weft_guest::abi::{self, Record, PAYLOAD_MAX};
 
 use crate::packet::route::RouteTable;
 
-pub use crate::packet::flow::{key, Direction, FlowKey};
+pub use crate::packet::flow::{key, wide_key, Direction, FlowKey, Scope, WIDE_PROTOCOLS};
 pub use crate::packet::Ipv4Meta as FlowMeta;
 
 /// What the node knows that goes into every record.

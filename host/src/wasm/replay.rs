@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::cache::Verdict;
 use super::chain::{Pipeline, WorkerChain};
-use super::flow::{Direction, FlowKey};
+use super::flow::{Direction, FlowKey, Scope};
 use super::runtime::Runtime;
 use super::spec::{ModuleSpec, ModuleStatus};
 use super::stats::VerdictKind;
@@ -369,6 +369,42 @@ pub struct Outcome {
     /// CPU time this thread spent in it: what the module really ran, apart from time the
     /// thread waited for a core (on a saturated machine the wall time is mostly that).
     pub cpu: Duration,
+    /// Which flows the verdict holds for, as the modules said.
+    pub scope: Scope,
+    /// A flow the scope covers that the modules answered otherwise: the scope is a false
+    /// promise, and agents would give that flow the first flow's verdict.
+    pub broken_scope: Option<String>,
+}
+
+/// How the bench names a scope.
+pub fn scope_name(s: Scope) -> &'static str {
+    match s {
+        Scope::Flow => "this flow",
+        Scope::AnySourcePort => "any source port",
+        Scope::AnySource => "any source",
+    }
+}
+
+/// `f` from another source port (and, for [`Scope::AnySource`], another source address):
+/// a flow `scope` says gets `f`'s verdict. The IPv4 header checksum is made right again.
+fn sibling(f: &Flow, scope: Scope) -> Option<Flow> {
+    let m = packet::parse_ipv4(&f.packet).ok()?;
+    let mut p = f.packet.clone();
+    let sport = m.src_port.wrapping_add(1).max(1);
+    p.get_mut(m.header_len..m.header_len + 2)?
+        .copy_from_slice(&sport.to_be_bytes());
+    if scope == Scope::AnySource {
+        // Another /24 of the same /16: a source of another node, most likely.
+        let other = u32::from(m.src) ^ 0x0000_0100;
+        p[12..16].copy_from_slice(&other.to_be_bytes());
+        p[10..12].fill(0);
+        let c = packet::checksum(&p[..m.header_len]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    Some(Flow {
+        direction: f.direction,
+        packet: p,
+    })
 }
 
 fn thread_cpu() -> Duration {
@@ -425,7 +461,7 @@ impl Bench {
     pub fn decide(&mut self, f: &Flow) -> Outcome {
         let now = self.worker.now_ms();
         let (t, cpu) = (Instant::now(), thread_cpu());
-        let (verdict, trail) = self.worker.explain(f.direction, &f.packet, now);
+        let (verdict, life, trail) = self.worker.explain(f.direction, &f.packet, now);
         let (took, cpu) = (t.elapsed(), thread_cpu().saturating_sub(cpu));
         let chain = self.pipeline.chain();
         let modules = trail
@@ -437,12 +473,35 @@ impl Bench {
             })
             .collect();
         self.settle();
+        let broken_scope = self.check_scope(f, verdict, life.scope);
         Outcome {
             verdict,
             modules,
             took,
             cpu,
+            scope: life.scope,
+            broken_scope,
         }
+    }
+
+    /// Asks about a flow `scope` covers besides `f`: what agents would answer from the first
+    /// verdict must be what the modules answer.
+    fn check_scope(&mut self, f: &Flow, verdict: Verdict, scope: Scope) -> Option<String> {
+        if scope == Scope::Flow {
+            return None;
+        }
+        let s = sibling(f, scope)?;
+        let now = self.worker.now_ms();
+        let (v, _, _) = self.worker.explain(s.direction, &s.packet, now);
+        self.settle();
+        (v != verdict).then(|| {
+            format!(
+                "the verdict was given for {}, but {} got {}",
+                scope_name(scope),
+                s.describe(),
+                verdict_name(v)
+            )
+        })
     }
 
     /// Waits until every module has an instance ready again (after a failure the next one is

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::chain::{Pipeline, WorkerChain};
+use super::chain::{Decided, Pipeline, WorkerChain};
+use super::flow::Scope;
 use super::spec::{FailurePolicy, ModuleSpec};
 use super::{check, Direction, Limits, Runtime, Verdict, WasmError};
 use crate::packet::build_udp;
@@ -105,7 +106,7 @@ fn load_time_checks_name_the_problem() {
         ),
         (module("(loop $l (br $l)) (i64.const 0)"), "weft_policy timed out on a probe flow"),
         (module("(unreachable)"), "weft_policy trapped"),
-        (module("(i64.const 0x100)"), "undefined verdict"),
+        (module("(i64.const 0x300)"), "undefined verdict"),
         (
             wat::parse_str(r#"(module (memory (export "memory") 2000) (func (export "weft_abi_version") (result i32) (i32.const 1)) (func (export "weft_alloc") (param i32) (result i32) (i32.const 0)) (func (export "weft_flow") (result i32) (i32.const 0)) (func (export "weft_configure") (param i32 i32) (result i64) (i64.const 0)) (func (export "weft_policy") (result i64) (i64.const 0)))"#).unwrap(),
             "cannot instantiate",
@@ -431,4 +432,226 @@ fn a_parked_ticker_still_interrupts_the_next_runaway_call() {
         "the deadline fired after the idle spell"
     );
     assert_eq!(p.module_stats()[0].1.timeouts.load(Ordering::Relaxed), 1);
+}
+
+/// Drops port 7777 for any source port of the source, allows the rest for any source.
+const WIDE_7777: &str = "(if (result i64) (i32.eq (i32.load16_u (i32.const 1042)) (i32.const 7777)) \
+    (then (i64.const 0xFFFF0101)) (else (i64.const 0xFFFF0200)))";
+
+fn udp_from(src: &str, sport: u16, dport: u16) -> Vec<u8> {
+    build_udp(a(src), sport, a("10.244.2.7"), dport, 64, b"x")
+}
+
+fn calls(p: &Pipeline, w: &mut WorkerChain) -> Vec<u64> {
+    w.flush_stats();
+    p.module_stats()
+        .iter()
+        .map(|(_, s)| s.calls.load(Ordering::Relaxed))
+        .collect()
+}
+
+fn decide(w: &mut WorkerChain, dir: Direction, pkt: &[u8]) -> Decided {
+    let m = crate::packet::parse_ipv4(pkt).unwrap();
+    let now = w.now_ms();
+    w.decide_flow(dir, &m, pkt, now)
+}
+
+#[test]
+fn a_wide_verdict_answers_its_services_new_flows_without_a_call() {
+    let p = pipeline(rt());
+    p.load(vec![spec("wide", &module(WIDE_7777))]);
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    let e = Direction::Egress;
+    let first = decide(&mut w, e, &udp_from("10.244.1.5", 4000, 7777));
+    assert_eq!(first.verdict, Verdict::DROP);
+    assert_eq!(first.wide, Some((Scope::AnySourcePort, u64::MAX)));
+    for sport in 4001..4101 {
+        let d = decide(&mut w, e, &udp_from("10.244.1.5", sport, 7777));
+        assert_eq!(d, first, "source port {sport}");
+    }
+    assert_eq!(calls(&p, &mut w), [1], "one call for a hundred and one flows");
+    assert_eq!(p.wide_hits.load(Ordering::Relaxed), 100);
+    // Its next packet hits the flow's own entry: that says nothing of the service.
+    assert_eq!(decide(&mut w, e, &udp_from("10.244.1.5", 4001, 7777)).wide, None);
+    // Any source port is not any source.
+    assert_eq!(
+        decide(&mut w, e, &udp_from("10.244.1.6", 4000, 7777)).verdict,
+        Verdict::DROP
+    );
+    assert_eq!(calls(&p, &mut w), [2]);
+    // Port 80 is allowed for anyone: every other source's flows are answered.
+    let d = decide(&mut w, e, &udp_from("10.244.1.5", 4000, 80));
+    assert_eq!(d.wide, Some((Scope::AnySource, u64::MAX)));
+    for src in ["10.244.1.6", "10.244.1.7", "10.244.1.200"] {
+        assert_eq!(decide(&mut w, e, &udp_from(src, 999, 80)).verdict, Verdict::PASS);
+    }
+    assert_eq!(calls(&p, &mut w), [3]);
+    // The other direction and the other ports are services of their own.
+    let ingress = build_udp(a("10.244.2.7"), 5, a("10.244.1.5"), 80, 64, b"x");
+    decide(&mut w, Direction::Ingress, &ingress);
+    decide(&mut w, e, &udp_from("10.244.1.5", 4000, 81));
+    assert_eq!(calls(&p, &mut w), [5]);
+}
+
+#[test]
+fn a_chain_answers_for_no_more_flows_than_its_narrowest_answer() {
+    let p = pipeline(rt());
+    let mut narrow = spec("narrow", &module("(i64.const 0xFFFF0000)"));
+    narrow.order = 1;
+    let logging = spec("logging", &module("(i64.const 0xFFFF0202)"));
+    p.load(vec![spec("wide", &module(WIDE_7777)), narrow]);
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    for sport in 0..10 {
+        let d = decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", sport, 80));
+        assert_eq!(d.wide, None);
+    }
+    // (Counters by name: narrow, wide.)
+    assert_eq!(
+        calls(&p, &mut w),
+        [10, 10],
+        "a module answering per flow is asked per flow"
+    );
+    // A drop by the first module ends the chain: its own scope is the chain's.
+    for sport in 0..10 {
+        decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", sport, 7777));
+    }
+    assert_eq!(calls(&p, &mut w), [10, 11]);
+    // A logged flow is logged one by one, whatever scope came with it.
+    p.load(vec![logging]);
+    w.refresh();
+    for sport in 0..5 {
+        assert_eq!(
+            decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", sport, 80)).wide,
+            None
+        );
+    }
+    assert_eq!(calls(&p, &mut w), [5]);
+    // So is a protocol without ports.
+    p.load(vec![spec("wide", &module(WIDE_7777))]);
+    w.refresh();
+    for id in 0..5 {
+        let ping = crate::packet::build_icmp_echo(a("10.244.1.5"), a("10.244.2.7"), id, 1, 64);
+        assert_eq!(decide(&mut w, Direction::Egress, &ping).wide, None);
+    }
+    assert_eq!(calls(&p, &mut w), [5]);
+}
+
+#[test]
+fn wide_verdicts_lapse_with_the_chain_and_the_lease_table() {
+    let rt = rt();
+    let mut t = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, None);
+    t.set_local("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
+    t.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
+    let leases = Arc::new(arc_swap::ArcSwap::from_pointee(t.clone()));
+    let p = Pipeline::new(rt, a("198.18.0.1"), leases.clone()).unwrap();
+    p.set_own("10.244.1.0/24".parse().unwrap());
+    let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    p.on_change(move |g| seen.lock().unwrap().push(g));
+    let wide = spec("wide", &module(WIDE_7777));
+    p.load(vec![wide.clone()]);
+    assert_eq!(*changes.lock().unwrap(), [p.generation()], "a load is announced");
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    let e = Direction::Egress;
+    decide(&mut w, e, &udp_from("10.244.1.5", 1, 80));
+    decide(&mut w, e, &udp_from("10.244.1.5", 2, 80));
+    assert_eq!(calls(&p, &mut w), [1]);
+    let epoch = w.epoch();
+    // The node moved to another peer: the module may have read the old owner.
+    let mut moved = t.clone();
+    moved.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.9"));
+    moved.follows(&leases.load());
+    leases.store(Arc::new(moved));
+    w.refresh();
+    assert_ne!(w.epoch(), epoch);
+    assert_eq!(p.lease_generation(), 1);
+    decide(&mut w, e, &udp_from("10.244.1.5", 3, 80));
+    decide(&mut w, e, &udp_from("10.244.1.5", 4, 80));
+    assert_eq!(calls(&p, &mut w), [2], "asked once more, then answered again");
+    // A new chain (the same module, configured anew) asks again too.
+    let mut again = wide;
+    again.config = "{}".into();
+    p.load(vec![again]);
+    w.refresh();
+    decide(&mut w, e, &udp_from("10.244.1.5", 5, 80));
+    decide(&mut w, e, &udp_from("10.244.1.5", 6, 80));
+    assert_eq!(
+        calls(&p, &mut w),
+        [3],
+        "the reconfigured module's first call, then none"
+    );
+    assert_eq!(changes.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_flow_in_flight_across_a_swap_is_asked_about_itself() {
+    let p = pipeline(rt());
+    p.load(vec![spec("wide", &module(WIDE_7777))]);
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    let e = Direction::Egress;
+    decide(&mut w, e, &udp_from("10.244.1.5", 1, 80));
+    p.load(vec![spec("wide2", &module(WIDE_7777))]);
+    w.refresh();
+    // A new flow decides the service for the new chain...
+    assert!(decide(&mut w, e, &udp_from("10.244.1.5", 2, 80)).wide.is_some());
+    // ...but the flow from before the swap is in flight: its own question, its own answer.
+    assert_eq!(decide(&mut w, e, &udp_from("10.244.1.5", 1, 80)).wide, None);
+    assert_eq!(calls(&p, &mut w), [2]);
+}
+
+#[test]
+fn reading_the_same_modules_again_changes_nothing() {
+    let p = pipeline(rt());
+    let specs = vec![spec("wide", &module(WIDE_7777))];
+    p.load(specs.clone());
+    let g = p.generation();
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", 1, 80));
+    let statuses = p.load(specs.clone());
+    assert_eq!(statuses[0].state, "loaded", "the status is reported all the same");
+    assert_eq!(p.generation(), g, "no new chain for the same modules");
+    w.refresh();
+    assert_eq!(
+        decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", 1, 80)).verdict,
+        Verdict::PASS
+    );
+    decide(&mut w, Direction::Egress, &udp_from("10.244.1.5", 2, 80));
+    assert_eq!(calls(&p, &mut w), [1], "cached verdicts and wide ones stand");
+    p.load(vec![]);
+    assert_ne!(p.generation(), g, "removing the modules is a change");
+}
+
+#[test]
+fn the_bench_catches_a_module_whose_verdicts_differ_inside_their_scope() {
+    use super::replay::{Bench, Flow, Node};
+    let node = Node {
+        ip: a("198.18.0.1"),
+        subnet: "10.244.1.0/24".parse().unwrap(),
+        network: "10.244.0.0/16".parse().unwrap(),
+    };
+    // Drops odd source ports, yet says the verdict holds for any source port.
+    let liar = "(i64.or (i64.const 0xFFFF0100) \
+        (i64.extend_i32_u (i32.and (i32.load16_u (i32.const 1040)) (i32.const 1))))";
+    let flow = |sport| Flow {
+        direction: Direction::Egress,
+        packet: udp_from("10.244.1.5", sport, 80),
+    };
+    let mut bench = Bench::new(rt(), vec![spec("liar", &module(liar))], node, &[]).unwrap();
+    let o = bench.decide(&flow(4000));
+    assert_eq!((o.verdict, o.scope), (Verdict::PASS, Scope::AnySourcePort));
+    let why = o.broken_scope.expect("a false scope is caught");
+    assert!(
+        why.contains("any source port") && why.contains(":4001") && why.contains("drop"),
+        "{why}"
+    );
+    let mut honest = Bench::new(rt(), vec![spec("wide", &module(WIDE_7777))], node, &[]).unwrap();
+    for f in [flow(4000), flow(4001)] {
+        assert_eq!(honest.decide(&f).broken_scope, None);
+    }
+    assert_eq!(honest.decide(&flow(1)).scope, Scope::AnySource);
 }

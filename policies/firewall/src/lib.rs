@@ -6,6 +6,11 @@
 //!  "rules": [{"action": "deny", "protocol": "tcp", "dst": ["10.244.0.0/16"], "ports": ["5201"]},
 //!            {"action": "log", "direction": "ingress", "protocol": "udp", "ports": ["53"]}]}
 //! ```
+//!
+//! No rule looks at source ports, so every verdict holds for any source port of its source,
+//! and for any source at all when no rule up to the deciding one names sources: the host then
+//! decides a service's later connections without asking (on kernel paths, the kernel does).
+//! `"per_flow": true` has every flow asked (to count or trace each one).
 
 use serde::Deserialize;
 use weft_guest::net::{protocol_number, Cidr, PortRange};
@@ -18,6 +23,8 @@ struct Config {
     default: String,
     #[serde(default)]
     rules: Vec<RuleConfig>,
+    #[serde(default)]
+    per_flow: bool,
 }
 
 fn allow() -> String {
@@ -74,6 +81,9 @@ fn decision(action: &str) -> Result<Decision, String> {
 pub struct Firewall {
     rules: Vec<Rule>,
     default: Decision,
+    /// `sourced[i]`: some rule among the first `i` names sources (the last entry: any rule).
+    sourced: Vec<bool>,
+    per_flow: bool,
 }
 
 impl Firewall {
@@ -119,9 +129,17 @@ impl Firewall {
                 ports,
             });
         }
+        let sourced = std::iter::once(false)
+            .chain(rules.iter().scan(false, |any, r| {
+                *any |= !r.src.is_empty();
+                Some(*any)
+            }))
+            .collect();
         Ok(Firewall {
             rules,
             default: decision(&c.default).map_err(|e| format!("default: {e}"))?,
+            sourced,
+            per_flow: c.per_flow,
         })
     }
 }
@@ -132,10 +150,18 @@ impl Module for Firewall {
     }
 
     fn policy(&mut self, flow: &Flow) -> Decision {
-        self.rules
-            .iter()
-            .find(|r| r.matches(flow))
-            .map_or(self.default, |r| r.decision)
+        let (examined, d) = match self.rules.iter().position(|r| r.matches(flow)) {
+            Some(i) => (i + 1, self.rules[i].decision),
+            None => (self.rules.len(), self.default),
+        };
+        if self.per_flow {
+            d
+        } else if self.sourced[examined] {
+            // A rule with sources was looked at: another source could have matched it.
+            d.for_any_source_port()
+        } else {
+            d.for_any_source()
+        }
     }
 }
 
@@ -165,13 +191,13 @@ mod tests {
         let mut f = fw(r#"{"rules":[
             {"action":"allow","protocol":"tcp","ports":[5202]},
             {"action":"deny","protocol":"tcp","dst":["10.244.0.0/16"],"ports":["5200-5210"]}]}"#);
-        assert_eq!(f.policy(&tcp(5201)), Decision::drop());
-        assert_eq!(f.policy(&tcp(5202)), Decision::allow());
-        assert_eq!(f.policy(&tcp(80)), Decision::allow());
+        assert_eq!(f.policy(&tcp(5201)), Decision::drop().for_any_source());
+        assert_eq!(f.policy(&tcp(5202)), Decision::allow().for_any_source());
+        assert_eq!(f.policy(&tcp(80)), Decision::allow().for_any_source());
         let ping = Flow::builder()
             .ping("10.244.1.5".parse().unwrap(), "10.244.2.7".parse().unwrap())
             .build();
-        assert_eq!(f.policy(&ping), Decision::allow(), "ports never match ICMP");
+        assert!(f.policy(&ping).allows(), "ports never match ICMP");
     }
 
     #[test]
@@ -181,14 +207,32 @@ mod tests {
         let t = tcp(22);
         assert_eq!(
             f.policy(&t),
-            Decision::drop(),
-            "egress is not matched by an ingress rule"
+            Decision::drop().for_any_source_port(),
+            "egress is not matched by an ingress rule (which names sources)"
         );
         let ingress = Flow::builder()
             .tcp("10.244.1.5".parse().unwrap(), 1, "10.244.2.7".parse().unwrap(), 22)
             .ingress()
             .build();
-        assert_eq!(f.policy(&ingress), Decision::allow_and_log());
+        assert_eq!(f.policy(&ingress), Decision::allow_and_log().for_any_source_port());
+    }
+
+    #[test]
+    fn verdicts_hold_for_every_source_the_rules_looked_at_could_not_tell_apart() {
+        let mut f = fw(r#"{"rules":[
+            {"action":"deny","protocol":"tcp","ports":[23]},
+            {"action":"deny","src":["10.244.9.0/24"],"ports":[80]},
+            {"action":"allow","protocol":"tcp","ports":[80]}]}"#);
+        // Decided before any rule with sources: the same for anyone.
+        assert_eq!(f.policy(&tcp(23)).scope(), weft_guest::abi::scope::ANY_SOURCE);
+        // Decided after one: another source may have matched it, another source port not.
+        assert_eq!(f.policy(&tcp(80)), Decision::allow().for_any_source_port());
+        assert_eq!(f.policy(&tcp(443)).scope(), weft_guest::abi::scope::ANY_SOURCE_PORT);
+        let mut per_flow = fw(r#"{"per_flow":true,"rules":[{"action":"deny","ports":[23]}]}"#);
+        assert_eq!(per_flow.policy(&tcp(23)), Decision::drop());
+        assert_eq!(per_flow.policy(&tcp(80)), Decision::allow());
+        let mut empty = fw("{}");
+        assert_eq!(empty.policy(&tcp(1)), Decision::allow().for_any_source());
     }
 
     #[test]
