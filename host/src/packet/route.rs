@@ -65,7 +65,8 @@ pub struct RouteTable {
     local: Option<Ipv4Addr>,
     by_subnet: FastMap<u32, Ipv4Addr>,
     by_peer: FastMap<Ipv4Addr, Peer>,
-    /// Bumped by every change [`SharedRoutes`] swaps in: what a reader compares to learn that
+    /// Bumped by every change of which node owns which subnet that [`SharedRoutes`] swaps in
+    /// (a renewal, which changes nothing, is not one): what a reader compares to learn that
     /// answers derived from the table (a wide verdict, say) may be stale.
     generation: u64,
 }
@@ -108,6 +109,16 @@ impl RouteTable {
     /// Marks this table as the change after `prev`.
     pub fn follows(&mut self, prev: &RouteTable) {
         self.generation = prev.generation + 1;
+    }
+
+    /// Whether `op` would change who owns what in this table.
+    fn changed_by(&self, op: &Op) -> bool {
+        match *op {
+            Op::Insert(e) => {
+                self.routable(e.subnet) && self.by_subnet.get(&u32::from(e.subnet.network())) != Some(&e.public_ip)
+            }
+            Op::Remove(net) => self.by_subnet.contains_key(&u32::from(net.network())),
+        }
     }
 
     /// Names this node: its subnet (never routed, but known to [`subnet_of`](Self::subnet_of))
@@ -416,7 +427,9 @@ impl SharedRoutes {
             tracing::debug!("a reader still holds the spare route table; copying it");
         }
         let table = Arc::make_mut(&mut spare);
-        table.follows(&self.live.load());
+        let live = self.live.load();
+        table.generation = live.generation + u64::from(ops.iter().any(|op| live.changed_by(op)));
+        drop(live);
         let mut n = 0u64;
         let counters = &mut w.counters;
         for op in w.behind.iter().chain(ops.iter()) {
@@ -568,7 +581,7 @@ mod tests {
             };
             let was = routes.load().generation();
             routes.apply(&update(g, &t, Changes::Delta(c)), a("198.18.0.0"));
-            assert_eq!(routes.load().generation(), was + 1, "each swap is a new generation");
+            assert_eq!(routes.load().generation(), was + 1, "each change is a new generation");
             let want: Vec<_> = t
                 .leases()
                 .filter(|l| l.subnet != lease(0).subnet)
@@ -576,6 +589,27 @@ mod tests {
                 .collect();
             assert_eq!(routes.routes(), want, "after change {i}");
         }
+    }
+
+    #[test]
+    fn a_change_that_moves_no_subnet_is_no_new_generation() {
+        let routes = SharedRoutes::new("10.0.0.0/8".parse().unwrap(), 24);
+        let mut t = LeaseTable::default();
+        t.replace((0..4).map(lease).collect());
+        routes.apply(&update(1, &t, Changes::Snapshot), a("198.18.0.0"));
+        let g = routes.load().generation();
+        // The backend data changed (a VTEP MAC, say), the owner did not.
+        let mut redone = lease(2);
+        redone.attrs = LeaseAttrs::new(redone.attrs.public_ip, "udp", serde_json::json!({"VNI": 2}));
+        let c = t.apply_all([LeaseEvent::Upserted(redone)]);
+        assert!(!c.is_empty(), "the table saw the change");
+        routes.apply(&update(2, &t, Changes::Delta(c)), a("198.18.0.0"));
+        assert_eq!(routes.load().generation(), g, "nothing anyone reads changed");
+        let mut moved = lease(2);
+        moved.attrs.public_ip = a("198.19.0.2");
+        let c = t.apply_all([LeaseEvent::Upserted(moved)]);
+        routes.apply(&update(3, &t, Changes::Delta(c)), a("198.18.0.0"));
+        assert_eq!(routes.load().generation(), g + 1);
     }
 
     #[test]

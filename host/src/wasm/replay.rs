@@ -385,17 +385,25 @@ pub fn scope_name(s: Scope) -> &'static str {
     }
 }
 
-/// `f` from another source port (and, for [`Scope::AnySource`], another source address):
-/// a flow `scope` says gets `f`'s verdict. The IPv4 header checksum is made right again.
-fn sibling(f: &Flow, scope: Scope) -> Option<Flow> {
+/// `f` from another source port (and, for [`Scope::AnySource`], another source address that
+/// could send such a flow to a node holding `own`: another local pod for egress, a pod of
+/// another subnet for ingress): a flow `scope` says gets `f`'s verdict. The IPv4 header
+/// checksum is made right again.
+fn sibling(f: &Flow, scope: Scope, own: Option<Ipv4Net>) -> Option<Flow> {
     let m = packet::parse_ipv4(&f.packet).ok()?;
     let mut p = f.packet.clone();
     let sport = m.src_port.wrapping_add(1).max(1);
     p.get_mut(m.header_len..m.header_len + 2)?
         .copy_from_slice(&sport.to_be_bytes());
     if scope == Scope::AnySource {
-        // Another /24 of the same /16: a source of another node, most likely.
-        let other = u32::from(m.src) ^ 0x0000_0100;
+        let src = u32::from(m.src);
+        let other = match f.direction {
+            Direction::Egress => src ^ 1,
+            Direction::Ingress => [src ^ 0x100, src ^ 0x200]
+                .into_iter()
+                .find(|a| own.is_none_or(|o| !o.contains(&Ipv4Addr::from(*a))))
+                .unwrap_or(src ^ 0x100),
+        };
         p[12..16].copy_from_slice(&other.to_be_bytes());
         p[10..12].fill(0);
         let c = packet::checksum(&p[..m.header_len]);
@@ -490,7 +498,7 @@ impl Bench {
         if scope == Scope::Flow {
             return None;
         }
-        let s = sibling(f, scope)?;
+        let s = sibling(f, scope, self.pipeline.chain().own)?;
         let now = self.worker.now_ms();
         let (v, _, _) = self.worker.explain(s.direction, &s.packet, now);
         self.settle();
@@ -586,6 +594,28 @@ mod tests {
                 .to_string();
             assert!(e.contains(needle) && e.starts_with("flows line 2"), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn siblings_differ_only_where_their_scope_allows_and_could_be_real() {
+        let flow = |src: &str, dst: &str, direction| Flow {
+            direction,
+            packet: packet::build_udp(src.parse().unwrap(), 4000, dst.parse().unwrap(), 53, 64, b"x"),
+        };
+        let parsed = |f: &Flow| packet::parse_ipv4(&f.packet).expect("the sibling parses");
+        let out = flow("10.244.1.5", "10.244.2.7", Direction::Egress);
+        let s = sibling(&out, Scope::AnySourcePort, Some(own())).unwrap();
+        let m = parsed(&s);
+        assert_eq!(
+            (m.src.to_string(), m.src_port, m.dst_port),
+            ("10.244.1.5".into(), 4001, 53)
+        );
+        let m = parsed(&sibling(&out, Scope::AnySource, Some(own())).unwrap());
+        assert_eq!(m.src.to_string(), "10.244.1.4", "another pod of this node");
+        // 10.244.0.9 ^ 0x100 is in this node's subnet: an ingress sibling comes from elsewhere.
+        let inward = flow("10.244.0.9", "10.244.1.5", Direction::Ingress);
+        let m = parsed(&sibling(&inward, Scope::AnySource, Some(own())).unwrap());
+        assert_eq!(m.src.to_string(), "10.244.2.9");
     }
 
     #[test]
