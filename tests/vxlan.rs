@@ -226,6 +226,11 @@ impl KernelPeer {
     const MAC: &'static str = "0a:77:00:00:00:01";
 
     fn build(c: &mut TestCluster) -> KernelPeer {
+        // A subnet no Weft node holds (nodes lease theirs at random in the /16).
+        let third = (77u8..)
+            .find(|t| (1..=c.lab.nodes.len()).all(|n| c.subnet(n).network().octets()[2] != *t))
+            .expect("a free subnet");
+        let net = format!("10.244.{third}");
         let (host, addr) = c.lab.add_host("kv").expect("peer host");
         let pod = format!("{host}p");
         let sh = |ns: &str, cmd: &str| {
@@ -240,10 +245,10 @@ impl KernelPeer {
                 Self::MAC
             ),
         );
-        sh(&host, "ip addr add 10.244.77.0/32 dev vx0");
+        sh(&host, &format!("ip addr add {net}.0/32 dev vx0"));
         sh(&host, "ip link set vx0 mtu 1450 up");
         sh(&host, "ip link add cni0 type bridge");
-        sh(&host, "ip addr add 10.244.77.1/24 dev cni0");
+        sh(&host, &format!("ip addr add {net}.1/24 dev cni0"));
         sh(&host, "ip link set cni0 mtu 1450 up");
         sh(&host, "sysctl -qw net.ipv4.ip_forward=1");
         let st = Command::new("ip")
@@ -259,10 +264,10 @@ impl KernelPeer {
             .expect("veth");
         assert!(st.success());
         sh(&host, "ip link set vp1 master cni0 mtu 1450 up");
-        sh(&pod, "ip addr add 10.244.77.2/24 dev eth0");
+        sh(&pod, &format!("ip addr add {net}.2/24 dev eth0"));
         sh(&pod, "ip link set eth0 mtu 1450 up");
         sh(&pod, "ip link set lo up");
-        sh(&pod, "ip route add default via 10.244.77.1");
+        sh(&pod, &format!("ip route add default via {net}.1"));
         let lease = format!(
             r#"{{"PublicIP":"{local}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
             Self::MAC
@@ -270,12 +275,12 @@ impl KernelPeer {
         c.etcd
             .as_ref()
             .expect("etcd")
-            .etcdctl(&["put", "/coreos.com/network/subnets/10.244.77.0-24", &lease])
+            .etcdctl(&["put", &format!("/coreos.com/network/subnets/{net}.0-24"), &lease])
             .expect("put the peer's lease");
         KernelPeer {
             host,
             pod,
-            pod_ip: "10.244.77.2".parse().expect("ip"),
+            pod_ip: format!("{net}.2").parse().expect("ip"),
         }
     }
 

@@ -6,7 +6,8 @@
 //! source, of the service: the ABI's scope) is also kept under the service's key, so the
 //! service's next new flows are answered without a call; [`WorkerChain::decide_flow`] says so,
 //! and the kernel paths hand such verdicts to the kernel. Those wide verdicts also lapse when
-//! the lease table changes, since a module may have read the lease facts of the record.
+//! a subnet changes hands in the lease table, since a module may have read the lease facts of
+//! the record.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
