@@ -12,9 +12,9 @@
 //! The maps forget with the chain: they are emptied when the chain changes (the agent is told
 //! at once) or a subnet changes hands in the lease table (looked at every 100 ms while
 //! anything is remembered), and each element lapses with its verdict, after two minutes at
-//! most. A map holds [`MAP_SIZE`]
-//! services; past that, services are answered by the agent as before. While the agent is down,
-//! services it decided keep their verdicts until those lapse; others follow the failure policy.
+//! most. A map holds [`MAP_SIZE`] services; past that, services are answered by the agent as
+//! before. While the agent is down, services it decided keep their verdicts until those lapse;
+//! others follow the failure policy.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

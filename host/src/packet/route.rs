@@ -591,12 +591,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_change_that_moves_no_subnet_is_no_new_generation() {
+    /// Routes following a table of leases 0-3 (lease 0 this node's).
+    fn four_leases() -> (SharedRoutes, LeaseTable) {
         let routes = SharedRoutes::new("10.0.0.0/8".parse().unwrap(), 24);
         let mut t = LeaseTable::default();
         t.replace((0..4).map(lease).collect());
         routes.apply(&update(1, &t, Changes::Snapshot), a("198.18.0.0"));
+        (routes, t)
+    }
+
+    #[test]
+    fn a_change_that_moves_no_subnet_is_no_new_generation() {
+        let (routes, mut t) = four_leases();
         let g = routes.load().generation();
         // The backend data changed (a VTEP MAC, say), the owner did not.
         let mut redone = lease(2);
@@ -614,10 +620,7 @@ mod tests {
 
     #[test]
     fn a_reader_holding_a_copy_does_not_block_writers() {
-        let routes = SharedRoutes::new("10.0.0.0/8".parse().unwrap(), 24);
-        let mut t = LeaseTable::default();
-        t.replace((0..4).map(lease).collect());
-        routes.apply(&update(1, &t, Changes::Snapshot), a("198.18.0.0"));
+        let (routes, mut t) = four_leases();
         // A reader keeps the live copy; after the next change it is the spare, still held.
         let held = routes.cell().load_full();
         let c = t.apply_all([LeaseEvent::Upserted(lease(4))]);

@@ -211,6 +211,19 @@ impl FlowCache {
         self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
     }
 
+    /// `key`'s entry, if it is held and has not idled out, seen again at `now`.
+    #[inline]
+    fn touch(&mut self, key: FlowKey, now: u32) -> Option<Entry> {
+        let s = self.find(self.set(key), key)?;
+        let mut e = self.entry(s);
+        if u64::from(now.saturating_sub(e.seen)) >= IDLE_MS {
+            return None;
+        }
+        e.seen = now;
+        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
+        Some(e)
+    }
+
     /// The cached verdict of `key` under chain `generation` (compared in its low 32 bits: a chain
     /// changes when an operator loads modules, so they do not come round again), refreshing
     /// the flow's last-seen time.
@@ -223,15 +236,9 @@ impl FlowCache {
                 return Lookup::Hit(e.verdict);
             }
         }
-        let Some(s) = self.find(self.set(key), key) else {
+        let Some(e) = self.touch(key, now) else {
             return Lookup::Miss { established: false };
         };
-        let mut e = self.entry(s);
-        if u64::from(now.saturating_sub(e.seen)) >= IDLE_MS {
-            return Lookup::Miss { established: false };
-        }
-        e.seen = now;
-        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
         if e.hit(generation, now) {
             self.last = Some((key, e));
             Lookup::Hit(e.verdict)
@@ -245,13 +252,7 @@ impl FlowCache {
     #[inline]
     pub fn lookup_ttl(&mut self, key: FlowKey, generation: u64, now_ms: u64) -> Option<(Verdict, Ttl)> {
         let now = self.now(now_ms);
-        let s = self.find(self.set(key), key)?;
-        let mut e = self.entry(s);
-        if u64::from(now.saturating_sub(e.seen)) >= IDLE_MS || !e.hit(generation as u32, now) {
-            return None;
-        }
-        e.seen = now;
-        self.words[s + 3] = u64::from(e.seen) | u64::from(e.expires) << 32;
+        let e = self.touch(key, now).filter(|e| e.hit(generation as u32, now))?;
         let left = match e.expires {
             FOREVER => Ttl::MAX,
             x => u64::from(x - now),

@@ -456,12 +456,18 @@ fn decide(w: &mut WorkerChain, dir: Direction, pkt: &[u8]) -> Decided {
     w.decide_flow(dir, &m, pkt, now)
 }
 
-#[test]
-fn a_wide_verdict_answers_its_services_new_flows_without_a_call() {
+/// A node running only the WIDE_7777 module, and a worker of it.
+fn wide_worker() -> (Arc<Pipeline>, WorkerChain) {
     let p = pipeline(rt());
     p.load(vec![spec("wide", &module(WIDE_7777))]);
     let mut w = WorkerChain::new(p.clone());
     w.refresh();
+    (p, w)
+}
+
+#[test]
+fn a_wide_verdict_answers_its_services_new_flows_without_a_call() {
+    let (p, mut w) = wide_worker();
     let e = Direction::Egress;
     let first = decide(&mut w, e, &udp_from("10.244.1.5", 4000, 7777));
     assert_eq!(first.verdict, Verdict::DROP);
@@ -588,10 +594,7 @@ fn wide_verdicts_lapse_with_the_chain_and_the_lease_table() {
 
 #[test]
 fn a_flow_in_flight_across_a_swap_is_asked_about_itself() {
-    let p = pipeline(rt());
-    p.load(vec![spec("wide", &module(WIDE_7777))]);
-    let mut w = WorkerChain::new(p.clone());
-    w.refresh();
+    let (p, mut w) = wide_worker();
     let e = Direction::Egress;
     decide(&mut w, e, &udp_from("10.244.1.5", 1, 80));
     p.load(vec![spec("wide2", &module(WIDE_7777))]);
