@@ -7,6 +7,17 @@ use std::time::Duration;
 use weft::packet::build_udp;
 use weft_tests::*;
 
+/// Two nodes of the `udp` backend with `queues` queues each, up, and a pod on each: the
+/// cluster, the first pod's namespace, the second's namespace and address.
+fn two_nodes(tag: &str, queues: usize) -> (TestCluster, String, String, Ipv4Addr) {
+    let cfg = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"udp","Queues":{queues}}}}}"#);
+    let mut c = TestCluster::with_config(tag, StoreKind::Embedded, 2, &cfg, &[]);
+    c.up(1);
+    let (src, _) = c.pod(1, 1);
+    let (dst_ns, dst) = c.pod(2, 1);
+    (c, src, dst_ns, dst)
+}
+
 /// Every ordered pair of distinct nodes.
 fn pairs(n: usize) -> Vec<(usize, usize)> {
     (1..=n)
@@ -331,8 +342,9 @@ fn offloads_off_moves_packets_one_by_one_and_still_carries_everything() {
 }
 
 /// Idle pings (each crosses alone) are carried by whichever thread is awake: on the answering
-/// node the receiving thread sends the reply it just caused, on the asking node the sending
-/// thread delivers the reply it waits for. Every ping is answered, and both nodes count turns
+/// node the thread that wrote the request into the device sends the reply it caused, on the
+/// asking node the thread that sent the request delivers the reply it waits for (which thread
+/// that is depends on which one parked). Every ping is answered, and both nodes count turns
 /// they saved a wake-up in.
 #[test]
 fn an_idle_round_trip_is_carried_by_the_thread_that_is_awake() {
@@ -341,24 +353,50 @@ fn an_idle_round_trip_is_carried_by_the_thread_that_is_awake() {
     let (src, _) = c.pod(1, 1);
     let (_, dst) = c.pod(2, 1);
     assert!(ping(&src, dst));
-    let before = (
-        c.metric(1, "weft_dataplane_helped_turns_total{dir=\"rx\"}"),
-        c.metric(2, "weft_dataplane_helped_turns_total{dir=\"tx\"}"),
-    );
+    let helped = |c: &TestCluster, n| {
+        c.metric(n, "weft_dataplane_helped_turns_total{dir=\"rx\"}")
+            + c.metric(n, "weft_dataplane_helped_turns_total{dir=\"tx\"}")
+    };
+    let before = (helped(&c, 1), helped(&c, 2));
     let (ok, out) = weft_tests::ping_output_with(&src, dst, &["-c", "40", "-i", "0.02"]);
     assert!(ok && out.contains(" 0% packet loss"), "{out}");
-    let after = (
-        c.metric(1, "weft_dataplane_helped_turns_total{dir=\"rx\"}"),
-        c.metric(2, "weft_dataplane_helped_turns_total{dir=\"tx\"}"),
-    );
+    let after = (helped(&c, 1), helped(&c, 2));
     assert!(
         after.0 > before.0,
-        "the asking node's sending thread never delivered a reply: {before:?} -> {after:?}"
+        "on the asking node one thread never carried both directions: {before:?} -> {after:?}"
     );
     assert!(
         after.1 > before.1,
-        "the answering node's receiving thread never sent a reply: {before:?} -> {after:?}"
+        "on the answering node one thread never carried both directions: {before:?} -> {after:?}"
     );
+}
+
+/// A ping-pong (one packet at a time each way) parks one thread of the queue on each node,
+/// the other carrying both directions; a bulk transfer wakes it (both directions need their
+/// own thread again) and arrives intact; ping-pong works again afterwards. One queue, so the
+/// ping and the transfer share it.
+#[test]
+fn light_traffic_parks_a_thread_and_heavy_traffic_wakes_it() {
+    let (c, src, dst_ns, dst) = two_nodes("pk", 1);
+    assert!(eventually(Duration::from_secs(10), || ping(&src, dst)));
+    // -A: the next request leaves as soon as the reply is in.
+    let (ok, out) = weft_tests::ping_output_with(&src, dst, &["-A", "-c", "500"]);
+    assert!(ok && out.contains(" 0% packet loss"), "{out}");
+    for n in 1..=2 {
+        assert!(
+            c.metric(n, "weft_dataplane_parks_total") >= 1.0,
+            "no thread of node {n} parked during a ping-pong"
+        );
+    }
+    tcp_transfer(&src, &dst_ns, dst, 16 << 20);
+    for n in 1..=2 {
+        assert!(
+            c.metric(n, "weft_dataplane_unparks_total") >= 1.0,
+            "node {n}'s parked thread was not woken by a bulk transfer"
+        );
+    }
+    let (ok, out) = weft_tests::ping_output_with(&src, dst, &["-A", "-c", "200"]);
+    assert!(ok && out.contains(" 0% packet loss"), "{out}");
 }
 
 /// Sixteen flows at once between two nodes with two queues each: every byte arrives checked,
@@ -368,11 +406,7 @@ fn an_idle_round_trip_is_carried_by_the_thread_that_is_awake() {
 /// interleaved.
 #[test]
 fn many_flows_use_every_queue_and_arrive_intact() {
-    let cfg = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Queues":2}}"#;
-    let mut c = TestCluster::with_config("mq", StoreKind::Embedded, 2, cfg, &[]);
-    c.up(1);
-    let (src, _) = c.pod(1, 1);
-    let (dst_ns, dst_ip) = c.pod(2, 1);
+    let (c, src, dst_ns, dst_ip) = two_nodes("mq", 2);
     let flows: Vec<_> = (0..16)
         .map(|_| {
             let (src, dst_ns) = (src.clone(), dst_ns.clone());

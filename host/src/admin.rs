@@ -333,6 +333,16 @@ fn dataplane(f: &mut Family, s: &AgentState) -> std::fmt::Result {
                 .map(|(dir, v)| (vec![("dir", dir.to_string())], v)),
         )?;
         f.counter(
+            "weft_dataplane_parks",
+            "Times a userspace queue's thread parked while traffic was light and its partner carried both directions alone.",
+            [(vec![], load(&st.parks))],
+        )?;
+        f.counter(
+            "weft_dataplane_unparks",
+            "Times a turn that moved more than one packet a side woke a parked userspace queue thread, so both directions have a thread again.",
+            [(vec![], load(&st.unparks))],
+        )?;
+        f.counter(
             "weft_dataplane_coalesced_segments",
             "TCP segments from peers written into the device merged into super-packets (receive offload in userspace).",
             [(vec![], load(&st.coalesced_segments))],

@@ -22,6 +22,12 @@ pub fn us() -> u64 {
     base().elapsed().as_micros() as u64
 }
 
+/// Microseconds since the base at `t`, for a caller that already read the clock.
+#[inline]
+pub fn us_at(t: Instant) -> u64 {
+    t.saturating_duration_since(base()).as_micros() as u64
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -86,6 +86,10 @@ pub struct DataplaneStats {
     /// Turns in which the sending thread delivered what the socket held, its receiving thread
     /// asleep (a wake-up saved on the way in).
     pub helped_rx: AtomicU64,
+    /// Times a queue thread parked while light traffic let its partner carry both directions.
+    pub parks: AtomicU64,
+    /// Times a heavy turn woke a parked thread.
+    pub unparks: AtomicU64,
     /// TCP segments from peers that went into the device merged into super-packets.
     pub coalesced_segments: AtomicU64,
     /// The super-packets they made (one write each).

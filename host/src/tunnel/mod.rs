@@ -21,6 +21,10 @@
 //! the same thread sends it on instead of waking its partner (a wake-up of an idle vCPU costs
 //! tens of microseconds on a VM); the thread that sent a request catches the answer on the
 //! socket while it spins. Under load both threads are awake and each keeps to its own side.
+//! While traffic is light (no turn moves more than one packet a side) one thread of a queue
+//! parks and its partner moves both directions and watches both descriptors ([`watch`]): two
+//! spinning threads per queue and node only took turns on the cores the traffic's own
+//! processes needed.
 //!
 //! The loops work in batches: with TUN offloads a read from the device is a TCP super-packet
 //! that `tun-rs` splits into segments, which leave in one UDP GSO send per peer
@@ -33,10 +37,11 @@ pub mod batch;
 pub mod framing;
 pub mod sock;
 pub mod spin;
+pub mod watch;
 
 use std::io::IoSlice;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -45,6 +50,7 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 use self::framing::Framing;
 use self::sock::UnderlaySocket;
+use self::watch::{Role, Watch};
 use crate::packet::forward::{self, Inbound, Outbound};
 use crate::packet::gro::{self, Gro, Span};
 use crate::packet::route::{RouteTable, SharedRoutes};
@@ -176,16 +182,17 @@ pub fn start<F: Framing>(
                 b: RxBuffers::new(ctx.mtu, header > 0),
                 failures: Failures::default(),
             }),
+            watch: Watch::new(),
             ctx: ctx.clone(),
         });
         let other = queue.clone();
         std::thread::Builder::new()
             .name(format!("weft-q{q}-tx"))
-            .spawn(move || queue.run_tx())
+            .spawn(move || queue.run(Role::Tx))
             .map_err(TunnelError::Thread)?;
         std::thread::Builder::new()
             .name(format!("weft-q{q}-rx"))
-            .spawn(move || other.run_rx())
+            .spawn(move || other.run(Role::Rx))
             .map_err(TunnelError::Thread)?;
     }
     Ok(started)
@@ -272,6 +279,8 @@ struct Queue<F> {
     out: Side<TxSide>,
     /// Underlay -> device.
     inn: Side<RxSide>,
+    /// Which thread watches which descriptor.
+    watch: Watch,
     ctx: Arc<Ctx<F>>,
 }
 
@@ -315,12 +324,14 @@ impl<S> Side<S> {
         }
     }
 
-    /// The state, for the other thread: only while its own thread has slept for
-    /// [`HELP_AFTER_US`], and never waiting.
-    fn help(&self) -> Option<MutexGuard<'_, S>> {
-        let since = self.asleep_since.load(Ordering::Acquire);
-        if since == 0 || micros().saturating_sub(since) < HELP_AFTER_US {
-            return None;
+    /// The state, for the other thread: while its own thread is parked, or has slept for
+    /// [`HELP_AFTER_US`]; never waiting.
+    fn help(&self, parked: bool) -> Option<MutexGuard<'_, S>> {
+        if !parked {
+            let since = self.asleep_since.load(Ordering::Acquire);
+            if since == 0 || micros().saturating_sub(since) < HELP_AFTER_US {
+                return None;
+            }
         }
         self.own()
     }
@@ -337,10 +348,15 @@ impl<S> Side<S> {
         }
     }
 
-    /// One turn by the other thread, if the side's own thread sleeps; a turn that moved
-    /// packets counts in `helped`.
-    fn help_with(&self, helped: &AtomicU64, work: impl FnOnce(&mut S) -> Result<usize, Fatal>) -> Result<usize, Fatal> {
-        let Some(mut s) = self.help() else { return Ok(0) };
+    /// One turn by the other thread, if the side's own thread sleeps or is `parked`; a turn
+    /// that moved packets counts in `helped`.
+    fn help_with(
+        &self,
+        parked: bool,
+        helped: &AtomicU64,
+        work: impl FnOnce(&mut S) -> Result<usize, Fatal>,
+    ) -> Result<usize, Fatal> {
+        let Some(mut s) = self.help(parked) else { return Ok(0) };
         let n = work(&mut s)?;
         if n > 0 {
             helped.fetch_add(1, Ordering::Relaxed);
@@ -348,10 +364,15 @@ impl<S> Side<S> {
         Ok(n)
     }
 
-    /// Around the owner's sleep.
+    /// Around the owner's sleep. Sequentially consistent: one half of [`Watch`]'s handshake.
     fn sleeping(&self, asleep: bool) {
         let v = if asleep { micros() } else { 0 };
-        self.asleep_since.store(v, Ordering::Release);
+        self.asleep_since.store(v, Ordering::SeqCst);
+    }
+
+    /// Whether the owner sleeps (the other half of the handshake).
+    fn asleep(&self) -> bool {
+        self.asleep_since.load(Ordering::SeqCst) != 0
     }
 }
 
@@ -448,42 +469,44 @@ impl RxBuffers {
 type Fatal = String;
 
 impl<F: Framing> Queue<F> {
-    /// The device -> underlay thread, and underlay -> device while that thread sleeps: the
-    /// answer to what it just sent, delivered while it spins.
-    fn run_tx(&self) {
+    /// A queue thread: its own direction, and the other one while that direction's thread
+    /// sleeps or is parked (the device -> underlay thread delivers the answer to what it just
+    /// sent while it spins; the underlay -> device thread sends the answer to what it just
+    /// wrote into the device, which ran the pod's stack at once).
+    fn run(&self, role: Role) {
         let c = &self.ctx;
+        self.watch.register(role);
         let mut spin = spin::Spin::new(c.spin);
         loop {
-            let moved = self.out.turn(|s| self.send(s));
-            let moved = moved.and_then(|n| Ok(n + self.inn.help_with(&c.stats.helped_rx, |s| self.deliver(s))?));
-            let moved = match moved {
-                Ok(n) => n,
-                Err(why) => return c.stats.fail(why),
+            let turn = match role {
+                Role::Tx => self.tx_turn(),
+                Role::Rx => self.rx_turn(),
             };
-            if !self.idle(&mut spin, moved, self.tun.as_raw_fd(), &self.out) {
-                return c
-                    .stats
-                    .fail(format!("TUN device {} failed (was it deleted?)", c.device));
+            let done = turn.and_then(|(own, other)| self.idle(role, &mut spin, own, other));
+            if let Err(why) = done {
+                return c.stats.fail(why);
             }
         }
     }
 
-    /// The underlay -> device thread, and device -> underlay while that thread sleeps: the
-    /// answer to what it just wrote into the device, which ran the pod's stack at once.
-    fn run_rx(&self) {
-        let c = &self.ctx;
-        let mut spin = spin::Spin::new(c.spin);
-        loop {
-            let got = self.inn.turn(|s| self.deliver(s));
-            let got = got.and_then(|n| Ok(n + self.out.help_with(&c.stats.helped_tx, |s| self.send(s))?));
-            let got = match got {
-                Ok(n) => n,
-                Err(why) => return c.stats.fail(why),
-            };
-            if !self.idle(&mut spin, got, self.rx.fd(), &self.inn) {
-                return c.stats.fail("the underlay socket failed".into());
-            }
-        }
+    /// The sending thread's turn: packets moved on its side and on the receiving side.
+    fn tx_turn(&self) -> Result<(usize, usize), Fatal> {
+        let own = self.out.turn(|s| self.send(s))?;
+        let parked = self.watch.is_parked(Role::Rx);
+        let other = self
+            .inn
+            .help_with(parked, &self.ctx.stats.helped_rx, |s| self.deliver(s))?;
+        Ok((own, other))
+    }
+
+    /// The receiving thread's turn: packets moved on its side and on the sending side.
+    fn rx_turn(&self) -> Result<(usize, usize), Fatal> {
+        let own = self.inn.turn(|s| self.deliver(s))?;
+        let parked = self.watch.is_parked(Role::Tx);
+        let other = self
+            .out
+            .help_with(parked, &self.ctx.stats.helped_tx, |s| self.send(s))?;
+        Ok((own, other))
     }
 
     /// Device -> underlay with the sending side's state, by whichever thread holds it.
@@ -496,30 +519,68 @@ impl<F: Framing> Queue<F> {
         self.drain_underlay(&mut s.chain, &mut s.b, &mut s.failures)
     }
 
-    /// After a turn that moved `moved` packets: go on at once, spin a little longer, or sleep
-    /// until `fd` is readable (saying so in `side`). False when `fd` is broken.
+    /// After a turn that moved `own` and `other` packets: go on at once, spin a little
+    /// longer, park while the partner carries light traffic alone, or sleep until a descriptor
+    /// is readable. An error when one is broken.
     #[inline]
-    fn idle<S>(&self, spin: &mut spin::Spin, moved: usize, fd: std::os::fd::RawFd, side: &Side<S>) -> bool {
+    fn idle(&self, role: Role, spin: &mut spin::Spin, own: usize, other: usize) -> Result<(), Fatal> {
         let now = Instant::now();
-        if moved > 0 {
+        let us = crate::clock::us_at(now);
+        self.watch.turned(own, other, us, &self.ctx.stats.unparks);
+        if own + other > 0 {
             spin.traffic(now);
-            return true;
+            return Ok(());
         }
         if spin.keep_spinning(now) {
+            let partner_asleep = || self.side_asleep(role.partner());
+            if self.watch.light(us) && self.watch.park(role, partner_asleep, &self.ctx.stats.parks) {
+                // Woken by a heavy turn: traffic is here.
+                spin.traffic(Instant::now());
+                return Ok(());
+            }
             // Polite: any other runnable thread on this core runs first, so spinning only uses
             // a core nobody else wants.
             std::thread::yield_now();
-            return true;
+            return Ok(());
         }
-        side.sleeping(true);
-        let ok = wait_readable(fd).is_ok();
-        side.sleeping(false);
-        ok
+        self.sleep(role)
     }
 
-    /// Reads what the device holds (up to a burst) and sends it; returns how many reads.
+    /// Sleeps until the thread's descriptor, or its parked partner's too, is readable.
+    fn sleep(&self, role: Role) -> Result<(), Fatal> {
+        let (tun, sock) = (self.tun.as_raw_fd(), self.rx.fd());
+        let (mine, theirs) = match role {
+            Role::Tx => (tun, sock),
+            Role::Rx => (sock, tun),
+        };
+        self.set_asleep(role, true);
+        let both = self.watch.is_parked(role.partner());
+        let woke = wait_readable(mine, both.then_some(theirs));
+        self.set_asleep(role, false);
+        woke.map_err(|fd| match fd == tun {
+            true => format!("TUN device {} failed (was it deleted?)", self.ctx.device),
+            false => "the underlay socket failed".into(),
+        })
+    }
+
+    fn set_asleep(&self, role: Role, asleep: bool) {
+        match role {
+            Role::Tx => self.out.sleeping(asleep),
+            Role::Rx => self.inn.sleeping(asleep),
+        }
+    }
+
+    fn side_asleep(&self, role: Role) -> bool {
+        match role {
+            Role::Tx => self.out.asleep(),
+            Role::Rx => self.inn.asleep(),
+        }
+    }
+
+    /// Reads what the device holds (up to a burst) and sends it; returns how many packets
+    /// (a super-packet counts its segments).
     fn drain_device(&self, chain: &mut WorkerChain, b: &mut TxBuffers) -> Result<usize, Fatal> {
-        let mut reads = 0;
+        let (mut reads, mut packets) = (0, 0);
         while reads < DRAIN_BURST {
             let first = match b.room() {
                 Some(first) => first,
@@ -543,11 +604,12 @@ impl<F: Framing> Queue<F> {
                 Err(e) => return Err(format!("TUN device {} failed: {e}", self.ctx.device)),
             };
             reads += 1;
+            packets += n.max(1);
             b.used = first + n;
             self.send_read(chain, b, first..first + n);
         }
         self.flush(&mut b.batch, &b.segs);
-        Ok(reads)
+        Ok(packets)
     }
 
     /// Decides, routes and frames the packets of one read (in `slots`), batching them.
@@ -659,14 +721,15 @@ impl<F: Framing> Queue<F> {
             .is_ok()
     }
 
-    /// Receives what the socket holds (up to a burst) and delivers it; returns how many receives.
+    /// Receives what the socket holds (up to a burst) and delivers it; returns how many
+    /// datagrams (a coalesced run counts each).
     fn drain_underlay(
         &self,
         chain: &mut WorkerChain,
         b: &mut RxBuffers,
         failures: &mut Failures,
     ) -> Result<usize, Fatal> {
-        let mut got = 0;
+        let (mut got, mut datagrams) = (0, 0);
         while got < RECV_BURST {
             let (n, from, segment) = match self.rx.recv(&mut b.recv) {
                 Ok(r) => {
@@ -683,9 +746,10 @@ impl<F: Framing> Queue<F> {
                 }
             };
             got += 1;
+            datagrams += n.div_ceil(segment.max(1)).max(1);
             self.deliver_run(chain, b, n, *from.ip(), segment);
         }
-        Ok(got)
+        Ok(datagrams)
     }
 
     /// Delivers one received run of datagrams (`n` bytes, datagrams of `segment` bytes) from `from`.
@@ -849,25 +913,27 @@ impl<F: Framing> Queue<F> {
     }
 }
 
-/// Blocks until `fd` has something to read.
-fn wait_readable(fd: std::os::fd::RawFd) -> std::io::Result<()> {
-    let mut pfd = libc::pollfd {
+/// Blocks until `fd` (or `also`) has something to read; the descriptor that reported an
+/// error, if one did.
+fn wait_readable(fd: RawFd, also: Option<RawFd>) -> Result<(), RawFd> {
+    let pfd = |fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
+    let mut pfds = [pfd(fd), pfd(also.unwrap_or(-1))];
+    let count = if also.is_some() { 2 } else { 1 };
     loop {
-        // SAFETY: one valid pollfd, count 1, for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        // SAFETY: `count` (1 or 2) valid pollfds in `pfds`, alive for the duration of the call.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), count as libc::nfds_t, -1) };
         if r >= 0 {
-            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                return Err(std::io::Error::other("the descriptor reported an error"));
-            }
-            return Ok(());
+            let broken = pfds[..count]
+                .iter()
+                .find(|p| p.revents & (libc::POLLERR | libc::POLLNVAL) != 0);
+            return broken.map_or(Ok(()), |p| Err(p.fd));
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(fd);
         }
     }
 }
