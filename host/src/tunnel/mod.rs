@@ -284,31 +284,16 @@ struct Queue<F> {
     ctx: Arc<Ctx<F>>,
 }
 
-/// One direction's state, and since when the thread that owns it sleeps. Whoever holds the
-/// lock moves that direction's packets, so one flow's packets still go out in order.
+/// One direction's state. Whoever holds the lock moves that direction's packets, so one
+/// flow's packets still go out in order.
 struct Side<S> {
     state: Mutex<S>,
-    /// Microseconds on [`micros`] at which the owner went to sleep; 0 while it is awake.
-    asleep_since: AtomicU64,
-}
-
-/// How long a direction's thread must have slept before the other thread moves its packets.
-/// Helping pays off for sparse exchanges (an idle round trip, a DNS query); in a busy
-/// ping-pong the owner naps for microseconds between packets, and helping then would have the
-/// kernel wake it for every packet only to find the work taken (measured: 64-byte ping-pong
-/// 1.3x slower with helping at any nap).
-const HELP_AFTER_US: u64 = 1_000;
-
-/// Microseconds since the first call, never 0: the clock of [`Side::asleep_since`].
-fn micros() -> u64 {
-    crate::clock::us() + 1
 }
 
 impl<S> Side<S> {
     fn new(state: S) -> Self {
         Side {
             state: Mutex::new(state),
-            asleep_since: AtomicU64::new(0),
         }
     }
 
@@ -324,18 +309,6 @@ impl<S> Side<S> {
         }
     }
 
-    /// The state, for the other thread: while its own thread is parked, or has slept for
-    /// [`HELP_AFTER_US`]; never waiting.
-    fn help(&self, parked: bool) -> Option<MutexGuard<'_, S>> {
-        if !parked {
-            let since = self.asleep_since.load(Ordering::Acquire);
-            if since == 0 || micros().saturating_sub(since) < HELP_AFTER_US {
-                return None;
-            }
-        }
-        self.own()
-    }
-
     /// One turn by the side's own thread: `work` on its state, or a yield while the other
     /// thread is helping out (it will be done at once).
     fn turn(&self, work: impl FnOnce(&mut S) -> Result<usize, Fatal>) -> Result<usize, Fatal> {
@@ -348,31 +321,22 @@ impl<S> Side<S> {
         }
     }
 
-    /// One turn by the other thread, if the side's own thread sleeps or is `parked`; a turn
-    /// that moved packets counts in `helped`.
+    /// One turn by the other thread, if the [`Watch`] lets it help (`may`) and nobody holds
+    /// the state; a turn that moved packets counts in `helped`.
     fn help_with(
         &self,
-        parked: bool,
+        may: bool,
         helped: &AtomicU64,
         work: impl FnOnce(&mut S) -> Result<usize, Fatal>,
     ) -> Result<usize, Fatal> {
-        let Some(mut s) = self.help(parked) else { return Ok(0) };
+        let Some(mut s) = may.then(|| self.own()).flatten() else {
+            return Ok(0);
+        };
         let n = work(&mut s)?;
         if n > 0 {
             helped.fetch_add(1, Ordering::Relaxed);
         }
         Ok(n)
-    }
-
-    /// Around the owner's sleep. Sequentially consistent: one half of [`Watch`]'s handshake.
-    fn sleeping(&self, asleep: bool) {
-        let v = if asleep { micros() } else { 0 };
-        self.asleep_since.store(v, Ordering::SeqCst);
-    }
-
-    /// Whether the owner sleeps (the other half of the handshake).
-    fn asleep(&self) -> bool {
-        self.asleep_since.load(Ordering::SeqCst) != 0
     }
 }
 
@@ -492,20 +456,18 @@ impl<F: Framing> Queue<F> {
     /// The sending thread's turn: packets moved on its side and on the receiving side.
     fn tx_turn(&self) -> Result<(usize, usize), Fatal> {
         let own = self.out.turn(|s| self.send(s))?;
-        let parked = self.watch.is_parked(Role::Rx);
+        let may = self.watch.may_help(Role::Rx);
         let other = self
             .inn
-            .help_with(parked, &self.ctx.stats.helped_rx, |s| self.deliver(s))?;
+            .help_with(may, &self.ctx.stats.helped_rx, |s| self.deliver(s))?;
         Ok((own, other))
     }
 
     /// The receiving thread's turn: packets moved on its side and on the sending side.
     fn rx_turn(&self) -> Result<(usize, usize), Fatal> {
         let own = self.inn.turn(|s| self.deliver(s))?;
-        let parked = self.watch.is_parked(Role::Tx);
-        let other = self
-            .out
-            .help_with(parked, &self.ctx.stats.helped_tx, |s| self.send(s))?;
+        let may = self.watch.may_help(Role::Tx);
+        let other = self.out.help_with(may, &self.ctx.stats.helped_tx, |s| self.send(s))?;
         Ok((own, other))
     }
 
@@ -532,8 +494,7 @@ impl<F: Framing> Queue<F> {
             return Ok(());
         }
         if spin.keep_spinning(now) {
-            let partner_asleep = || self.side_asleep(role.partner());
-            if self.watch.light(us) && self.watch.park(role, partner_asleep, &self.ctx.stats.parks) {
+            if self.watch.light(us) && self.watch.park(role, &self.ctx.stats.parks) {
                 // Woken by a heavy turn: traffic is here.
                 spin.traffic(Instant::now());
                 return Ok(());
@@ -553,28 +514,13 @@ impl<F: Framing> Queue<F> {
             Role::Tx => (tun, sock),
             Role::Rx => (sock, tun),
         };
-        self.set_asleep(role, true);
-        let both = self.watch.is_parked(role.partner());
+        let both = self.watch.sleeping(role, true);
         let woke = wait_readable(mine, both.then_some(theirs));
-        self.set_asleep(role, false);
+        self.watch.sleeping(role, false);
         woke.map_err(|fd| match fd == tun {
             true => format!("TUN device {} failed (was it deleted?)", self.ctx.device),
             false => "the underlay socket failed".into(),
         })
-    }
-
-    fn set_asleep(&self, role: Role, asleep: bool) {
-        match role {
-            Role::Tx => self.out.sleeping(asleep),
-            Role::Rx => self.inn.sleeping(asleep),
-        }
-    }
-
-    fn side_asleep(&self, role: Role) -> bool {
-        match role {
-            Role::Tx => self.out.asleep(),
-            Role::Rx => self.inn.asleep(),
-        }
     }
 
     /// Reads what the device holds (up to a burst) and sends it; returns how many packets
