@@ -220,6 +220,16 @@ impl Default for Record {
 impl Record {
     /// Writes the record in the version-1 layout.
     pub fn encode(&self, out: &mut [u8; RECORD_SIZE]) {
+        let plen = (self.payload_len as usize).min(PAYLOAD_MAX);
+        self.encode_with(&self.payload[..plen], out);
+    }
+
+    /// Writes the record with `payload` (its first [`PAYLOAD_MAX`] bytes) in place of the
+    /// record's own: a host encodes straight from the packet, without copying it twice.
+    #[inline]
+    pub fn encode_with(&self, payload: &[u8], out: &mut [u8; RECORD_SIZE]) {
+        let payload = &payload[..payload.len().min(PAYLOAD_MAX)];
+        let plen = payload.len();
         out[off::VERSION..off::VERSION + 2].copy_from_slice(&(ABI_VERSION as u16).to_le_bytes());
         out[off::SIZE..off::SIZE + 2].copy_from_slice(&(RECORD_SIZE as u16).to_le_bytes());
         out[off::DIRECTION] = self.direction;
@@ -237,15 +247,15 @@ impl Record {
         out[off::DST_SUBNET..off::DST_SUBNET + 4].copy_from_slice(&self.dst_subnet);
         out[off::SRC_PREFIX] = self.src_prefix;
         out[off::DST_PREFIX] = self.dst_prefix;
-        let plen = (self.payload_len as usize).min(PAYLOAD_MAX);
         out[off::PAYLOAD_LEN..off::PAYLOAD_LEN + 2].copy_from_slice(&(plen as u16).to_le_bytes());
         out[off::LOCAL_NODE..off::LOCAL_NODE + 4].copy_from_slice(&self.local_node);
         out[off::LOCAL_NODE + 4..off::PAYLOAD].fill(0);
-        out[off::PAYLOAD..off::PAYLOAD + plen].copy_from_slice(&self.payload[..plen]);
+        out[off::PAYLOAD..off::PAYLOAD + plen].copy_from_slice(payload);
         out[off::PAYLOAD + plen..].fill(0);
     }
 
     /// Reads a version-1 record; `None` if the version or size is not one this SDK knows.
+    #[inline(always)]
     pub fn decode(b: &[u8; RECORD_SIZE]) -> Option<Record> {
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let a4 = |o: usize| [b[o], b[o + 1], b[o + 2], b[o + 3]];

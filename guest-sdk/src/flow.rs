@@ -36,6 +36,7 @@ fn some_addr(a: [u8; 4]) -> Option<Ipv4Addr> {
 
 impl Flow {
     /// Wraps a decoded record.
+    #[inline]
     pub fn from_record(rec: Record) -> Flow {
         Flow { rec }
     }

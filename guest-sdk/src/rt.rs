@@ -91,16 +91,18 @@ fn current_flow() -> Option<Flow> {
 
 /// The `weft_policy` export.
 pub fn policy<T: Module>(slot: &Slot<T>) -> i64 {
-    match (slot.get().as_mut(), current_flow()) {
-        (Some(m), Some(f)) => m.policy(&f).word(),
+    // The flow is borrowed where it was decoded: moving it out of the `Option` cost a
+    // `memory.copy` of the whole record per call.
+    match (slot.get().as_mut(), &current_flow()) {
+        (Some(m), Some(f)) => m.policy(f).word(),
         _ => NOT_READY,
     }
 }
 
 /// The `weft_route` export.
 pub fn route<T: Module>(slot: &Slot<T>) -> i64 {
-    match (slot.get().as_mut(), current_flow()) {
-        (Some(m), Some(f)) => m.route(&f).word(),
+    match (slot.get().as_mut(), &current_flow()) {
+        (Some(m), Some(f)) => m.route(f).word(),
         _ => NOT_READY,
     }
 }

@@ -526,7 +526,7 @@ mod tests {
             let mut pkts = Vec::new();
             for (flow, skip, len, push, noise) in ops {
                 let f = flow as usize;
-                let seq = match skip { 0 => next[f].wrapping_sub(1200), 1 => next[f] + 7, _ => next[f] };
+                let seq = match skip { 0 => next[f].wrapping_sub(1200), 1 => next[f].wrapping_add(7), _ => next[f] };
                 let flags = match (push, noise) {
                     (_, 1) => tcp_flag::ACK | tcp_flag::FIN,
                     (true, _) => tcp_flag::ACK | TCP_PSH,

@@ -42,6 +42,26 @@ const WORDS: usize = 4;
 /// A set's alignment in words: 128 bytes, the pair of lines the CPU fetches together.
 const SET_ALIGN_WORDS: usize = 16;
 
+/// The huge page size tables are aligned to when they are at least this large.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back `words` with huge pages (where transparent huge pages are enabled
+/// for those who ask); without them the table works the same, a little slower.
+fn huge_pages(words: &[u64]) {
+    // SAFETY: the range is memory this process owns (a live allocation), and MADV_HUGEPAGE
+    // only changes how it is backed, never its contents.
+    let rc = unsafe {
+        libc::madvise(
+            words.as_ptr() as *mut libc::c_void,
+            std::mem::size_of_val(words),
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "verdict cache stays on small pages");
+    }
+}
+
 /// Flags in the key's high word, above the 105 bits a [`FlowKey`] uses.
 const OCCUPIED: u64 = 1 << 63;
 const DROP: u64 = 1 << 62;
@@ -111,9 +131,19 @@ impl FlowCache {
     /// A cache for about `capacity` flows (rounded up to whole sets of a power-of-two count).
     pub fn new(capacity: usize) -> Self {
         let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
-        let words = vec![0u64; sets * WAYS * WORDS + SET_ALIGN_WORDS];
-        let align = SET_ALIGN_WORDS * 8;
+        let len = sets * WAYS * WORDS;
+        // A table of a huge page or more starts on one and asks for them: a new flow's set
+        // is a random place in it, and on small pages that is a TLB miss as well.
+        let align = if len * 8 >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            SET_ALIGN_WORDS * 8
+        };
+        let words = vec![0u64; len + align / 8];
         let first = ((align - words.as_ptr() as usize % align) % align) / 8;
+        if align == HUGE_PAGE {
+            huge_pages(&words[first..first + len]);
+        }
         FlowCache {
             words,
             first,

@@ -670,7 +670,7 @@ impl Asker {
         trail: &mut Vec<Trail>,
     ) -> (Verdict, Life) {
         let local = Local { node: chain.local };
-        flow::record(m, dir, established, pkt, self.leases.load(), local).encode(&mut self.record);
+        flow::encode(m, dir, established, pkt, self.leases.load(), local, &mut self.record);
         let mut verdict = Verdict::PASS;
         let mut life = Life::OPEN;
         for (i, lm) in chain.modules.iter().enumerate() {

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use weft_guest::abi::{self, Record, PAYLOAD_MAX};
+use weft_guest::abi::{self, Record, PAYLOAD_MAX, RECORD_SIZE};
 
 use crate::packet::route::RouteTable;
 
@@ -26,6 +26,40 @@ pub fn record(
     leases: &RouteTable,
     local: Local,
 ) -> Record {
+    let mut r = header(m, dir, established, leases, local);
+    let p = payload(m, pkt);
+    r.payload[..p.len()].copy_from_slice(p);
+    r.payload_len = p.len() as u16;
+    r
+}
+
+/// [`record`], written straight into the buffer a module reads: the payload is copied once,
+/// from the packet.
+#[inline]
+pub fn encode(
+    m: &FlowMeta,
+    dir: Direction,
+    established: bool,
+    pkt: &[u8],
+    leases: &RouteTable,
+    local: Local,
+    out: &mut [u8; RECORD_SIZE],
+) {
+    header(m, dir, established, leases, local).encode_with(payload(m, pkt), out);
+}
+
+/// The first payload bytes a record carries (none if the packet is shorter than it says).
+#[inline]
+fn payload<'a>(m: &FlowMeta, pkt: &'a [u8]) -> &'a [u8] {
+    let (start, len) = m.payload;
+    pkt.get(start..start + len.min(PAYLOAD_MAX)).unwrap_or(&[])
+}
+
+/// Every field but the payload. Inlined into [`encode`] so its fields go straight to the
+/// buffer: read back from the stack, the four one-byte fields written apart stalled the load
+/// that copies them together.
+#[inline(always)]
+fn header(m: &FlowMeta, dir: Direction, established: bool, leases: &RouteTable, local: Local) -> Record {
     let mut r = Record {
         direction: match dir {
             Direction::Egress => abi::direction::EGRESS,
@@ -52,12 +86,6 @@ pub fn record(
         r.dst_subnet = net.octets();
         r.dst_prefix = len;
         r.dst_node = node.octets();
-    }
-    let (start, len) = m.payload;
-    let n = len.min(PAYLOAD_MAX);
-    if let Some(p) = pkt.get(start..start + n) {
-        r.payload[..n].copy_from_slice(p);
-        r.payload_len = n as u16;
     }
     r
 }

@@ -10,8 +10,9 @@ use arc_swap::ArcSwap;
 use wasmtime::{Caller, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
 use weft_guest::abi::{names, Word, RECORD_SIZE};
 
-use super::runtime::{Compiled, Runtime, TICK};
+use super::runtime::{Compiled, Runtime};
 use super::stats::ModuleStats;
+use super::ticker::{Ticker, TICK};
 use super::WasmError;
 use crate::packet::route::RouteTable;
 
@@ -25,10 +26,41 @@ pub struct HostCtx {
     stats: Arc<ModuleStats>,
     leases: Arc<Leases>,
     counters: Vec<Arc<AtomicI64>>,
-    /// When the running call (or instantiation) must end: the epoch only says a deadline may
-    /// have passed (the ticker catches up in bursts after being held off the CPU); this says
+    /// The running call's (or instantiation's) time limit: the epoch only says it may have
+    /// passed (the ticker catches up in bursts after being held off the CPU); this says
     /// whether it has.
-    ends: Instant,
+    limit: Limit,
+}
+
+/// When the running call must end, placed by the ticker's wakes ([`super::ticker`]).
+struct Limit {
+    ticker: Arc<Ticker>,
+    /// The ticker's wake count when the call started.
+    stamp: u64,
+    budget_us: u64,
+    /// Microseconds on the process clock, once a wake after the start places it.
+    ends_us: Option<u64>,
+}
+
+impl Limit {
+    /// A call may take `budget` from now on.
+    #[inline]
+    fn start(&mut self, budget_us: u64) {
+        self.stamp = self.ticker.log().stamp();
+        self.budget_us = budget_us;
+        self.ends_us = None;
+    }
+
+    /// Whether the call has run its budget out; `None` while that cannot be known yet.
+    fn spent(&mut self) -> Option<bool> {
+        let ends = match self.ends_us {
+            Some(e) => e,
+            None => *self
+                .ends_us
+                .insert(self.ticker.log().ends_us(self.stamp, self.budget_us)?),
+        };
+        Some(crate::clock::us() >= ends)
+    }
 }
 
 impl HostCtx {
@@ -46,19 +78,24 @@ impl HostCtx {
             stats,
             leases,
             counters: Vec::new(),
-            ends: Instant::now(),
+            limit: Limit {
+                ticker: rt.ticker().clone(),
+                stamp: 0,
+                budget_us: 0,
+                ends_us: None,
+            },
         }
     }
 }
 
 /// Called when the epoch reaches a store's deadline: interrupts the call if its time is really
 /// up, or gives it another tick. So a burst of catch-up ticks never cuts a call short, and a
-/// call ends within a tick of its deadline once the ticker runs.
-fn on_deadline(ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
-    Ok(if Instant::now() >= ctx.data().ends {
-        wasmtime::UpdateDeadline::Interrupt
-    } else {
-        wasmtime::UpdateDeadline::Continue(1)
+/// call ends within two ticks of its deadline once the ticker runs (one to place it, one to
+/// notice it passed).
+fn on_deadline(mut ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    Ok(match ctx.data_mut().limit.spent() {
+        Some(true) => wasmtime::UpdateDeadline::Interrupt,
+        _ => wasmtime::UpdateDeadline::Continue(1),
     })
 }
 
@@ -187,7 +224,11 @@ pub struct Instance {
     policy: Option<TypedFunc<(), i64>>,
     route: Option<TypedFunc<(), i64>>,
     deadline_ticks: u64,
-    deadline: std::time::Duration,
+    budget_us: u64,
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Epoch ticks until `on_deadline` first looks at the clock.
@@ -202,7 +243,7 @@ impl Instance {
         let mut store = Store::new(rt.engine(), ctx);
         store.limiter(|c| &mut c.limits);
         store.epoch_deadline_callback(on_deadline);
-        store.data_mut().ends = Instant::now() + rt.limits().configure_deadline;
+        store.data_mut().limit.start(micros(rt.limits().configure_deadline));
         store.set_epoch_deadline(ticks(rt.limits().configure_deadline));
         let during = |what: &'static str| move |e: wasmtime::Error| WasmError::Failed(what, call_error(e));
         let inst = c
@@ -271,7 +312,7 @@ impl Instance {
             policy,
             route,
             deadline_ticks: ticks(rt.limits().call_deadline),
-            deadline: rt.limits().call_deadline,
+            budget_us: micros(rt.limits().call_deadline),
         })
     }
 
@@ -289,7 +330,7 @@ impl Instance {
             .get_mut(self.flow_ptr..self.flow_ptr + RECORD_SIZE)
             .ok_or_else(|| CallError::Trap("flow buffer outside memory".into()))?;
         dst.copy_from_slice(record);
-        self.store.data_mut().ends = Instant::now() + self.deadline;
+        self.store.data_mut().limit.start(self.budget_us);
         self.store.set_epoch_deadline(self.deadline_ticks);
         let v = f.call(&mut self.store, ()).map_err(call_error)?;
         let w = Word::unpack(v).ok_or(CallError::BadVerdict(v))?;

@@ -17,6 +17,7 @@ pub mod signature;
 pub mod spares;
 pub mod spec;
 pub mod stats;
+pub mod ticker;
 
 pub use cache::Verdict;
 pub use chain::{Pipeline, WorkerChain};

@@ -1,9 +1,9 @@
 //! The wasmtime engine Weft runs modules on: its configuration (every security-relevant knob
-//! set on purpose), the epoch ticker that bounds each call, the linker with Weft's host
-//! functions and nothing else, and compilation with ABI checks and a cache keyed by sha256.
+//! set on purpose), the epoch ticker ([`super::ticker`]) that bounds each call, the linker
+//! with Weft's host functions and nothing else, and compilation with ABI checks and a cache
+//! keyed by sha256.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, ExternType, FuncType, InstancePre, Linker, Module
 use weft_guest::abi::names;
 
 use super::instance::{self, HostCtx};
+use super::ticker::Ticker;
 use super::WasmError;
 
 /// Resource limits applied to every module, and the keys modules must be signed with.
@@ -47,8 +48,7 @@ impl Default for Limits {
     }
 }
 
-/// How often the epoch advances: the unit of every deadline.
-pub const TICK: Duration = Duration::from_millis(1);
+pub use super::ticker::TICK;
 
 /// A module compiled and checked against the ABI, ready to instantiate.
 pub struct Compiled {
@@ -73,85 +73,7 @@ pub struct Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.ticker.thread.get() {
-            t.unpark();
-        }
-    }
-}
-
-/// After this long without a module call the epoch ticker parks: an idle node spends nothing
-/// on it.
-const TICKER_IDLE_MS: u64 = 1_000;
-
-/// The thread that advances the engine's epoch, the clock every call deadline counts in. It
-/// ticks while modules are being called and parks after an idle second; the next call wakes
-/// it. A call costs one load (and a store per millisecond); a wake-up only ends an idle spell.
-struct Ticker {
-    awake: AtomicBool,
-    last_ms: std::sync::atomic::AtomicU64,
-    stop: AtomicBool,
-    thread: std::sync::OnceLock<std::thread::Thread>,
-}
-
-impl Ticker {
-    /// A call is about to start at `now_ms`.
-    #[inline]
-    fn wake(&self, now_ms: u64) {
-        if self.last_ms.load(Ordering::Relaxed) != now_ms {
-            self.last_ms.store(now_ms, Ordering::SeqCst);
-        }
-        // Either the ticker sees the call's time before it parks, or this sees it asleep.
-        if !self.awake.load(Ordering::SeqCst) && !self.awake.swap(true, Ordering::SeqCst) {
-            if let Some(t) = self.thread.get() {
-                t.unpark();
-            }
-        }
-    }
-
-    fn run(&self, engine: &Engine) {
-        realtime_priority();
-        let idle = |last: u64| super::chain::clock_ms().saturating_sub(last) > TICKER_IDLE_MS;
-        let mut ticked = std::time::Instant::now();
-        while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(TICK);
-            // Held off the CPU for a while (a saturated machine), the ticker makes up every
-            // tick it missed, so a deadline stretches by one late wake-up, not one per tick.
-            let missed = (ticked.elapsed().as_nanos() / TICK.as_nanos()).clamp(1, 1_000);
-            for _ in 0..missed {
-                engine.increment_epoch();
-            }
-            ticked += TICK * missed as u32;
-            if !idle(self.last_ms.load(Ordering::SeqCst)) {
-                continue;
-            }
-            self.awake.store(false, Ordering::SeqCst);
-            while idle(self.last_ms.load(Ordering::SeqCst)) && !self.awake.load(Ordering::SeqCst) {
-                if self.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::park();
-            }
-            self.awake.store(true, Ordering::SeqCst);
-            ticked = std::time::Instant::now();
-        }
-    }
-}
-
-/// Asks for the lowest real-time priority for the calling (ticker) thread, so busy threads
-/// cannot hold it off: it runs for microseconds a millisecond and only while modules are being
-/// called. Without CAP_SYS_NICE it stays a normal thread and catches up on missed ticks.
-fn realtime_priority() {
-    // SAFETY: sched_param is a plain C struct (musl's has more fields than glibc's), for which
-    // all zeroes is a valid value.
-    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-    param.sched_priority = 1;
-    // SAFETY: pthread_self() is the calling thread, always valid; param lives across the call.
-    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
-    if rc == 0 {
-        tracing::debug!("epoch ticker runs at real-time priority (SCHED_FIFO 1)");
-    } else {
-        tracing::debug!(error = %std::io::Error::from_raw_os_error(rc), "epoch ticker stays at normal priority");
+        self.ticker.stop();
     }
 }
 
@@ -231,18 +153,8 @@ impl Runtime {
         let engine = Engine::new(&engine_config(&limits)).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         instance::link(&mut linker).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
-        let ticker = Arc::new(Ticker {
-            awake: AtomicBool::new(true),
-            last_ms: std::sync::atomic::AtomicU64::new(super::chain::clock_ms()),
-            stop: AtomicBool::new(false),
-            thread: std::sync::OnceLock::new(),
-        });
-        let (e, t) = (engine.clone(), ticker.clone());
-        let handle = std::thread::Builder::new()
-            .name("weft-wasm-epoch".into())
-            .spawn(move || t.run(&e))
-            .map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        let _ = ticker.thread.set(handle.thread().clone());
+        let ticker =
+            Ticker::start(&engine).map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
         // Two compiles at once, four more waiting: uploads beyond that are refused, never
         // allowed to take every core.
         let pool = super::pool::CompilePool::new(2, 4)
@@ -262,6 +174,11 @@ impl Runtime {
     #[inline]
     pub fn calling(&self, now_ms: u64) {
         self.ticker.wake(now_ms);
+    }
+
+    /// The epoch ticker, whose wakes bound every call.
+    pub(super) fn ticker(&self) -> &Arc<Ticker> {
+        &self.ticker
     }
 
     /// Checks a module's signature against the trusted keys: the key id that verified it, or
