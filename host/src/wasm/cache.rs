@@ -333,6 +333,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_table_of_a_huge_page_starts_on_one_and_a_small_one_on_a_line_pair() {
+        let big = FlowCache::new(65_536);
+        assert_eq!(big.words[big.first..].as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(big.words.len() - big.first, 65_536 * WORDS + HUGE_PAGE / 8 - big.first);
+        let small = FlowCache::new(1_000);
+        assert_eq!(small.words[small.first..].as_ptr() as usize % (SET_ALIGN_WORDS * 8), 0);
+        assert!(small.words.len() < 2 * 1_024 * WORDS, "no huge page for a small table");
+        // Both hold what they are given.
+        for mut c in [big, small] {
+            c.insert(7, 1, Verdict::DROP, Ttl::MAX, 0);
+            assert_eq!(c.lookup(7, 1, 1), Lookup::Hit(Verdict::DROP));
+        }
+    }
+
+    #[test]
     fn lookup_ttl_says_how_long_a_verdict_still_holds() {
         let mut c = FlowCache::new(16);
         assert_eq!(c.lookup_ttl(7, 1, 0), None);

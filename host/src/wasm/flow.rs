@@ -120,4 +120,27 @@ mod tests {
         assert_eq!(r.flags, abi::flag::ESTABLISHED);
         assert_eq!(r.packet_len, p.len() as u32);
     }
+
+    #[test]
+    fn encoding_straight_from_the_packet_writes_what_the_record_does() {
+        let mut leases = RouteTable::new("10.244.0.0/16".parse().unwrap(), 24, None);
+        leases.set_local("10.244.1.0/24".parse().unwrap(), a("198.18.0.1"));
+        leases.insert("10.244.2.0/24".parse().unwrap(), a("198.18.0.2"));
+        let local = Local { node: a("198.18.0.1") };
+        for body in [&b""[..], b"hi", &[7u8; 200][..]] {
+            let p = build_udp(a("10.244.1.5"), 5000, a("10.244.2.7"), 53, 64, body);
+            let mut m = parse_ipv4(&p).unwrap();
+            for dir in [Direction::Egress, Direction::Ingress] {
+                let (mut want, mut got) = ([0u8; RECORD_SIZE], [0xEEu8; RECORD_SIZE]);
+                record(&m, dir, false, &p, &leases, local).encode(&mut want);
+                encode(&m, dir, false, &p, &leases, local, &mut got);
+                assert_eq!(want, got, "{} payload bytes, {dir:?}", body.len());
+            }
+            // A payload the packet does not hold in full is left out rather than cut.
+            m.payload = (p.len() - 1, 2);
+            let mut got = [0xEEu8; RECORD_SIZE];
+            encode(&m, Direction::Egress, true, &p, &leases, local, &mut got);
+            assert_eq!(Record::decode(&got).map(|r| r.payload_len), Some(0));
+        }
+    }
 }
