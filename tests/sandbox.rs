@@ -1,7 +1,7 @@
 //! The Wasm sandbox under attack on a live cluster: compile bombs refused by their shape before
 //! the compiler runs; the admin API answering while uploads compile; a module that traps after
 //! a slow `weft_configure` costing other flows nothing; call deadlines holding on a saturated
-//! machine.
+//! machine, and counting only the CPU a call uses, not the time it waits for a core.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -214,9 +214,10 @@ const SPINNER: &str = r#"(module
 /// How long each call to a module that never returns really lasts, replayed by `weft module
 /// test` (the agent's own runtime, chain and ticker) while every core is busy with threads of
 /// the same priority: the 5 ms deadline once stretched to ~125 ms under such load. Wall time
-/// includes waiting for a core, which no deadline can prevent; the CPU time a timed-out call
-/// burns is what the ticker bounds. Run as root (the ticker gets real-time priority) and as
-/// nobody (it cannot, and catches up on missed ticks instead).
+/// includes waiting for a core, which no deadline can prevent; the deadline counts the CPU
+/// time a call uses, never less than its budget and a little more at most. Run as root (the
+/// ticker gets real-time priority) and as nobody (it cannot, waits for a core itself, and calls
+/// then read their CPU clock as they start).
 #[test]
 fn deadlines_hold_with_every_core_busy() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -279,7 +280,14 @@ fn deadlines_hold_with_every_core_busy() {
             "{who}: interrupted before its deadline: {calls:?}"
         );
         assert!(
-            cpu_worst < 8.0,
+            calls.iter().all(|c| c.1 >= 5.0),
+            "{who}: interrupted before using its 5 ms of CPU: {calls:?}"
+        );
+        // The budget, a tick to notice it, and, without real-time priority, the scheduler's
+        // wake-up granularity (2 ms on two cores) the ticker can wait behind the call.
+        let bound = if who == "root" { 8.0 } else { 10.0 };
+        assert!(
+            cpu_worst < bound,
             "{who}: a 5 ms deadline burned {cpu_worst:.1} ms of CPU: {calls:?}"
         );
     }

@@ -207,7 +207,8 @@ pub(crate) struct LimitArgs {
     #[arg(global = true, long, env = "WEFT_MODULE_MAX_MEMORY_MIB", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     module_max_memory_mib: u64,
-    /// Most time one decision may take, in milliseconds, before it is interrupted.
+    /// Most CPU time one decision may use, in milliseconds, before it is interrupted (time
+    /// spent waiting for a core does not count).
     #[arg(global = true, long, env = "WEFT_MODULE_DEADLINE_MS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     module_deadline_ms: u64,

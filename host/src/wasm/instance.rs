@@ -10,9 +10,9 @@ use arc_swap::ArcSwap;
 use wasmtime::{Caller, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
 use weft_guest::abi::{names, Word, RECORD_SIZE};
 
+use super::limit::{thread_cpu, Limit, Look, FIRST_LOOK_TICKS};
 use super::runtime::{Compiled, Runtime};
 use super::stats::ModuleStats;
-use super::ticker::{Ticker, TICK};
 use super::WasmError;
 use crate::packet::route::RouteTable;
 
@@ -26,41 +26,8 @@ pub struct HostCtx {
     stats: Arc<ModuleStats>,
     leases: Arc<Leases>,
     counters: Vec<Arc<AtomicI64>>,
-    /// The running call's (or instantiation's) time limit: the epoch only says it may have
-    /// passed (the ticker catches up in bursts after being held off the CPU); this says
-    /// whether it has.
+    /// The running call's (or instantiation's) CPU budget: the epoch says when to look at it.
     limit: Limit,
-}
-
-/// When the running call must end, placed by the ticker's wakes ([`super::ticker`]).
-struct Limit {
-    ticker: Arc<Ticker>,
-    /// The ticker's wake count when the call started.
-    stamp: u64,
-    budget_us: u64,
-    /// Microseconds on the process clock, once a wake after the start places it.
-    ends_us: Option<u64>,
-}
-
-impl Limit {
-    /// A call may take `budget` from now on.
-    #[inline]
-    fn start(&mut self, budget_us: u64) {
-        self.stamp = self.ticker.log().stamp();
-        self.budget_us = budget_us;
-        self.ends_us = None;
-    }
-
-    /// Whether the call has run its budget out; `None` while that cannot be known yet.
-    fn spent(&mut self) -> Option<bool> {
-        let ends = match self.ends_us {
-            Some(e) => e,
-            None => *self
-                .ends_us
-                .insert(self.ticker.log().ends_us(self.stamp, self.budget_us)?),
-        };
-        Some(crate::clock::us() >= ends)
-    }
 }
 
 impl HostCtx {
@@ -78,24 +45,17 @@ impl HostCtx {
             stats,
             leases,
             counters: Vec::new(),
-            limit: Limit {
-                ticker: rt.ticker().clone(),
-                stamp: 0,
-                budget_us: 0,
-                ends_us: None,
-            },
+            limit: Limit::default(),
         }
     }
 }
 
-/// Called when the epoch reaches a store's deadline: interrupts the call if its time is really
-/// up, or gives it another tick. So a burst of catch-up ticks never cuts a call short, and a
-/// call ends within two ticks of its deadline once the ticker runs (one to place it, one to
-/// notice it passed).
+/// Called when the epoch reaches a store's deadline: interrupts the call once it has used its
+/// CPU budget, or looks again when it could have ([`super::limit`]).
 fn on_deadline(mut ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
-    Ok(match ctx.data_mut().limit.spent() {
-        Some(true) => wasmtime::UpdateDeadline::Interrupt,
-        _ => wasmtime::UpdateDeadline::Continue(1),
+    Ok(match ctx.data_mut().limit.look(thread_cpu()) {
+        Look::Interrupt => wasmtime::UpdateDeadline::Interrupt,
+        Look::Again(ticks) => wasmtime::UpdateDeadline::Continue(ticks),
     })
 }
 
@@ -223,17 +183,10 @@ pub struct Instance {
     flow_ptr: usize,
     policy: Option<TypedFunc<(), i64>>,
     route: Option<TypedFunc<(), i64>>,
-    deadline_ticks: u64,
-    budget_us: u64,
-}
-
-fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Epoch ticks until `on_deadline` first looks at the clock.
-fn ticks(d: std::time::Duration) -> u64 {
-    (d.as_nanos() / TICK.as_nanos()).max(1) as u64
+    /// CPU time a call may use.
+    budget: std::time::Duration,
+    /// Whether a call must read its CPU clock as it starts.
+    ticker: Arc<super::ticker::Ticker>,
 }
 
 impl Instance {
@@ -243,8 +196,12 @@ impl Instance {
         let mut store = Store::new(rt.engine(), ctx);
         store.limiter(|c| &mut c.limits);
         store.epoch_deadline_callback(on_deadline);
-        store.data_mut().limit.start(micros(rt.limits().configure_deadline));
-        store.set_epoch_deadline(ticks(rt.limits().configure_deadline));
+        let late = rt.ticker().late();
+        store
+            .data_mut()
+            .limit
+            .start(rt.limits().configure_deadline, late, thread_cpu);
+        store.set_epoch_deadline(FIRST_LOOK_TICKS);
         let during = |what: &'static str| move |e: wasmtime::Error| WasmError::Failed(what, call_error(e));
         let inst = c
             .pre
@@ -311,8 +268,8 @@ impl Instance {
             flow_ptr,
             policy,
             route,
-            deadline_ticks: ticks(rt.limits().call_deadline),
-            budget_us: micros(rt.limits().call_deadline),
+            budget: rt.limits().call_deadline,
+            ticker: rt.ticker().clone(),
         })
     }
 
@@ -330,8 +287,9 @@ impl Instance {
             .get_mut(self.flow_ptr..self.flow_ptr + RECORD_SIZE)
             .ok_or_else(|| CallError::Trap("flow buffer outside memory".into()))?;
         dst.copy_from_slice(record);
-        self.store.data_mut().limit.start(self.budget_us);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        let late = self.ticker.late();
+        self.store.data_mut().limit.start(self.budget, late, thread_cpu);
+        self.store.set_epoch_deadline(FIRST_LOOK_TICKS);
         let v = f.call(&mut self.store, ()).map_err(call_error)?;
         let w = Word::unpack(v).ok_or(CallError::BadVerdict(v))?;
         let known = match entry {

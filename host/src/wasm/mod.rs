@@ -8,6 +8,7 @@ pub mod cache;
 pub mod chain;
 pub mod flow;
 pub mod instance;
+pub mod limit;
 pub mod pool;
 pub mod registry;
 pub mod replay;

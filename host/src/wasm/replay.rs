@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::cache::Verdict;
 use super::chain::{Pipeline, WorkerChain};
 use super::flow::{Direction, FlowKey, Scope};
+use super::limit::thread_cpu;
 use super::runtime::Runtime;
 use super::spec::{ModuleSpec, ModuleStatus};
 use super::stats::VerdictKind;
@@ -413,11 +414,6 @@ fn sibling(f: &Flow, scope: Scope, own: Option<Ipv4Net>) -> Option<Flow> {
         direction: f.direction,
         packet: p,
     })
-}
-
-fn thread_cpu() -> Duration {
-    use nix::time::{clock_gettime, ClockId};
-    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 /// The bench: one node's chain, as an agent would load it, and one worker.

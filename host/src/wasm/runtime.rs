@@ -22,9 +22,9 @@ pub struct Limits {
     pub max_module_bytes: usize,
     /// Most linear memory one instance may have.
     pub max_memory_bytes: usize,
-    /// Most time one decision may take before it is interrupted.
+    /// Most CPU time one decision may use before it is interrupted.
     pub call_deadline: Duration,
-    /// Most time `configure` may take.
+    /// Most CPU time instantiating and configuring may use.
     pub configure_deadline: Duration,
     /// Native stack a call may use.
     pub max_stack_bytes: usize,
@@ -47,8 +47,6 @@ impl Default for Limits {
         }
     }
 }
-
-pub use super::ticker::TICK;
 
 /// A module compiled and checked against the ABI, ready to instantiate.
 pub struct Compiled {
@@ -176,7 +174,7 @@ impl Runtime {
         self.ticker.wake(now_ms);
     }
 
-    /// The epoch ticker, whose wakes bound every call.
+    /// The epoch ticker, which says when a running call looks at its CPU budget.
     pub(super) fn ticker(&self) -> &Arc<Ticker> {
         &self.ticker
     }

@@ -26,11 +26,15 @@ pub struct Spares {
 }
 
 impl Spares {
-    /// A ready instance, if there is one. Never waits: a worker that finds the spares being
-    /// refilled gets nothing this time.
+    /// A ready instance, if there is one. The lock is only ever held to push or pop (an
+    /// instance is made before its lock is taken), so this waits nanoseconds at most. Giving up
+    /// when another thread held it instead made a worker that met a new chain at the same
+    /// moment as its partner, or as the preparer's refill, apply the failure policy to the
+    /// flow: a closed module dropped a TCP flow's window, and the flow stalled for its 200 ms
+    /// retransmission timeout.
     #[inline]
     pub fn take(&self) -> Option<Instance> {
-        self.ready.try_lock().ok().and_then(|mut r| r.pop())
+        self.ready.lock().ok().and_then(|mut r| r.pop())
     }
 
     /// How many are ready.

@@ -658,3 +658,124 @@ fn the_bench_catches_a_module_whose_verdicts_differ_inside_their_scope() {
     }
     assert_eq!(honest.decide(&flow(1)).scope, Scope::AnySource);
 }
+
+/// Every worker meets a swapped-in chain at the same moment (the two threads of a queue, the
+/// other queues, the preparer refilling after the first take), and each must find its instance
+/// ready: a closed module with none would drop the flow it was asked about.
+#[test]
+fn workers_meeting_a_new_chain_together_each_find_an_instance() {
+    const WORKERS: usize = 4;
+    const SWAPS: u16 = 150;
+    let p = pipeline(rt());
+    let allow = module("(i64.const 0xFFFF0000)");
+    let version = |v: u16| ModuleSpec::new("gate", &allow, format!("{{\"v\":{v}}}"));
+    p.load(vec![version(0)]);
+    let start = Arc::new(std::sync::Barrier::new(WORKERS + 1));
+    let done = Arc::new(std::sync::Barrier::new(WORKERS + 1));
+    let threads: Vec<_> = (0..WORKERS)
+        .map(|t| {
+            let (p, start, done) = (p.clone(), start.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut w = WorkerChain::new(p);
+                // Every worker is counted before the first swap prepares their instances.
+                done.wait();
+                let mut dropped = 0;
+                for v in 1..=SWAPS {
+                    start.wait();
+                    w.refresh();
+                    let pkt = udp_from("10.244.1.5", v * WORKERS as u16 + t as u16, 80);
+                    if w.decide(Direction::Egress, &pkt, w.now_ms()) != Verdict::PASS {
+                        dropped += 1;
+                    }
+                    done.wait();
+                }
+                dropped
+            })
+        })
+        .collect();
+    done.wait();
+    for v in 1..=SWAPS {
+        p.load(vec![version(v)]);
+        start.wait();
+        done.wait();
+    }
+    let dropped: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(dropped, 0, "flows met a worker with no instance of the new module");
+}
+
+/// Loops a thousand times the flow's destination port, then allows.
+const COUNT_TO_PORT: &str = "(local $n i32) \
+    (local.set $n (i32.mul (i32.load16_u (i32.const 1042)) (i32.const 1000))) \
+    (loop $l (local.set $n (i32.sub (local.get $n) (i32.const 1))) \
+      (br_if $l (i32.gt_s (local.get $n) (i32.const 0)))) \
+    (i64.const 0xFFFF0000)";
+
+/// Takes the thread that received it off the CPU for 10 ms, as a saturated node's scheduler
+/// would.
+extern "C" fn nap(_: libc::c_int) {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    };
+    // SAFETY: nanosleep is async-signal-safe; ts outlives the call.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+/// A call that needs a fraction of its CPU budget but is kept off the CPU for longer than the
+/// budget finishes with its answer: the deadline counts CPU, not wall time. (With wall-clock
+/// deadlines a closed module dropped a flow whenever a busy node held its worker off a core.)
+#[test]
+fn a_call_kept_off_the_cpu_is_not_cut_short() {
+    use std::sync::atomic::AtomicBool;
+    let cpu = super::limit::thread_cpu;
+    let p = pipeline(rt());
+    p.load(vec![spec("count", &module(COUNT_TO_PORT))]);
+    let mut w = WorkerChain::new(p.clone());
+    w.refresh();
+    // Loops that take about 2 ms of CPU here (two fifths of the budget), timed on flows after
+    // the first (which also takes the worker's instance).
+    let per_200 = (0..4)
+        .map(|i| {
+            let t = cpu();
+            let pkt = build_udp(a("10.244.1.5"), 4001 + i, a("10.244.2.7"), 200, 64, b"x");
+            assert_eq!(w.decide(Direction::Egress, &pkt, w.now_ms()), Verdict::PASS);
+            cpu() - t
+        })
+        .skip(1)
+        .min()
+        .unwrap_or_default()
+        .max(Duration::from_micros(1));
+    let port = (200.0 * 2e-3 / per_200.as_secs_f64()).clamp(1.0, 65_535.0) as u16;
+    // SAFETY: nap only calls nanosleep, which is async-signal-safe; nothing else here uses
+    // SIGUSR1.
+    unsafe { libc::signal(libc::SIGUSR1, nap as *const () as libc::sighandler_t) };
+    // SAFETY: pthread_self() is always valid for the calling thread.
+    let me = unsafe { libc::pthread_self() } as usize;
+    let calling = Arc::new(AtomicBool::new(true));
+    let kicker = {
+        let calling = calling.clone();
+        std::thread::spawn(move || {
+            while calling.load(Ordering::SeqCst) {
+                // SAFETY: the test thread outlives this loop: it clears `calling`, then joins.
+                unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR1) };
+                // The nap plus 0.2 ms: the call runs in slices of a fifth of a millisecond.
+                std::thread::sleep(Duration::from_micros(10_200));
+            }
+        })
+    };
+    let (start, c0) = (Instant::now(), cpu());
+    let v = w.decide(Direction::Egress, &egress(port), w.now_ms());
+    let (wall, used) = (start.elapsed(), cpu() - c0);
+    calling.store(false, Ordering::SeqCst);
+    kicker.join().unwrap();
+    let timeouts = p.module_stats()[0].1.timeouts.load(Ordering::Relaxed);
+    assert_eq!(
+        (v, timeouts),
+        (Verdict::PASS, 0),
+        "cut short after {used:?} of CPU, {wall:?} of wall time"
+    );
+    assert!(
+        wall > Duration::from_millis(20),
+        "the call was not kept waiting ({wall:?} for {used:?} of CPU), so this proves nothing"
+    );
+}
