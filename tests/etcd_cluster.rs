@@ -197,7 +197,8 @@ fn leader_death_and_quorum_loss_lose_no_lease_and_no_ping() {
         assert_eq!(
             c.metric(n, "weft_lease_acquisitions_total"),
             1.0,
-            "node {n} lost its lease"
+            "node {n} lost its lease; its log ends:\n{}",
+            c.lab.nodes[n - 1].log_tail(60)
         );
         assert_eq!(c.metric(n, "weft_routes"), 2.0);
     }

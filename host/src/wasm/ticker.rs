@@ -76,12 +76,18 @@ impl Ticker {
     }
 
     fn run(&self, engine: &Engine) {
-        realtime_priority();
+        // With real-time priority a late wake means the whole machine stalled (a VM's vCPU
+        // descheduled), calls included, so it says nothing about what a call ran meanwhile.
+        let realtime = realtime_priority();
         let idle = |last: u64| crate::clock::ms().saturating_sub(last) > IDLE_MS;
         let mut ticked = std::time::Instant::now();
         let mut punctual = 0;
         while !self.stop.load(Ordering::Relaxed) {
+            let asleep = std::time::Instant::now();
             std::thread::sleep(TICK);
+            // Late: woke a whole tick after it asked to. (Sleeps overshoot a little each time,
+            // so the ticks made up below are no measure of that.)
+            let late = !realtime && asleep.elapsed() >= 2 * TICK;
             // Held off the CPU for a while (a saturated machine), the ticker makes up every
             // tick it missed, so a deadline stretches by one late wake-up, not one per tick.
             let missed = (ticked.elapsed().as_nanos() / TICK.as_nanos()).clamp(1, 1_000);
@@ -89,7 +95,7 @@ impl Ticker {
                 engine.increment_epoch();
             }
             ticked += TICK * missed as u32;
-            punctual = self.note_lateness(missed, punctual);
+            punctual = self.note_lateness(late, punctual);
             if !idle(self.last_ms.load(Ordering::SeqCst)) {
                 continue;
             }
@@ -107,10 +113,10 @@ impl Ticker {
 }
 
 impl Ticker {
-    /// Notes whether this wake, which made up `missed` ticks, came late; returns how many wakes
-    /// in a row came on time. One late wake sets `late`; a second of punctual ones clears it.
-    fn note_lateness(&self, missed: u128, punctual: u32) -> u32 {
-        if missed > 1 {
+    /// Notes whether this wake came `late`; returns how many wakes in a row came on time. One
+    /// late wake sets `late`; a second of punctual ones clears it.
+    fn note_lateness(&self, late: bool, punctual: u32) -> u32 {
+        if late {
             self.late.store(true, Ordering::Relaxed);
             return 0;
         }
@@ -127,7 +133,7 @@ const PUNCTUAL_WAKES: u32 = 1_000;
 /// Asks for the lowest real-time priority for the calling (ticker) thread, so busy threads
 /// cannot hold it off: it runs for microseconds a millisecond and only while modules are being
 /// called. Without CAP_SYS_NICE it stays a normal thread and catches up on missed ticks.
-fn realtime_priority() {
+fn realtime_priority() -> bool {
     // SAFETY: sched_param is a plain C struct (musl's has more fields than glibc's), for which
     // all zeroes is a valid value.
     let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
@@ -137,6 +143,35 @@ fn realtime_priority() {
     if rc == 0 {
         tracing::debug!("epoch ticker runs at real-time priority (SCHED_FIFO 1)");
     } else {
-        tracing::debug!(error = %std::io::Error::from_raw_os_error(rc), "epoch ticker stays at normal priority");
+        tracing::debug!(error = %std::io::Error::from_raw_os_error(rc), "epoch ticker stays at normal priority; while it wakes late, module calls read their CPU clock as they start");
+    }
+    rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_late_wake_makes_calls_read_their_clock_until_a_second_passes_on_time() {
+        let t = Ticker {
+            awake: AtomicBool::new(true),
+            last_ms: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            thread: OnceLock::new(),
+            late: AtomicBool::new(false),
+        };
+        let mut punctual = t.note_lateness(false, 0);
+        assert!(!t.late());
+        punctual = t.note_lateness(true, punctual);
+        assert!(t.late());
+        for _ in 0..PUNCTUAL_WAKES - 1 {
+            punctual = t.note_lateness(false, punctual);
+        }
+        assert!(t.late(), "a wake short of a second on time");
+        punctual = t.note_lateness(false, punctual);
+        assert!(!t.late());
+        t.note_lateness(true, punctual);
+        assert!(t.late());
     }
 }
