@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use wasmtime::{Caller, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
@@ -13,6 +13,7 @@ use weft_guest::abi::{names, Word, RECORD_SIZE};
 use super::limit::{thread_cpu, Limit, Look, FIRST_LOOK_TICKS};
 use super::runtime::{Compiled, Runtime};
 use super::stats::ModuleStats;
+use super::ticker::Ticker;
 use super::WasmError;
 use crate::packet::route::RouteTable;
 
@@ -28,6 +29,8 @@ pub struct HostCtx {
     counters: Vec<Arc<AtomicI64>>,
     /// The running call's (or instantiation's) CPU budget: the epoch says when to look at it.
     limit: Limit,
+    /// Whether a call must read its CPU clock as it starts ([`Ticker::late`]).
+    ticker: Arc<Ticker>,
 }
 
 impl HostCtx {
@@ -46,6 +49,7 @@ impl HostCtx {
             leases,
             counters: Vec::new(),
             limit: Limit::default(),
+            ticker: rt.ticker().clone(),
         }
     }
 }
@@ -57,6 +61,15 @@ fn on_deadline(mut ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Res
         Look::Interrupt => wasmtime::UpdateDeadline::Interrupt,
         Look::Again(ticks) => wasmtime::UpdateDeadline::Continue(ticks),
     })
+}
+
+/// Starts the budget of a call (or instantiation) about to run in `store`.
+#[inline]
+fn arm(store: &mut Store<HostCtx>, budget: Duration) {
+    let ctx = store.data_mut();
+    let late = ctx.ticker.late();
+    ctx.limit.start(budget, late, thread_cpu);
+    store.set_epoch_deadline(FIRST_LOOK_TICKS);
 }
 
 fn epoch_base() -> Instant {
@@ -184,9 +197,7 @@ pub struct Instance {
     policy: Option<TypedFunc<(), i64>>,
     route: Option<TypedFunc<(), i64>>,
     /// CPU time a call may use.
-    budget: std::time::Duration,
-    /// Whether a call must read its CPU clock as it starts.
-    ticker: Arc<super::ticker::Ticker>,
+    budget: Duration,
 }
 
 impl Instance {
@@ -196,12 +207,7 @@ impl Instance {
         let mut store = Store::new(rt.engine(), ctx);
         store.limiter(|c| &mut c.limits);
         store.epoch_deadline_callback(on_deadline);
-        let late = rt.ticker().late();
-        store
-            .data_mut()
-            .limit
-            .start(rt.limits().configure_deadline, late, thread_cpu);
-        store.set_epoch_deadline(FIRST_LOOK_TICKS);
+        arm(&mut store, rt.limits().configure_deadline);
         let during = |what: &'static str| move |e: wasmtime::Error| WasmError::Failed(what, call_error(e));
         let inst = c
             .pre
@@ -269,7 +275,6 @@ impl Instance {
             policy,
             route,
             budget: rt.limits().call_deadline,
-            ticker: rt.ticker().clone(),
         })
     }
 
@@ -287,9 +292,7 @@ impl Instance {
             .get_mut(self.flow_ptr..self.flow_ptr + RECORD_SIZE)
             .ok_or_else(|| CallError::Trap("flow buffer outside memory".into()))?;
         dst.copy_from_slice(record);
-        let late = self.ticker.late();
-        self.store.data_mut().limit.start(self.budget, late, thread_cpu);
-        self.store.set_epoch_deadline(FIRST_LOOK_TICKS);
+        arm(&mut self.store, self.budget);
         let v = f.call(&mut self.store, ()).map_err(call_error)?;
         let w = Word::unpack(v).ok_or(CallError::BadVerdict(v))?;
         let known = match entry {

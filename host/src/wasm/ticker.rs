@@ -31,19 +31,24 @@ pub struct Ticker {
 impl Ticker {
     /// Starts the ticker of `engine`.
     pub fn start(engine: &Engine) -> std::io::Result<Arc<Ticker>> {
-        let ticker = Arc::new(Ticker {
-            awake: AtomicBool::new(true),
-            last_ms: AtomicU64::new(crate::clock::ms()),
-            stop: AtomicBool::new(false),
-            thread: OnceLock::new(),
-            late: AtomicBool::new(false),
-        });
+        let ticker = Arc::new(Ticker::awake());
         let (e, t) = (engine.clone(), ticker.clone());
         let handle = std::thread::Builder::new()
             .name("weft-wasm-epoch".into())
             .spawn(move || t.run(&e))?;
         let _ = ticker.thread.set(handle.thread().clone());
         Ok(ticker)
+    }
+
+    /// A ticker about to run, with no thread yet.
+    fn awake() -> Ticker {
+        Ticker {
+            awake: AtomicBool::new(true),
+            last_ms: AtomicU64::new(crate::clock::ms()),
+            stop: AtomicBool::new(false),
+            thread: OnceLock::new(),
+            late: AtomicBool::new(false),
+        }
     }
 
     /// Ends the thread.
@@ -110,9 +115,7 @@ impl Ticker {
             ticked = std::time::Instant::now();
         }
     }
-}
 
-impl Ticker {
     /// Notes whether this wake came `late`; returns how many wakes in a row came on time. One
     /// late wake sets `late`; a second of punctual ones clears it.
     fn note_lateness(&self, late: bool, punctual: u32) -> u32 {
@@ -154,13 +157,7 @@ mod tests {
 
     #[test]
     fn one_late_wake_makes_calls_read_their_clock_until_a_second_passes_on_time() {
-        let t = Ticker {
-            awake: AtomicBool::new(true),
-            last_ms: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            thread: OnceLock::new(),
-            late: AtomicBool::new(false),
-        };
+        let t = Ticker::awake();
         let mut punctual = t.note_lateness(false, 0);
         assert!(!t.late());
         punctual = t.note_lateness(true, punctual);
