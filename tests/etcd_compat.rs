@@ -223,3 +223,94 @@ fn a_watch_from_a_compacted_revision_asks_for_a_relist() {
     assert!(got.0, "expected a compaction error, got {}", got.1);
     assert_eq!(got.2, 5, "the re-list sees every lease");
 }
+
+/// A renewal whose request, or whose answer, is lost (a member dying mid-request, quorum
+/// lost) leaves the outcome unknown. Either way the node's retry must find its lease still its
+/// own: the key never deleted (peers would drop the node's routes), no re-acquisition, and no
+/// etcd lease left behind once a write settles.
+#[test]
+fn a_renewal_whose_request_or_answer_is_lost_keeps_the_lease() {
+    use weft::lease::etcd::{EtcdOptions, EtcdStore};
+    use weft::lease::{LeaseAttrs, LeaseEvent, LeaseStore};
+    use weft_tests::lossy::{Loss, LossyProxy};
+
+    let c = TestCluster::new("el", StoreKind::Etcd, 1);
+    let etcd = c.etcd.as_ref().expect("etcd");
+    let (direct, addr) = (etcd.endpoint(), etcd.addr);
+    let net: ipnet::Ipv4Net = "10.244.9.0/24".parse().expect("net");
+    let key = lease_key(net);
+    let got = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let upstream = std::net::SocketAddr::from((addr, 2379));
+            let proxy = LossyProxy::start((addr, 0).into(), upstream).await.expect("proxy");
+            let opts = |endpoint: String| EtcdOptions {
+                endpoints: vec![endpoint],
+                prefix: "/coreos.com/network".into(),
+                ..Default::default()
+            };
+            let store = EtcdStore::connect(&opts(format!("http://{}", proxy.addr())))
+                .await
+                .expect("connect");
+            let watcher = EtcdStore::connect(&opts(direct.clone())).await.expect("connect");
+            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
+            let ttl = Duration::from_secs(120);
+            let mut lease = store
+                .create_lease(net, &attrs, ttl)
+                .await
+                .expect("create")
+                .expect("free");
+            let mut events = watcher.watch_leases(lease.revision).await.expect("watch");
+            let mut log = Vec::new();
+            for loss in [Loss::Answer, Loss::Request] {
+                proxy.arm(loss, key.as_bytes());
+                let lost = store.update_lease(&lease, &attrs, ttl).await;
+                log.push(format!("{loss:?}: first try {lost:?}"));
+                assert!(
+                    lost.is_err(),
+                    "{loss:?}: the renewal saw no answer yet succeeded: {lost:?}"
+                );
+                proxy.heal();
+                // As the agent does: retry the same renewal until the store answers.
+                let mut retried = None;
+                for _ in 0..10 {
+                    match store.update_lease(&lease, &attrs, ttl).await {
+                        Ok(r) => {
+                            retried = Some(r);
+                            break;
+                        }
+                        Err(e) => log.push(format!("{loss:?}: retry {e}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let renewed = retried.unwrap_or_else(|| panic!("{loss:?}: never answered: {log:?}"));
+                lease = renewed.unwrap_or_else(|| panic!("{loss:?}: the lease was taken for lost: {log:?}"));
+            }
+            let mut removed = Vec::new();
+            while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+                let (batch, _) = batch.expect("watch");
+                removed.extend(batch.into_iter().filter(|e| matches!(e, LeaseEvent::Removed(_))));
+            }
+            let now = watcher.list_leases().await.expect("list").leases;
+            (proxy.trips(), lease, removed, now, log)
+        })
+    })
+    .expect("namespace");
+    let (trips, lease, removed, now, log) = got;
+    assert_eq!(trips, 2, "each loss happened once: {log:?}");
+    assert!(removed.is_empty(), "the lease key was deleted: {removed:?}; {log:?}");
+    assert_eq!(now.len(), 1);
+    assert_eq!((now[0].subnet, now[0].ttl_handle), (net, lease.ttl_handle));
+    // Every grant of the lost writes was revoked once the retry settled: one etcd lease left.
+    let leases = etcd.etcdctl(&["lease", "list"]).expect("etcdctl lease list");
+    let ids: Vec<&str> = leases
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(ids, vec![format!("{:x}", lease.ttl_handle)], "etcd leases: {leases}");
+}

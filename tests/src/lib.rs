@@ -4,6 +4,7 @@
 
 pub mod kubeapi;
 pub mod kubelab;
+pub mod lossy;
 pub mod webdriver;
 
 use std::net::Ipv4Addr;

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod unsettled;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -16,6 +17,7 @@ use self::proto::{
     LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
     Request, RequestOp, Response, TxnRequest, TxnResponse, WatchCreateRequest,
 };
+use self::unsettled::Unsettled;
 use super::{
     readable, Doc, DocKind, DocWatchStream, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, LeaseStore, LeaseWatchStream,
     StoreError,
@@ -42,6 +44,8 @@ pub struct EtcdOptions {
 pub struct EtcdStore {
     cluster: Cluster,
     prefix: String,
+    /// Grants of lease writes whose answer was lost.
+    unsettled: Unsettled,
 }
 
 /// Leases read per request when listing: a listing of 20,000 leases stays a few pages of
@@ -101,6 +105,7 @@ impl EtcdStore {
         let store = EtcdStore {
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             cluster,
+            unsettled: Unsettled::default(),
         };
         // One linearizable read proves that some member answers and that the cluster has a
         // leader to answer through.
@@ -224,7 +229,9 @@ impl EtcdStore {
     /// Puts `attrs` under `key` on a fresh etcd lease if `cmp` holds, returning the new revision
     /// and etcd lease. A request retried on another member after its first try was applied
     /// finds the compare failing on its own write: the key then rides on the lease this call
-    /// granted, which nobody else can hold, so that still counts as success.
+    /// granted, which nobody else can hold, so that still counts as success. A write whose
+    /// answer never came keeps its grant ([`Unsettled`]): if it was applied, the key rides on
+    /// that grant, and the next write recognises it and writes over it instead of failing.
     async fn conditional_put(
         &self,
         key: String,
@@ -237,30 +244,47 @@ impl EtcdStore {
             reason: e.to_string(),
         })?;
         let id = self.grant(ttl).await?;
-        let txn = TxnRequest {
-            compare: vec![cmp],
-            success: vec![put_op(&key, value, id)],
-            failure: vec![get_op(&key)],
-        };
-        let resp = match self.txn(txn).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.revoke_quietly(id).await;
-                return Err(e);
+        let mut cmp = cmp;
+        // A second try only after finding one of this node's own unanswered writes in place.
+        for _ in 0..2 {
+            let txn = TxnRequest {
+                compare: vec![cmp],
+                success: vec![put_op(&key, value.clone(), id)],
+                failure: vec![get_op(&key)],
+            };
+            let resp = match self.txn(txn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // Perhaps applied: revoking the grant would delete the key.
+                    self.unsettled.note(id);
+                    return Err(e);
+                }
+            };
+            let found = resp.responses.iter().find_map(|r| match &r.response {
+                Some(Response::Range(g)) => g.kvs.first().map(|kv| (kv.lease, kv.mod_revision)),
+                _ => None,
+            });
+            match found {
+                _ if resp.succeeded => return Ok(Some((self.settled(revision(&resp.header), id).await, id))),
+                Some((lease, rev)) if lease == id => return Ok(Some((self.settled(rev, id).await, id))),
+                Some((lease, rev)) if self.unsettled.holds(lease) => {
+                    tracing::info!(%key, "the lease key holds this node's own write whose answer was lost; writing over it");
+                    cmp = Compare::mod_revision_is(&key, rev);
+                }
+                _ => break,
             }
-        };
-        if resp.succeeded {
-            return Ok(Some((revision(&resp.header), id)));
-        }
-        let ours = resp.responses.iter().find_map(|r| match &r.response {
-            Some(Response::Range(g)) => g.kvs.first().filter(|kv| kv.lease == id).map(|kv| kv.mod_revision),
-            _ => None,
-        });
-        if let Some(rev) = ours {
-            return Ok(Some((rev, id)));
         }
         self.revoke_quietly(id).await;
         Ok(None)
+    }
+
+    /// A write landed on grant `id` at `revision`: grants of earlier unanswered writes hold
+    /// nothing any more and are revoked. Returns `revision`.
+    async fn settled(&self, revision: i64, id: i64) -> i64 {
+        for old in self.unsettled.settle(id) {
+            self.revoke_quietly(old).await;
+        }
+        revision
     }
 
     async fn delete(&self, key: String) -> Result<bool, StoreError> {
