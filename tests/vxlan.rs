@@ -479,7 +479,13 @@ fn a_service_decided_once_is_answered_by_the_kernel_until_the_chain_changes() {
         c.lab.nodes[0].log_tail(20)
     );
     for i in 0..20 {
-        assert!(tcp_connects(&p1, &p2, ip2, 7778), "tcp/7778 refused on connection {i}");
+        if let Err(e) = weft::lab::probe::tcp_connect(&p2, ip2, 7778, &p1, Duration::from_secs(2)) {
+            panic!(
+                "tcp/7778 refused on connection {i}: {e}\nnode 1:\n{}\nnode 2:\n{}",
+                c.lab.nodes[0].log_tail(20),
+                c.lab.nodes[1].log_tail(20)
+            );
+        }
     }
     for _ in 0..5 {
         assert!(!tcp_connects(&p1, &p2, ip2, 7777), "tcp/7777 got through");

@@ -11,7 +11,8 @@
 #   Weft host-gw                  vs routes added by hand (TCP)
 #   Weft udp with the firewall    vs Weft udp without modules (every row)
 # Rows: TCP 1 and 4 streams, UDP 64 B, idle ping RTT (300 pings 5 ms apart), sockperf ping-pong
-# latency (64 B), 1,000 concurrent UDP flows of 64 B, new connections per second, and the
+# latency (64 B), 1,000 concurrent UDP flows of 64 B, and of sizes 64-1,400 B changing from one
+# datagram to the next (GSO/GRO cannot coalesce them), new connections per second, and the
 # agents' CPU at idle and under a TCP stream.
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
@@ -92,9 +93,9 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
   WEFT=$NOW; PATHS+=" udpb udpfwb vxub vxpb"; USERSPACE+=" udpb udpfwb vxub"; CONN+=" vxpb"
 fi
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
-MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows conn cpu}
+MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows mixed conn cpu}
 command -v sockperf >/dev/null || MODES=${MODES//sockperf/}
-[[ -x "$UDPFLOWS" ]] || MODES=${MODES//flows/}
+[[ -x "$UDPFLOWS" ]] || { MODES=${MODES//flows/}; MODES=${MODES//mixed/}; }
 for t in $PATHS; do
   for _ in $(seq 50); do
     ip netns exec "$P-$t-p1" ping -c 1 -W 1 "${POD2[$t]}" >/dev/null 2>&1 && break
@@ -130,7 +131,7 @@ cpu() {
 
 declare -A R
 q0=$(queued vxp); f0=$(queued vxpf)
-for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
+for mode in tcp tcp4 udp64 ping sockperf flows mixed conn cpu; do
   for t in $PATHS; do R[$t-$mode]=""; done
   [[ " $MODES " == *" $mode "* ]] || continue
   for _ in $(seq "$ROUNDS"); do
@@ -141,6 +142,7 @@ for mode in tcp tcp4 udp64 ping sockperf flows conn cpu; do
       ping) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(pingrtt $t "${POD2[$t]}")"; done ;;
       sockperf) for t in $USERSPACE vx kvx; do R[$t-$mode]+=" $(sockperf_pp $t "${POD2[$t]}")"; done ;;
       flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
+      mixed) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}" 64-1400)"; done ;;
       conn) for t in $CONN; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
       cpu) for t in $USERSPACE; do [[ $t == udpfw* ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
@@ -161,6 +163,7 @@ row "udp / kernel VXLAN, UDP 64 B (kpps)" udp kvx udp64
 row "udp / kernel VXLAN, idle ping RTT (ms)" udp kvx ping
 row "udp / kernel VXLAN, sockperf pp 64 B (us)" udp kvx sockperf
 row "udp / kernel VXLAN, 1,000 UDP flows (kpps)" udp kvx flows
+row "udp / kernel VXLAN, mixed sizes (kpps)" udp kvx mixed
 row "vxlan / kernel VXLAN, TCP (Gbit/s)" vx kvx tcp
 row "vxlan / kernel VXLAN, TCP 4 streams (Gbit/s)" vx kvx tcp4
 row "vxlan / kernel VXLAN, idle ping RTT (ms)" vx kvx ping
@@ -171,12 +174,14 @@ row "vxlan userspace / kernel, UDP 64 B (kpps)" vxu kvx udp64
 row "vxlan userspace / kernel, idle ping RTT (ms)" vxu kvx ping
 row "vxlan userspace / kernel, sockperf pp 64 B (us)" vxu kvx sockperf
 row "vxlan userspace / kernel, 1,000 UDP flows (kpps)" vxu kvx flows
+row "vxlan userspace / kernel, mixed sizes (kpps)" vxu kvx mixed
 row "udp+firewall / udp, TCP (Gbit/s)" udpfw udp tcp
 row "udp+firewall / udp, TCP 4 streams (Gbit/s)" udpfw udp tcp4
 row "udp+firewall / udp, UDP 64 B (kpps)" udpfw udp udp64
 row "udp+firewall / udp, idle ping RTT (ms)" udpfw udp ping
 row "udp+firewall / udp, sockperf pp 64 B (us)" udpfw udp sockperf
 row "udp+firewall / udp, 1,000 UDP flows (kpps)" udpfw udp flows
+row "udp+firewall / udp, mixed sizes (kpps)" udpfw udp mixed
 row "vxlan+NFQUEUE / vxlan, TCP (Gbit/s)" vxp vx tcp
 row "vxlan+NFQUEUE / vxlan, conn/s" vxp vx conn
 row "same, every flow asked, conn/s" vxpf vx conn
@@ -186,7 +191,7 @@ row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
 row "vxlan / kernel VXLAN, conn/s" vx kvx conn
 if [[ -n "${WEFT_BEFORE:-}" ]]; then
   for m in "tcp TCP (Gbit/s)" "tcp4 TCP 4 streams (Gbit/s)" "udp64 UDP 64 B (kpps)" "ping idle ping RTT (ms)" \
-    "sockperf sockperf pp 64 B (us)" "flows 1,000 UDP flows (kpps)"; do
+    "sockperf sockperf pp 64 B (us)" "flows 1,000 UDP flows (kpps)" "mixed mixed sizes (kpps)"; do
     row "udp / before, ${m#* }" udp udpb "${m%% *}"
     row "vxlan userspace / before, ${m#* }" vxu vxub "${m%% *}"
     row "udp+firewall / before, ${m#* }" udpfw udpfwb "${m%% *}"

@@ -115,15 +115,16 @@ sockperf_pp() {
   sed -n 's/.*avg-latency=\([0-9.]*\).*/\1/p' <<<"$out" | tail -1
 }
 
-# udpflows <tag> <ip> -> kpps received of 1,000 concurrent UDP flows of 64-byte datagrams.
+# udpflows <tag> <ip> [bytes] -> kpps received of 1,000 concurrent UDP flows of 64-byte datagrams
+# (or of `bytes`, e.g. 64-1400: sizes that change from one datagram to the next).
 UDPFLOWS=${UDPFLOWS_BIN:-$ROOT/target/release/udpflows}
 udpflows() {
-  local t=$1 ip=$2 out
+  local t=$1 ip=$2 bytes=${3:-64} out
   out=$(mktemp)
   ip netns exec "$P-$t-p2" "$UDPFLOWS" recv "$ip" 9999 "$SECS" >"$out" &
   local rpid=$!
   sleep 0.3
-  ip netns exec "$P-$t-p1" "$UDPFLOWS" send "$ip" 9999 1000 "$SECS" 64 2>/dev/null
+  ip netns exec "$P-$t-p1" "$UDPFLOWS" send "$ip" 9999 1000 "$SECS" "$bytes" 2>/dev/null
   wait $rpid 2>/dev/null || true
   cat "$out"; rm -f "$out"
 }

@@ -27,8 +27,9 @@
 //! processes needed.
 //!
 //! The loops work in batches: with TUN offloads a read from the device is a TCP super-packet
-//! that `tun-rs` splits into segments, which leave in one UDP GSO send per peer
-//! ([`batch`]); UDP GRO hands over runs of datagrams. Their TCP segments are merged back into
+//! that `tun-rs` splits into segments, which leave as one UDP GSO message per run for a peer,
+//! every run of a burst in one `sendmmsg` ([`batch`]); UDP GRO hands over runs of datagrams,
+//! several runs per `recvmmsg`. Their TCP segments are merged back into
 //! super-packets where they were received ([`crate::packet::gro`]) and written with one
 //! `writev` each; other packets go through `tun-rs`'s coalescer (UDP, where the kernel takes
 //! UDP segmentation from a TUN device).
@@ -40,7 +41,7 @@ pub mod spin;
 pub mod watch;
 
 use std::io::IoSlice;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -117,13 +118,17 @@ struct Ctx<F> {
     vnet: bool,
 }
 
+// A flush's runs fit one `sendmmsg`.
+const _: () = assert!(batch::MAX_RUNS <= sock::MAX_MESSAGES);
 // The coalescer writes the header the device was opened with.
 const _: () = assert!(gro::VNET_HDR_LEN == VIRTIO_NET_HDR_LEN);
 
 /// Most reads from the device before queued datagrams are sent regardless, bounding latency.
 const DRAIN_BURST: usize = 64;
-/// Most datagrams received in one turn before the device gets its turn again.
+/// Most messages received in one turn before the device gets its turn again.
 const RECV_BURST: usize = 32;
+/// Most messages one `recvmmsg` takes (buffers of 64 KiB each, for GRO runs).
+const RECV_MESSAGES: usize = 8;
 /// Most segments one VXLAN super-frame is cut into (64 KiB at the smallest sane MSS).
 const MAX_SPLIT: usize = 128;
 
@@ -363,7 +368,7 @@ struct TxBuffers {
     /// Slots in use by packets read since the batch was last empty.
     used: usize,
     header: usize,
-    batch: batch::GsoBatch,
+    batch: batch::Runs,
 }
 
 /// Slots: one read's segments (at most `IDEAL_BATCH_SIZE`) beside a full batch.
@@ -379,7 +384,7 @@ impl TxBuffers {
             sizes: vec![0; TX_SLOTS],
             used: 0,
             header,
-            batch: batch::GsoBatch::new(),
+            batch: batch::Runs::new(),
         }
     }
 
@@ -395,7 +400,10 @@ impl TxBuffers {
 
 /// The receiving thread's buffers, allocated once.
 struct RxBuffers {
-    recv: Vec<u8>,
+    /// One buffer per message of a `recvmmsg` (each may hold a GRO run of 64 KiB).
+    recv: Vec<Vec<u8>>,
+    /// What each message holds: bytes, sender, segment size.
+    got: Vec<(usize, SocketAddrV4, usize)>,
     out: Vec<Vec<u8>>,
     gro: GROTable,
     split: Vec<Vec<u8>>,
@@ -414,7 +422,8 @@ impl RxBuffers {
             (Vec::new(), Vec::new())
         };
         RxBuffers {
-            recv: vec![0u8; 65_536],
+            recv: (0..RECV_MESSAGES).map(|_| vec![0u8; 65_536]).collect(),
+            got: vec![(0, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), 0); RECV_MESSAGES],
             // Coalescing for the device appends a run's segments to its first buffer: room for
             // a whole super-packet up front, so it never grows on the data path.
             out: (0..IDEAL_BATCH_SIZE)
@@ -568,10 +577,10 @@ impl<F: Framing> Queue<F> {
             let Some((peer, len)) = self.egress(chain, &routes, &mut b.segs[slot][..framed], b.header, now) else {
                 continue;
             };
-            if !b.batch.accepts(peer, len) {
+            if !b.batch.push(peer, slot, len) {
                 self.flush(&mut b.batch, &b.segs);
+                b.batch.push(peer, slot, len);
             }
-            b.batch.push(peer, slot, len);
         }
         chain.flush_stats();
     }
@@ -618,27 +627,49 @@ impl<F: Framing> Queue<F> {
         }
     }
 
-    /// Sends the batch, gathering its datagrams from their slots, and empties it.
-    fn flush(&self, batch: &mut batch::GsoBatch, segs: &[Vec<u8>]) {
-        if let Some((peer, segment, bytes, parts)) = batch.parts() {
-            let mut run = [IoSlice::new(&[]); batch::MAX_SEGMENTS];
-            for (io, p) in run.iter_mut().zip(parts) {
-                *io = IoSlice::new(&segs[p.slot][..p.len]);
+    /// Sends the batch (every run in one `sendmmsg`), gathering its datagrams from their
+    /// slots, and empties it.
+    fn flush(&self, batch: &mut batch::Runs, segs: &[Vec<u8>]) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut slices = [IoSlice::new(&[]); TX_SLOTS];
+        let mut specs = [sock::RunSpec::NONE; batch::MAX_RUNS];
+        let (mut n, mut k) = (0, 0);
+        for (run, spec) in batch.runs().iter().filter_map(|r| r.parts()).zip(specs.iter_mut()) {
+            let (peer, segment, _, parts) = run;
+            let first = n;
+            for p in parts.iter().take(TX_SLOTS - n) {
+                slices[n] = IoSlice::new(&segs[p.slot][..p.len]);
+                n += 1;
             }
-            let count = parts.len();
-            match self.tx.send_run(peer, segment, &run[..count]) {
+            *spec = sock::RunSpec {
+                peer,
+                segment,
+                first,
+                end: n,
+            };
+            k += 1;
+        }
+        let header = self.ctx.framing.header_len();
+        self.tx.send_runs(&slices[..n], &specs[..k], |i, sent| {
+            let s = &specs[i];
+            match sent {
                 // Counted as inner bytes, without the framing headers.
-                Ok(()) => self.count_sent(
-                    peer,
-                    count as u64,
-                    (bytes - count * self.ctx.framing.header_len()) as u64,
-                ),
+                Ok(()) => {
+                    let count = s.end - s.first;
+                    let bytes: usize = slices[s.first..s.end]
+                        .iter()
+                        .map(|d| d.len().saturating_sub(header))
+                        .sum();
+                    self.count_sent(s.peer, count as u64, bytes as u64);
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, %peer, "send failed");
-                    self.ctx.stats.dropped(DropReason::IoError);
+                    tracing::debug!(error = %e, peer = %s.peer, "send failed");
+                    (s.first..s.end).for_each(|_| self.ctx.stats.dropped(DropReason::IoError));
                 }
             }
-        }
+        });
         batch.clear();
     }
 
@@ -677,10 +708,10 @@ impl<F: Framing> Queue<F> {
     ) -> Result<usize, Fatal> {
         let (mut got, mut datagrams) = (0, 0);
         while got < RECV_BURST {
-            let (n, from, segment) = match self.rx.recv(&mut b.recv) {
-                Ok(r) => {
+            let n = match self.rx.recv_many(&mut b.recv, &mut b.got) {
+                Ok(n) => {
                     failures.reset();
-                    r
+                    n
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -691,16 +722,21 @@ impl<F: Framing> Queue<F> {
                     continue;
                 }
             };
-            got += 1;
-            datagrams += n.div_ceil(segment.max(1)).max(1);
-            self.deliver_run(chain, b, n, *from.ip(), segment);
+            got += n;
+            for i in 0..n {
+                let (bytes, from, segment) = b.got[i];
+                datagrams += bytes.div_ceil(segment.max(1)).max(1);
+                self.deliver_run(chain, b, i, *from.ip(), segment);
+            }
         }
         Ok(datagrams)
     }
 
-    /// Delivers one received run of datagrams (`n` bytes, datagrams of `segment` bytes) from `from`.
-    fn deliver_run(&self, chain: &mut WorkerChain, b: &mut RxBuffers, n: usize, from: Ipv4Addr, segment: usize) {
+    /// Delivers received message `msg` (`b.got[msg].0` bytes: datagrams of `segment` bytes)
+    /// from `from`.
+    fn deliver_run(&self, chain: &mut WorkerChain, b: &mut RxBuffers, msg: usize, from: Ipv4Addr, segment: usize) {
         let c = &self.ctx;
+        let n = b.got[msg].0;
         if n == 0 {
             return c.stats.dropped(DropReason::Malformed);
         }
@@ -716,7 +752,9 @@ impl<F: Framing> Queue<F> {
             split_sizes,
             resplit,
             merge,
+            ..
         } = b;
+        let recv = &mut recv[msg];
         let (frames, step) = match c.framing.super_frame(&recv[..n], segment, c.mtu) {
             None => (&mut recv[..n], segment.max(1)),
             Some(f) => match c.framing.split(&mut recv[..n], f, split, split_sizes, resplit) {

@@ -1,5 +1,7 @@
-//! The underlay UDP sockets, with UDP GSO for sending runs of datagrams in one call and UDP GRO
-//! for receiving them coalesced, each probed at run time and dropped cleanly if unsupported.
+//! The underlay UDP sockets, with UDP GSO for sending runs of datagrams in one message and UDP
+//! GRO for receiving them coalesced, each probed at run time and dropped cleanly if
+//! unsupported; `sendmmsg` and `recvmmsg` move several such messages per system call, where
+//! GSO and GRO cannot merge (several peers, sizes that keep changing).
 //!
 //! With several queues, every queue has a receiving socket in one `SO_REUSEPORT` group on the
 //! backend's port, and the kernel picks the queue of each arriving datagram by its source
@@ -9,12 +11,12 @@
 //! device keeps it on one of its queues, the queue keeps one source port), and the peer's
 //! GRO still coalesces each queue's run.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{self, sockopt, ControlMessage, MsgFlags, SockaddrIn};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -133,47 +135,261 @@ impl UnderlaySocket {
         Ok(())
     }
 
+    /// Sends several runs with one `sendmmsg`: `runs[i]` is a peer, a segment size and the range
+    /// of `datagrams` it sends (one GSO message per run). `done(i, result)` is told the outcome
+    /// of each run, in order. A full send buffer is waited out as in [`Self::send_run`]; without
+    /// GSO each run goes by [`Self::send_run`].
+    pub fn send_runs(
+        &self,
+        datagrams: &[IoSlice<'_>],
+        runs: &[RunSpec],
+        mut done: impl FnMut(usize, std::io::Result<()>),
+    ) {
+        let runs = &runs[..runs.len().min(MAX_MESSAGES)];
+        if !self.gso() || runs.len() == 1 {
+            for (i, r) in runs.iter().enumerate() {
+                done(i, self.send_run(r.peer, r.segment, &datagrams[r.first..r.end]));
+            }
+            return;
+        }
+        let mut m = Messages::new();
+        for r in runs {
+            m.add(
+                SocketAddrV4::new(r.peer, self.port),
+                r.segment,
+                &datagrams[r.first..r.end],
+            );
+        }
+        let (mut i, mut waits) = (0, 0);
+        while i < runs.len() {
+            let sent = m.send(self.fd(), i);
+            if let Ok(n) = sent {
+                (i..i + n).for_each(|k| done(k, Ok(())));
+                i += n;
+                continue;
+            }
+            let e = sent.unwrap_err();
+            match (e.kind(), e.raw_os_error()) {
+                (std::io::ErrorKind::Interrupted, _) => continue,
+                (std::io::ErrorKind::WouldBlock, _) if waits < 100 => {
+                    waits += 1;
+                    self.wait_writable();
+                    continue;
+                }
+                // The first GSO message tells a kernel or device without GSO: the run, and the
+                // rest, go one datagram at a time (send_run turns GSO off for good).
+                (_, Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
+                    for (k, r) in runs.iter().enumerate().skip(i) {
+                        done(k, self.send_run(r.peer, r.segment, &datagrams[r.first..r.end]));
+                    }
+                    return;
+                }
+                _ => {
+                    done(i, Err(e));
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits up to 10 ms for room in the send buffer.
+    fn wait_writable(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1, for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+    }
+
     /// Runs `send`, waiting (up to a second in all) while the send buffer is full.
     fn retrying(&self, mut send: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
         for _ in 0..100 {
             match send() {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let mut pfd = libc::pollfd {
-                        fd: self.fd(),
-                        events: libc::POLLOUT,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd, count 1, for the duration of the call.
-                    unsafe { libc::poll(&mut pfd, 1, 10) };
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wait_writable(),
                 other => return other,
             }
         }
         Err(std::io::Error::from(std::io::ErrorKind::WouldBlock))
     }
 
-    /// Receives into `buf` without waiting: (bytes, sender, segment size); `WouldBlock` when
-    /// nothing is queued. With GRO, `bytes` may hold several datagrams of `segment` bytes each
-    /// (the last may be shorter).
-    pub fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddrV4, usize)> {
-        let mut cmsg = nix::cmsg_space!(i32);
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = socket::recvmsg::<SockaddrIn>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
-        let n = msg.bytes;
-        let mut segment = n;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::UdpGroSegments(s) = c {
-                    segment = usize::try_from(s).unwrap_or(n).max(1);
+    /// Receives up to `bufs.len()` messages (at most [`MAX_MESSAGES`]) with one `recvmmsg`,
+    /// without waiting: each into its buffer, described in `got` as (bytes, sender, GRO segment
+    /// size: the datagrams' size, the last may be shorter); how many. `WouldBlock` when nothing is queued. Where GRO
+    /// cannot coalesce (datagrams from several peers, sizes that keep changing) this still
+    /// takes a burst in one system call.
+    pub fn recv_many(&self, bufs: &mut [Vec<u8>], got: &mut [(usize, SocketAddrV4, usize)]) -> std::io::Result<usize> {
+        let count = bufs.len().min(got.len()).min(MAX_MESSAGES);
+        // SAFETY: plain C structs for which all-zero is valid (null pointers, zero lengths).
+        let mut hdrs: [libc::mmsghdr; MAX_MESSAGES] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut addrs: [libc::sockaddr_in; MAX_MESSAGES] = unsafe { std::mem::zeroed() };
+        let mut controls = [Control::default(); MAX_MESSAGES];
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_MESSAGES];
+        for k in 0..count {
+            iovs[k] = libc::iovec {
+                iov_base: bufs[k].as_mut_ptr() as *mut libc::c_void,
+                iov_len: bufs[k].len(),
+            };
+            let h = &mut hdrs[k].msg_hdr;
+            h.msg_name = &mut addrs[k] as *mut libc::sockaddr_in as *mut libc::c_void;
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[k];
+            h.msg_iovlen = 1;
+            h.msg_control = controls[k].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = std::mem::size_of::<Control>() as _;
+        }
+        // SAFETY: the first `count` headers point at live, writable buffers, addresses and
+        // control buffers of the lengths given; they outlive the call.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.fd(),
+                hdrs.as_mut_ptr(),
+                count as libc::c_uint,
+                libc::MSG_DONTWAIT as _,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = r as usize;
+        for k in 0..n {
+            let bytes = (hdrs[k].msg_len as usize).min(bufs[k].len());
+            let segment = gro_segment(&hdrs[k].msg_hdr).unwrap_or(bytes).max(1);
+            let a = &addrs[k];
+            let from = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            );
+            got[k] = (bytes, from, segment);
+        }
+        Ok(n)
+    }
+}
+
+/// One run of [`UnderlaySocket::send_runs`]: datagrams `first..end` of the call's slices, for
+/// `peer`, each `segment` bytes but the last.
+#[derive(Debug, Clone, Copy)]
+pub struct RunSpec {
+    pub peer: Ipv4Addr,
+    pub segment: usize,
+    pub first: usize,
+    pub end: usize,
+}
+
+impl RunSpec {
+    /// No run, to fill arrays with.
+    pub const NONE: RunSpec = RunSpec {
+        peer: Ipv4Addr::UNSPECIFIED,
+        segment: 0,
+        first: 0,
+        end: 0,
+    };
+}
+
+/// Most messages one `sendmmsg` carries.
+pub const MAX_MESSAGES: usize = 64;
+
+/// Room for one `UDP_SEGMENT` (a `u16`) or `UDP_GRO` (an `int`) control message, aligned for a
+/// `cmsghdr`.
+type Control = [u64; 4];
+
+/// The headers of one `sendmmsg`, built on the stack: each message's address, its GSO
+/// control message and its iovecs (the caller's `IoSlice`s, ABI-compatible with `iovec`).
+struct Messages {
+    hdrs: [libc::mmsghdr; MAX_MESSAGES],
+    addrs: [libc::sockaddr_in; MAX_MESSAGES],
+    controls: [Control; MAX_MESSAGES],
+    segments: [u16; MAX_MESSAGES],
+    iovs: [(usize, usize); MAX_MESSAGES],
+    len: usize,
+}
+
+impl Messages {
+    fn new() -> Self {
+        // SAFETY: mmsghdr and sockaddr_in are plain C structs for which all-zero is valid
+        // (null pointers, zero lengths); every field used is set in `add` and `send`.
+        unsafe { std::mem::zeroed() }
+    }
+
+    /// Adds one message: `dgrams` to `dst`, with a GSO segment size when there are several.
+    fn add(&mut self, dst: SocketAddrV4, segment: usize, dgrams: &[IoSlice<'_>]) {
+        let k = self.len;
+        self.addrs[k] = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: dst.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*dst.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        self.segments[k] = u16::try_from(segment).unwrap_or(u16::MAX);
+        self.iovs[k] = (dgrams.as_ptr() as usize, dgrams.len());
+        self.len += 1;
+    }
+
+    /// Points every header from `from` on at its parts (here, so nothing moved since) and
+    /// sends them; how many messages the kernel took.
+    fn send(&mut self, fd: std::os::fd::RawFd, from: usize) -> std::io::Result<usize> {
+        for k in from..self.len {
+            let (iov, iovlen) = self.iovs[k];
+            let h = &mut self.hdrs[k].msg_hdr;
+            h.msg_name = &mut self.addrs[k] as *mut libc::sockaddr_in as *mut libc::c_void;
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = iov as *mut libc::iovec;
+            // `as _`: the field's type differs between glibc and musl.
+            h.msg_iovlen = iovlen as _;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            if iovlen > 1 {
+                let control = &mut self.controls[k];
+                // SAFETY: `control` is 32 bytes aligned for a cmsghdr, more than CMSG_SPACE of a
+                // u16 (24 on 64-bit Linux); the header and its data are written inside it.
+                unsafe {
+                    let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32);
+                    h.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+                    h.msg_controllen = space as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, self.segments[k]);
                 }
             }
         }
-        let from = msg
-            .address
-            .map(|a| SocketAddrV4::new(a.ip(), a.port()))
-            .unwrap_or_else(|| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-        Ok((n, from, segment))
+        let count = (self.len - from) as libc::c_uint;
+        // SAFETY: headers `from..len` point at live addresses, control buffers and the caller's
+        // `IoSlice`s (alive for the whole `send_runs` call; std guarantees an `IoSlice` is
+        // ABI-compatible with `iovec` on Unix); the kernel only reads them and writes each
+        // header's `msg_len`.
+        let r = unsafe { libc::sendmmsg(fd, self.hdrs[from..].as_mut_ptr(), count, 0) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
     }
+}
+
+/// The GRO segment size a received message's control data reports, if any.
+fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: `h` was filled by the kernel: its control pointer and length describe the
+    // control messages it wrote, which the CMSG macros walk without leaving them.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 /// The classic BPF program that picks a receiving queue for each datagram of a group of
@@ -233,6 +449,81 @@ pub fn steer(member: &UnderlaySocket, port: u16, queues: u16) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three runs (two peers, GSO and single datagrams, a short last segment) in one
+    /// `sendmmsg` over loopback: every datagram arrives whole, split where the runs say, and in
+    /// the order sent.
+    #[test]
+    fn several_runs_leave_in_one_call_split_as_planned() {
+        let rx = UdpSocket::bind("0.0.0.0:0").expect("receiver");
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("timeout");
+        let port = rx.local_addr().expect("addr").port();
+        let tx = UnderlaySocket::bind(0, port, true, false).expect("sender");
+        let (a, b) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+        let payloads: Vec<Vec<u8>> = [(1, 100), (2, 100), (3, 60), (4, 40), (5, 300), (6, 300), (7, 10)]
+            .iter()
+            .map(|&(tag, len)| vec![tag as u8; len])
+            .collect();
+        let slices: Vec<IoSlice<'_>> = payloads.iter().map(|p| IoSlice::new(p)).collect();
+        let run = |peer, segment, first, end| RunSpec {
+            peer,
+            segment,
+            first,
+            end,
+        };
+        let runs = [run(a, 100, 0, 3), run(b, 40, 3, 4), run(a, 300, 4, 7)];
+        let mut told = Vec::new();
+        tx.send_runs(&slices, &runs, |i, r| told.push((i, r.is_ok())));
+        assert_eq!(told, vec![(0, true), (1, true), (2, true)]);
+        assert!(tx.gso(), "loopback takes GSO messages: the sendmmsg path ran");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..payloads.len() {
+            let (n, _) = rx.recv_from(&mut buf).expect("a datagram");
+            got.push(buf[..n].to_vec());
+        }
+        assert_eq!(got, payloads, "each datagram whole, in order");
+    }
+
+    /// A GSO run, a single datagram and another run, sent in one call to a socket with GRO on:
+    /// one `recvmmsg` takes all three messages, each with its segment size and sender.
+    #[test]
+    fn a_burst_arrives_in_one_call_with_its_gro_runs() {
+        let rx = UnderlaySocket::bind(0, 0, true, false).expect("receiver");
+        assert!(rx.gro(), "this kernel has UDP GRO");
+        let tx = UnderlaySocket::bind(0, rx.local_port(), true, false).expect("sender");
+        let payloads: Vec<Vec<u8>> = [100, 100, 100, 40, 300, 300, 10]
+            .iter()
+            .map(|&n| vec![n as u8; n])
+            .collect();
+        let slices: Vec<IoSlice<'_>> = payloads.iter().map(|p| IoSlice::new(p)).collect();
+        let lo = Ipv4Addr::LOCALHOST;
+        let run = |first, end, segment| RunSpec {
+            peer: lo,
+            segment,
+            first,
+            end,
+        };
+        tx.send_runs(&slices, &[run(0, 3, 100), run(3, 4, 40), run(4, 7, 300)], |_, r| {
+            r.expect("sent");
+        });
+        let mut bufs = vec![vec![0u8; 65_536]; 4];
+        let mut got = [(0, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), 0); 4];
+        let n = rx.recv_many(&mut bufs, &mut got).expect("three messages waiting");
+        assert_eq!(n, 3);
+        let shape: Vec<(usize, usize)> = got[..n].iter().map(|&(bytes, _, seg)| (bytes, seg)).collect();
+        assert_eq!(shape, vec![(300, 100), (40, 40), (610, 300)]);
+        assert!(got[..n]
+            .iter()
+            .all(|(_, from, _)| *from.ip() == lo && from.port() == tx.local_port()));
+        assert_eq!(
+            &bufs[2][..610],
+            [payloads[4].as_slice(), &payloads[5], &payloads[6]].concat()
+        );
+        let again = rx.recv_many(&mut bufs, &mut got);
+        assert!(matches!(again, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
 
     /// The program's arithmetic, run here on the values the kernel would load.
     fn run(prog: &[libc::sock_filter], sport: u16) -> u32 {

@@ -3,7 +3,9 @@
 //!
 //! `udpflows recv <ip> <port> <seconds>`: counts datagrams on one socket, prints kpps received.
 //! `udpflows send <ip> <port> <flows> <seconds> <bytes>`: sends from `flows` sockets (one source
-//! port each) round robin, as fast as the path takes them.
+//! port each) round robin, as fast as the path takes them. `<bytes>` as `lo-hi` (e.g. `64-1400`)
+//! gives datagrams of sizes spread over that range, changing from one datagram to the next (a
+//! mix GSO and GRO cannot coalesce, as request-response traffic of many flows is).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -16,10 +18,25 @@ fn main() {
         "recv" => recv(addr, secs(arg(4))),
         "send" => {
             let flows: usize = arg(4).parse().unwrap_or_else(|_| usage());
-            let bytes: usize = arg(6).parse().unwrap_or_else(|_| usage());
-            send(addr, flows, secs(arg(5)), bytes)
+            send(addr, flows, secs(arg(5)), sizes(arg(6)))
         }
         _ => usage(),
+    }
+}
+
+/// The datagram sizes to cycle through: one size, or 61 spread over `lo-hi` in a scrambled order.
+fn sizes(s: &str) -> Vec<usize> {
+    let num = |t: &str| t.parse::<usize>().ok().filter(|&n| (1..=65_000).contains(&n));
+    match s.split_once('-') {
+        None => vec![num(s).unwrap_or_else(|| usage())],
+        Some((lo, hi)) => {
+            let (lo, hi) = (num(lo).unwrap_or_else(|| usage()), num(hi).unwrap_or_else(|| usage()));
+            if lo > hi {
+                usage();
+            }
+            // 61 is prime, so stepping by 23 visits every size once in an order that keeps changing.
+            (0..61).map(|i| lo + (hi - lo) * ((i * 23) % 61) / 60).collect()
+        }
     }
 }
 
@@ -28,7 +45,9 @@ fn secs(s: &str) -> Duration {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: udpflows recv <ip> <port> <seconds> | udpflows send <ip> <port> <flows> <seconds> <bytes>");
+    eprintln!(
+        "usage: udpflows recv <ip> <port> <seconds> | udpflows send <ip> <port> <flows> <seconds> <bytes | lo-hi>"
+    );
     std::process::exit(2)
 }
 
@@ -55,7 +74,7 @@ fn recv(addr: SocketAddr, secs: Duration) {
     println!("{:.1}", if span > 0.0 { n as f64 / span / 1000.0 } else { 0.0 });
 }
 
-fn send(addr: SocketAddr, flows: usize, secs: Duration, bytes: usize) {
+fn send(addr: SocketAddr, flows: usize, secs: Duration, sizes: Vec<usize>) {
     let socks: Vec<UdpSocket> = (0..flows)
         .map(|_| {
             let s = UdpSocket::bind("0.0.0.0:0").expect("bind a flow");
@@ -63,13 +82,14 @@ fn send(addr: SocketAddr, flows: usize, secs: Duration, bytes: usize) {
             s
         })
         .collect();
-    let payload = vec![0x5au8; bytes];
+    let payload = vec![0x5au8; sizes.iter().copied().max().unwrap_or(1)];
     let end = Instant::now() + secs;
-    let mut i = 0;
+    let (mut i, mut k) = (0, 0);
     while Instant::now() < end {
         for s in &socks {
             // A full buffer is the path saying "slower": go on with the next flow.
-            let _ = s.send(&payload);
+            let _ = s.send(&payload[..sizes[k]]);
+            k = (k + 1) % sizes.len();
         }
         i += 1;
     }
