@@ -172,54 +172,67 @@ fn etcd_over_mutual_tls() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd-certfile and --etcd-keyfile must be given together"));
 }
 
+/// Runs `f`'s future on a Tokio runtime inside etcd's namespace, the one place its address is
+/// reachable from (store clients and the lossy proxy open their sockets there).
+fn in_etcd_namespace<T, F>(etcd: &Etcd, f: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    weft::lab::netns::enter_and_run(&etcd.ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(f())
+    })
+    .expect("namespace")
+}
+
+/// The etcd store at `endpoint`, in flannel's key layout.
+async fn store_at(endpoint: String) -> weft::lease::etcd::EtcdStore {
+    let opts = weft::lease::etcd::EtcdOptions {
+        endpoints: vec![endpoint],
+        prefix: "/coreos.com/network".into(),
+        ..Default::default()
+    };
+    weft::lease::etcd::EtcdStore::connect(&opts).await.expect("connect")
+}
+
 #[test]
 fn a_watch_from_a_compacted_revision_asks_for_a_relist() {
-    use weft::lease::etcd::{EtcdOptions, EtcdStore};
     use weft::lease::{LeaseAttrs, LeaseStore, StoreError};
 
     let c = TestCluster::new("cp", StoreKind::Etcd, 1);
     let etcd = c.etcd.as_ref().expect("etcd");
     let endpoint = etcd.endpoint();
-    // The store client must run where etcd is reachable: inside the etcd host's namespace.
-    let got = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let opts = EtcdOptions {
-                endpoints: vec![endpoint.clone()],
-                prefix: "/coreos.com/network".into(),
-                ..Default::default()
-            };
-            let store = EtcdStore::connect(&opts).await.expect("connect");
-            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
-            let old = store.list_leases().await.expect("list").revision;
-            for i in 1..=5 {
-                let net = format!("10.244.{i}.0/24").parse().expect("net");
-                let created = store.create_lease(net, &attrs, Duration::from_secs(60)).await;
-                assert!(created.expect("create").is_some());
-            }
-            let now = store.list_leases().await.expect("list").revision;
-            let compact = std::process::Command::new("etcdctl")
-                .args(["--endpoints", &endpoint, "compact", &now.to_string()])
-                .env("ETCDCTL_API", "3")
-                .status()
-                .expect("etcdctl compact");
-            assert!(compact.success());
-            let mut w = store.watch_leases(old).await.expect("watch");
-            let first = tokio::time::timeout(Duration::from_secs(10), w.recv())
-                .await
-                .expect("an answer");
-            let relisted = store.list_leases().await.expect("relist").leases.len();
-            (
-                matches!(first, Some(Err(StoreError::Compacted(_)))),
-                format!("{first:?}"),
-                relisted,
-            )
-        })
-    })
-    .expect("namespace");
+    let got = in_etcd_namespace(etcd, move || async move {
+        let store = store_at(endpoint.clone()).await;
+        let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
+        let old = store.list_leases().await.expect("list").revision;
+        for i in 1..=5 {
+            let net = format!("10.244.{i}.0/24").parse().expect("net");
+            let created = store.create_lease(net, &attrs, Duration::from_secs(60)).await;
+            assert!(created.expect("create").is_some());
+        }
+        let now = store.list_leases().await.expect("list").revision;
+        let compact = std::process::Command::new("etcdctl")
+            .args(["--endpoints", &endpoint, "compact", &now.to_string()])
+            .env("ETCDCTL_API", "3")
+            .status()
+            .expect("etcdctl compact");
+        assert!(compact.success());
+        let mut w = store.watch_leases(old).await.expect("watch");
+        let first = tokio::time::timeout(Duration::from_secs(10), w.recv())
+            .await
+            .expect("an answer");
+        let relisted = store.list_leases().await.expect("relist").leases.len();
+        (
+            matches!(first, Some(Err(StoreError::Compacted(_)))),
+            format!("{first:?}"),
+            relisted,
+        )
+    });
     assert!(got.0, "expected a compaction error, got {}", got.1);
     assert_eq!(got.2, 5, "the re-list sees every lease");
 }
@@ -230,7 +243,6 @@ fn a_watch_from_a_compacted_revision_asks_for_a_relist() {
 /// etcd lease left behind once a write settles.
 #[test]
 fn a_renewal_whose_request_or_answer_is_lost_keeps_the_lease() {
-    use weft::lease::etcd::{EtcdOptions, EtcdStore};
     use weft::lease::{LeaseAttrs, LeaseEvent, LeaseStore};
     use weft_tests::lossy::{Loss, LossyProxy};
 
@@ -239,66 +251,52 @@ fn a_renewal_whose_request_or_answer_is_lost_keeps_the_lease() {
     let (direct, addr) = (etcd.endpoint(), etcd.addr);
     let net: ipnet::Ipv4Net = "10.244.9.0/24".parse().expect("net");
     let key = lease_key(net);
-    let got = weft::lab::netns::enter_and_run(&etcd.ns.clone(), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let upstream = std::net::SocketAddr::from((addr, 2379));
-            let proxy = LossyProxy::start((addr, 0).into(), upstream).await.expect("proxy");
-            let opts = |endpoint: String| EtcdOptions {
-                endpoints: vec![endpoint],
-                prefix: "/coreos.com/network".into(),
-                ..Default::default()
-            };
-            let store = EtcdStore::connect(&opts(format!("http://{}", proxy.addr())))
-                .await
-                .expect("connect");
-            let watcher = EtcdStore::connect(&opts(direct.clone())).await.expect("connect");
-            let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
-            let ttl = Duration::from_secs(120);
-            let mut lease = store
-                .create_lease(net, &attrs, ttl)
-                .await
-                .expect("create")
-                .expect("free");
-            let mut events = watcher.watch_leases(lease.revision).await.expect("watch");
-            let mut log = Vec::new();
-            for loss in [Loss::Answer, Loss::Request] {
-                proxy.arm(loss, key.as_bytes());
-                let lost = store.update_lease(&lease, &attrs, ttl).await;
-                log.push(format!("{loss:?}: first try {lost:?}"));
-                assert!(
-                    lost.is_err(),
-                    "{loss:?}: the renewal saw no answer yet succeeded: {lost:?}"
-                );
-                proxy.heal();
-                // As the agent does: retry the same renewal until the store answers.
-                let mut retried = None;
-                for _ in 0..10 {
-                    match store.update_lease(&lease, &attrs, ttl).await {
-                        Ok(r) => {
-                            retried = Some(r);
-                            break;
-                        }
-                        Err(e) => log.push(format!("{loss:?}: retry {e}")),
+    let got = in_etcd_namespace(etcd, move || async move {
+        let upstream = std::net::SocketAddr::from((addr, 2379));
+        let proxy = LossyProxy::start((addr, 0).into(), upstream).await.expect("proxy");
+        let store = store_at(format!("http://{}", proxy.addr())).await;
+        let watcher = store_at(direct.clone()).await;
+        let attrs = LeaseAttrs::new("198.18.0.77".parse().expect("ip"), "udp", serde_json::Value::Null);
+        let ttl = Duration::from_secs(120);
+        let mut lease = store
+            .create_lease(net, &attrs, ttl)
+            .await
+            .expect("create")
+            .expect("free");
+        let mut events = watcher.watch_leases(lease.revision).await.expect("watch");
+        let mut log = Vec::new();
+        for loss in [Loss::Answer, Loss::Request] {
+            proxy.arm(loss, key.as_bytes());
+            let lost = store.update_lease(&lease, &attrs, ttl).await;
+            log.push(format!("{loss:?}: first try {lost:?}"));
+            assert!(
+                lost.is_err(),
+                "{loss:?}: the renewal saw no answer yet succeeded: {lost:?}"
+            );
+            proxy.heal();
+            // As the agent does: retry the same renewal until the store answers.
+            let mut retried = None;
+            for _ in 0..10 {
+                match store.update_lease(&lease, &attrs, ttl).await {
+                    Ok(r) => {
+                        retried = Some(r);
+                        break;
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Err(e) => log.push(format!("{loss:?}: retry {e}")),
                 }
-                let renewed = retried.unwrap_or_else(|| panic!("{loss:?}: never answered: {log:?}"));
-                lease = renewed.unwrap_or_else(|| panic!("{loss:?}: the lease was taken for lost: {log:?}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            let mut removed = Vec::new();
-            while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
-                let (batch, _) = batch.expect("watch");
-                removed.extend(batch.into_iter().filter(|e| matches!(e, LeaseEvent::Removed(_))));
-            }
-            let now = watcher.list_leases().await.expect("list").leases;
-            (proxy.trips(), lease, removed, now, log)
-        })
-    })
-    .expect("namespace");
+            let renewed = retried.unwrap_or_else(|| panic!("{loss:?}: never answered: {log:?}"));
+            lease = renewed.unwrap_or_else(|| panic!("{loss:?}: the lease was taken for lost: {log:?}"));
+        }
+        let mut removed = Vec::new();
+        while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            let (batch, _) = batch.expect("watch");
+            removed.extend(batch.into_iter().filter(|e| matches!(e, LeaseEvent::Removed(_))));
+        }
+        let now = watcher.list_leases().await.expect("list").leases;
+        (proxy.trips(), lease, removed, now, log)
+    });
     let (trips, lease, removed, now, log) = got;
     assert_eq!(trips, 2, "each loss happened once: {log:?}");
     assert!(removed.is_empty(), "the lease key was deleted: {removed:?}; {log:?}");

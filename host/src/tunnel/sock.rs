@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{self, sockopt, ControlMessage, MsgFlags, SockaddrIn};
+use nix::sys::socket::{self, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -105,30 +105,11 @@ impl UnderlaySocket {
         self.gso.load(Ordering::Relaxed)
     }
 
-    /// Sends one datagram per slice of `run` (each `segment` long but the last) to `peer`, the
-    /// kernel gathering them. A full send buffer is waited out (backpressure for the sender,
-    /// not a drop).
-    pub fn send_run(&self, peer: Ipv4Addr, segment: usize, run: &[IoSlice<'_>]) -> std::io::Result<()> {
+    /// Sends each slice of `run` to `peer` with a call of its own, for a kernel or device
+    /// without UDP GSO. A full send buffer is waited out (backpressure for the sender, not a
+    /// drop).
+    fn send_one_by_one(&self, peer: Ipv4Addr, run: &[IoSlice<'_>]) -> std::io::Result<()> {
         let dst = SocketAddrV4::new(peer, self.port);
-        if run.len() > 1 && self.gso() {
-            let seg = u16::try_from(segment).unwrap_or(u16::MAX);
-            let addr = SockaddrIn::from(dst);
-            let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-            let sent = self.retrying(|| {
-                socket::sendmsg(self.sock.as_raw_fd(), run, &cmsg, MsgFlags::empty(), Some(&addr))
-                    .map(drop)
-                    .map_err(std::io::Error::from)
-            });
-            match sent {
-                Ok(()) => return Ok(()),
-                // Kernels or devices without UDP GSO say so here; fall back for good.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
-                    tracing::info!("UDP GSO unavailable; sending datagrams one by one");
-                    self.gso.store(false, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
         for dgram in run {
             self.retrying(|| self.sock.send_to(dgram, dst).map(drop))?;
         }
@@ -136,9 +117,9 @@ impl UnderlaySocket {
     }
 
     /// Sends several runs with one `sendmmsg`: `runs[i]` is a peer, a segment size and the range
-    /// of `datagrams` it sends (one GSO message per run). `done(i, result)` is told the outcome
-    /// of each run, in order. A full send buffer is waited out as in [`Self::send_run`]; without
-    /// GSO each run goes by [`Self::send_run`].
+    /// of `datagrams` it sends (one GSO message per run, each datagram `segment` bytes but the
+    /// last). `done(i, result)` is told the outcome of each run, in order. A full send buffer is
+    /// waited out (backpressure for the sender, not a drop).
     pub fn send_runs(
         &self,
         datagrams: &[IoSlice<'_>],
@@ -146,11 +127,13 @@ impl UnderlaySocket {
         mut done: impl FnMut(usize, std::io::Result<()>),
     ) {
         let runs = &runs[..runs.len().min(MAX_MESSAGES)];
-        if !self.gso() || runs.len() == 1 {
-            for (i, r) in runs.iter().enumerate() {
-                done(i, self.send_run(r.peer, r.segment, &datagrams[r.first..r.end]));
+        let one_by_one = |from: usize, done: &mut dyn FnMut(usize, std::io::Result<()>)| {
+            for (k, r) in runs.iter().enumerate().skip(from) {
+                done(k, self.send_one_by_one(r.peer, &datagrams[r.first..r.end]));
             }
-            return;
+        };
+        if !self.gso() {
+            return one_by_one(0, &mut done);
         }
         let mut m = Messages::new();
         for r in runs {
@@ -162,27 +145,27 @@ impl UnderlaySocket {
         }
         let (mut i, mut waits) = (0, 0);
         while i < runs.len() {
-            let sent = m.send(self.fd(), i);
-            if let Ok(n) = sent {
-                (i..i + n).for_each(|k| done(k, Ok(())));
-                i += n;
-                continue;
-            }
-            let e = sent.unwrap_err();
+            let e = match m.send(self.fd(), i) {
+                Ok(n) => {
+                    (i..i + n).for_each(|k| done(k, Ok(())));
+                    i += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let gso_message = runs[i].end - runs[i].first > 1;
             match (e.kind(), e.raw_os_error()) {
-                (std::io::ErrorKind::Interrupted, _) => continue,
+                (std::io::ErrorKind::Interrupted, _) => {}
                 (std::io::ErrorKind::WouldBlock, _) if waits < 100 => {
                     waits += 1;
                     self.wait_writable();
-                    continue;
                 }
-                // The first GSO message tells a kernel or device without GSO: the run, and the
-                // rest, go one datagram at a time (send_run turns GSO off for good).
-                (_, Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) => {
-                    for (k, r) in runs.iter().enumerate().skip(i) {
-                        done(k, self.send_run(r.peer, r.segment, &datagrams[r.first..r.end]));
-                    }
-                    return;
+                // Kernels or devices without UDP GSO refuse the first GSO message: this run and
+                // the rest go one datagram at a time, and so does every later send.
+                (_, Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)) if gso_message => {
+                    tracing::info!("UDP GSO unavailable; sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                    return one_by_one(i, &mut done);
                 }
                 _ => {
                     done(i, Err(e));
