@@ -33,28 +33,6 @@ FW=${WEFT_POLICY_DIR:-$ROOT/target/policies}/firewall.wasm
 [[ -f "$FW" ]] || { echo "no $FW: run scripts/build-policies" >&2; exit 1; }
 command -v iptables >/dev/null || { echo "missing iptables" >&2; exit 1; }
 
-# The kernel's VXLAN, programmed as flannel's vxlan backend does: device flannel.1, VNI 1,
-# port 8472, <subnet>.0/32 on the device, and per remote: neighbour, FDB entry, onlink route.
-setup_kernel() {
-  node_pair kvx
-  local mac1=02:00:00:00:01:01 mac2=02:00:00:00:01:02
-  for i in 1 2; do
-    local ns="$P-kvx-n$i" mac; mac=$([[ $i == 1 ]] && echo $mac1 || echo $mac2)
-    ip -n "$ns" link add flannel.1 type vxlan id 1 local 198.18.1.$i dev eth0 dstport 8472 nolearning
-    ip -n "$ns" link set flannel.1 address "$mac" mtu 1450 up
-    ip -n "$ns" addr add 10.245.$i.0/32 dev flannel.1
-  done
-  for i in 1 2; do
-    local r=$((3 - i)) ns="$P-kvx-n$i" rmac
-    rmac=$([[ $r == 1 ]] && echo $mac1 || echo $mac2)
-    ip -n "$ns" neigh add 10.245.$r.0 lladdr "$rmac" dev flannel.1 nud permanent
-    bridge -n "$ns" fdb append "$rmac" dev flannel.1 dst 198.18.1.$r self permanent
-    ip -n "$ns" route add 10.245.$r.0/24 via 10.245.$r.0 dev flannel.1 onlink
-    attach_pod kvx "$i" "10.245.$i" 1450
-  done
-  POD2[kvx]=10.245.2.2
-}
-
 setup_plain() {
   node_pair plain
   attach_pod plain 1 10.246.1 1500

@@ -45,6 +45,28 @@ attach_pod() {
   ip -n "$pod" route add default via "$s.1"
 }
 
+# The kernel's VXLAN, programmed as flannel's vxlan backend does: device flannel.1, VNI 1,
+# port 8472, <subnet>.0/32 on the device, and per remote: neighbour, FDB entry, onlink route.
+setup_kernel() {
+  node_pair kvx
+  local mac1=02:00:00:00:01:01 mac2=02:00:00:00:01:02
+  for i in 1 2; do
+    local ns="$P-kvx-n$i" mac; mac=$([[ $i == 1 ]] && echo $mac1 || echo $mac2)
+    ip -n "$ns" link add flannel.1 type vxlan id 1 local 198.18.1.$i dev eth0 dstport 8472 nolearning
+    ip -n "$ns" link set flannel.1 address "$mac" mtu 1450 up
+    ip -n "$ns" addr add 10.245.$i.0/32 dev flannel.1
+  done
+  for i in 1 2; do
+    local r=$((3 - i)) ns="$P-kvx-n$i" rmac
+    rmac=$([[ $r == 1 ]] && echo $mac1 || echo $mac2)
+    ip -n "$ns" neigh add 10.245.$r.0 lladdr "$rmac" dev flannel.1 nud permanent
+    bridge -n "$ns" fdb append "$rmac" dev flannel.1 dst 198.18.1.$r self permanent
+    ip -n "$ns" route add 10.245.$r.0/24 via 10.245.$r.0 dev flannel.1 onlink
+    attach_pod kvx "$i" "10.245.$i" 1450
+  done
+  POD2[kvx]=10.245.2.2
+}
+
 # setup_weft <tag> [backend] [pre-start command] [agent flags]: a two-node Weft cluster with its
 # own embedded store ($TMP/<tag>.db). `backend` is a type name (udp unless given) or a whole
 # Backend JSON object; the pre-start command runs (in node 1) before the agents start, e.g. to
