@@ -36,6 +36,21 @@ fn sh(ns: &str, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether node `n`'s kernel-path policy sends new flows to its agent (the NFQUEUE rule is in).
+fn queues_new_flows(c: &TestCluster, n: usize) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            c.lab.nodes[n - 1].ns.name(),
+            "iptables",
+            "-S",
+            "WEFT-POLICY",
+        ])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("NFQUEUE"))
+}
+
 fn kube(c: &TestCluster) -> &kubelab::KubeApi {
     c.kube.as_ref().expect("the cluster runs the stand-in API server")
 }
@@ -321,6 +336,15 @@ fn module_applied_with_kubectl_blocks_a_port_everywhere(c: &TestCluster) {
     );
     let ls = c.weft_module(1, &["ls"]).expect("weft module ls");
     assert!(ls.lines().any(|l| l.starts_with("fw ") && l.contains(" 3/0")), "{ls}");
+    // "loaded" is the chain's state; on the kernel path the queue rules follow the chain within
+    // a rules pass (250 ms plus iptables-restore), as tests/vxlan.rs waits for too.
+    for n in 1..=3 {
+        assert!(
+            eventually(Duration::from_secs(20), || queues_new_flows(c, n)),
+            "node {n} never queued:\n{}",
+            c.lab.nodes[n - 1].log_tail(20)
+        );
+    }
     for (a, b) in [(1, 2), (2, 3), (3, 1), (4, 1), (4, 2)] {
         let (src, _) = c.pod(a, 1);
         let (dst_ns, dst) = c.pod(b, 1);
