@@ -36,21 +36,6 @@ fn sh(ns: &str, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Whether node `n`'s kernel-path policy sends new flows to its agent (the NFQUEUE rule is in).
-fn queues_new_flows(c: &TestCluster, n: usize) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            c.lab.nodes[n - 1].ns.name(),
-            "iptables",
-            "-S",
-            "WEFT-POLICY",
-        ])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("NFQUEUE"))
-}
-
 fn kube(c: &TestCluster) -> &kubelab::KubeApi {
     c.kube.as_ref().expect("the cluster runs the stand-in API server")
 }
@@ -340,7 +325,7 @@ fn module_applied_with_kubectl_blocks_a_port_everywhere(c: &TestCluster) {
     // a rules pass (250 ms plus iptables-restore), as tests/vxlan.rs waits for too.
     for n in 1..=3 {
         assert!(
-            eventually(Duration::from_secs(20), || queues_new_flows(c, n)),
+            eventually(Duration::from_secs(20), || policy_rules(c, n).contains("NFQUEUE")),
             "node {n} never queued:\n{}",
             c.lab.nodes[n - 1].log_tail(20)
         );

@@ -32,22 +32,6 @@ fn in_ns(ns: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Node `n`'s WEFT-POLICY chain as `iptables -S` prints it; empty when the chain does not exist.
-fn policy_rules(c: &TestCluster, n: usize) -> String {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            c.lab.nodes[n - 1].ns.name(),
-            "iptables",
-            "-S",
-            "WEFT-POLICY",
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
 fn lines(s: String) -> Vec<String> {
     s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }

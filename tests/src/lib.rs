@@ -341,6 +341,22 @@ pub fn tcp_transfer(from: &str, to: &str, to_ip: Ipv4Addr, bytes: u64) -> Durati
     }
 }
 
+/// Node `n`'s WEFT-POLICY chain as `iptables -S` prints it; empty when the chain does not exist.
+pub fn policy_rules(c: &TestCluster, n: usize) -> String {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            c.lab.nodes[n - 1].ns.name(),
+            "iptables",
+            "-S",
+            "WEFT-POLICY",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Polls `f` until it is true or `timeout` passes; returns whether it became true.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
