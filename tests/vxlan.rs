@@ -410,16 +410,28 @@ fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
         .sum()
 }
 
-/// Adds the firewall denying tcp/7777 and waits until both nodes queue new flows.
+/// Adds the firewall denying tcp/7777 and waits until both nodes report it loaded, which on
+/// the kernel path means in force: both then queue new flows.
 fn add_firewall(c: &TestCluster) {
     let fw = policy_wasm("firewall").display().to_string();
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
     c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
         .expect("add");
+    let loaded = || {
+        c.weft_module(1, &["ls"]).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('('))
+        })
+    };
+    assert!(
+        eventually_every(Duration::from_secs(20), Duration::from_millis(20), loaded),
+        "fw never loaded on both nodes: {:?}",
+        c.weft_module(1, &["ls"])
+    );
     for n in 1..=2 {
         assert!(
-            eventually(Duration::from_secs(20), || policy_rules(c, n).contains("NFQUEUE")),
-            "node {n} never queued:\n{}",
+            policy_rules(c, n).contains("NFQUEUE"),
+            "node {n} reports fw loaded but does not queue new flows:\n{}",
             c.lab.nodes[n - 1].log_tail(20)
         );
     }
@@ -592,4 +604,79 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
     assert!(eventually(Duration::from_secs(20), || tcp_connects(
         &p1, &p2, ip2, 7777
     )));
+}
+
+/// Another program's socket bound to NFQUEUE `queue` in node `n`'s namespace, held until dropped
+/// (as an IDS listening on the queue Weft was told to use would).
+fn hold_queue(c: &TestCluster, n: usize, queue: u16) -> weft::nfq::socket::Socket {
+    use weft::nfq::{msg, socket::Socket};
+    c.lab.nodes[n - 1]
+        .ns
+        .run(move || {
+            let s = Socket::open(1 << 16).expect("netfilter socket");
+            s.send(&msg::bind(queue, 1, 64, 0, 16)).expect("bind");
+            let mut b = vec![0u8; 4096];
+            let len = s.recv(&mut b, false).expect("ack");
+            let acked = matches!(
+                msg::parse(&b[..len]).ok().as_deref(),
+                Some([msg::Message::Ack { errno: 0, .. }])
+            );
+            assert!(acked, "the holder could not bind queue {queue}");
+            s
+        })
+        .expect("enter the node's namespace")
+}
+
+/// A node whose kernel path cannot queue (another program holds the queue) does not claim
+/// its modules: they read pending, with the reason, until the path works; then loaded, with
+/// the rules in.
+#[test]
+fn a_node_that_cannot_enforce_reports_its_modules_pending_with_the_reason() {
+    let mut c = TestCluster::with_config("vp", StoreKind::Embedded, 2, VXLAN, &[]);
+    c.up(1);
+    c.lab.stop_agent(2, true).expect("stop");
+    let holder = hold_queue(&c, 2, 8472);
+    c.lab.start_agent(2).expect("start");
+    c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
+    assert_eq!(c.metric(2, "weft_kernel_policy_available"), 0.0);
+
+    let fw = policy_wasm("firewall").display().to_string();
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
+    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
+        .expect("add");
+    let node2 = c.lab.nodes[1].underlay_ip.to_string();
+    let pending = |t: &str| {
+        t.lines().any(|l| {
+            l.starts_with("fw ")
+                && l.contains(" 1/0 ")
+                && l.contains(&format!("{node2}: loaded, but not in force on the kernel path"))
+                && l.contains("cannot bind NFQUEUE 8472: another program already listens on this queue")
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || c
+            .weft_module(1, &["ls"])
+            .is_ok_and(|t| pending(&t))),
+        "node 2 did not report fw pending: {:?}",
+        c.weft_module(1, &["ls"])
+    );
+    let nodes = c
+        .lab
+        .http_get(1, "/api/v1/modules/fw")
+        .expect("GET /api/v1/modules/fw")
+        .1;
+    assert!(nodes.contains(r#""state":"pending""#), "{nodes}");
+
+    drop(holder);
+    c.lab.stop_agent(2, true).expect("stop");
+    c.lab.start_agent(2).expect("start");
+    c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
+    assert!(
+        eventually(Duration::from_secs(20), || c.weft_module(1, &["ls"]).is_ok_and(|t| t
+            .lines()
+            .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('(')))),
+        "node 2 never reported fw loaded: {:?}",
+        c.weft_module(1, &["ls"])
+    );
+    assert!(policy_rules(&c, 2).contains("NFQUEUE"));
 }

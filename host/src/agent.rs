@@ -179,9 +179,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl std::future::Future<Output =
     ));
     modules.set_own(lease.subnet);
     load_modules_first(&store, &modules, node.public_ip, opts.module_poll).await;
+    // The policy's rules go in before the data path forwards anything.
+    start_kernel_policy(&opts, &config, &state, &modules, &*backend);
     ensure_ip_forwarding();
     backend.start(&lease)?;
-    start_kernel_policy(&opts, &config, &state, &modules, &*backend);
     let events = serve_admin(&opts, admin, admin_tls, &state, &store, &config)?;
 
     // Follow the cluster's leases. Losing our own lease wakes the keeper task.
@@ -250,7 +251,8 @@ async fn take_lease(
 }
 
 /// Wasm policy on a kernel data path (NFQUEUE), when the backend has one. Failing to start it
-/// is loud but not fatal: the network itself still works.
+/// is loud but not fatal: the network itself still works, and the node reports its modules as
+/// pending, with the reason, instead of loaded.
 fn start_kernel_policy(
     opts: &AgentOptions,
     config: &NetworkConfig,
@@ -268,6 +270,7 @@ fn start_kernel_policy(
     ) {
         tracing::error!(error = %e, backend = backend.kind(),
             "Wasm policy on the kernel path is UNAVAILABLE: flows on this backend are not filtered by modules");
+        modules.enforcer().failed(e.to_string());
     }
 }
 

@@ -358,13 +358,19 @@ pub fn policy_rules(c: &TestCluster, n: usize) -> String {
 }
 
 /// Polls `f` until it is true or `timeout` passes; returns whether it became true.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn eventually(timeout: Duration, f: impl FnMut() -> bool) -> bool {
+    eventually_every(timeout, Duration::from_millis(200), f)
+}
+
+/// [`eventually`], polling every `period`: for checks that must catch a state soon after it
+/// appears (a report that precedes what it claims by less than the default period).
+pub fn eventually_every(timeout: Duration, period: Duration, mut f: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + timeout;
     while Instant::now() < until {
         if f() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(period);
     }
     f()
 }

@@ -112,8 +112,11 @@ pub struct ModuleStatusView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadState {
-    /// Compiled, configured and in the chain.
+    /// Compiled, configured and in the chain, deciding traffic.
     Loaded,
+    /// Loaded, but the kernel path does not ask it yet (its rules are being installed, or
+    /// cannot be: `error` says why).
+    Pending,
     /// Could not load; its failure policy decides in its place.
     Failed,
 }
@@ -124,10 +127,10 @@ impl ModuleStatusView {
         ModuleStatusView {
             name: m.name.clone(),
             sha256: m.sha256.clone(),
-            state: if m.state == "loaded" {
-                LoadState::Loaded
-            } else {
-                LoadState::Failed
+            state: match m.state.as_str() {
+                "loaded" => LoadState::Loaded,
+                crate::wasm::enforcement::PENDING => LoadState::Pending,
+                _ => LoadState::Failed,
             },
             error: m.error.clone(),
         }

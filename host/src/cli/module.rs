@@ -164,7 +164,8 @@ pub(crate) fn print_modules(views: &[serde_json::Value]) {
         let nodes = m["nodes"].as_array().cloned().unwrap_or_default();
         let same = |n: &&serde_json::Value| n["sha256"] == m["sha256"];
         let loaded = nodes.iter().filter(same).filter(|n| n["state"] == "loaded").count();
-        let failed: Vec<String> = nodes
+        let failed = nodes.iter().filter(same).filter(|n| n["state"] == "failed").count();
+        let others: Vec<String> = nodes
             .iter()
             .filter(same)
             .filter(|n| n["state"] != "loaded")
@@ -186,11 +187,11 @@ pub(crate) fn print_modules(views: &[serde_json::Value]) {
             &sha[..sha.len().min(12)],
             m["signed_by"].as_str().unwrap_or("-"),
             loaded,
-            failed.len(),
-            if failed.is_empty() {
+            failed,
+            if others.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", failed.join("; "))
+                format!(" ({})", others.join("; "))
             }
         );
     }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
+use crate::wasm::chain::Chain;
 use crate::wasm::{Direction, Pipeline, WorkerChain};
 
 use known::Known;
@@ -88,7 +89,11 @@ impl QueueSocket {
         match reply.first() {
             Some(msg::Message::Ack { errno: 0, .. }) => Ok(QueueSocket { sock, queue }),
             Some(msg::Message::Ack { errno, .. }) => Err(bind_error(match *errno {
-                libc::EBUSY => "another program already listens on this queue".to_string(),
+                // The kernel answers EPERM both for a queue another socket holds and for a
+                // process without CAP_NET_ADMIN.
+                libc::EBUSY | libc::EPERM => {
+                    "another program already listens on this queue, or the agent lacks CAP_NET_ADMIN".to_string()
+                }
                 e => std::io::Error::from_raw_os_error(e).to_string(),
             })),
             _ => Err(bind_error("no acknowledgement from the kernel".into())),
@@ -104,9 +109,8 @@ pub fn direction(own: Option<Ipv4Net>, src: Ipv4Addr) -> Direction {
     }
 }
 
-/// The rules the current module chain calls for.
-fn wanted(pipeline: &Pipeline, network: Ipv4Net, queue: u16, queues: u16) -> rules::RuleSet {
-    let chain = pipeline.chain();
+/// The rules `chain` calls for.
+fn wanted(chain: &Chain, network: Ipv4Net, queue: u16, queues: u16) -> rules::RuleSet {
     rules::RuleSet {
         network,
         queue: (!chain.modules.is_empty()).then_some(queue),
@@ -140,12 +144,20 @@ pub fn start(
     stats: Arc<PolicyStats>,
 ) -> Result<(), NfqError> {
     let queues = queues.clamp(1, 8).min(u16::MAX - queue + 1);
-    let first = wanted(&pipeline, network, queue, queues);
+    // Listening before the first look: a chain loaded from here on wakes the rules thread.
+    let (wake, changes) = std::sync::mpsc::sync_channel::<()>(1);
+    pipeline.on_change(move |_| {
+        // Full means a pass is already due, which will see this change too.
+        let _ = wake.try_send(());
+    });
+    let chain = pipeline.chain();
+    let first = wanted(&chain, network, queue, queues);
     // Fail-open also means "pass when the queue is full", never a drop the policy did not ask for.
     let sockets = (0..queues)
         .map(|k| QueueSocket::open(queue + k, first.bypass))
         .collect::<Result<Vec<_>, _>>()?;
     rules::install(&first)?;
+    pipeline.enforcer().applied(chain.generation);
     stats.available.store(true, Ordering::Relaxed);
     tracing::info!(queue, queues, %network, modules_active = first.queue.is_some(), bypass = first.bypass,
         "Wasm policy on the kernel path: first packets of new flows go through NFQUEUE");
@@ -158,7 +170,7 @@ pub fn start(
     };
     let mut loaded = None;
     if let Some(k) = &known {
-        k.follow(first.queue.is_some(), pipeline.chain().own, &mut loaded);
+        k.follow(first.queue.is_some(), chain.own, &mut loaded);
     }
     for (k, socket) in sockets.into_iter().enumerate() {
         let (pipeline, stats, known) = (pipeline.clone(), stats.clone(), known.clone());
@@ -167,36 +179,71 @@ pub fn start(
             .spawn(move || serve(socket, pipeline, stats, known))
             .map_err(NfqError::Socket)?;
     }
-    // The rules follow the chain: loading the first module starts queueing, removing the last
-    // stops it, and the failure policies decide the bypass.
+    let follower = RulesFollower {
+        pipeline,
+        network,
+        queue,
+        queues,
+        known,
+        loaded,
+        current: first,
+    };
     std::thread::Builder::new()
         .name("weft-nfq-rules".into())
-        .spawn(move || {
-            let mut current = first;
-            loop {
-                std::thread::sleep(Duration::from_millis(250));
-                let want = wanted(&pipeline, network, queue, queues);
-                if let Some(k) = &known {
-                    k.follow(want.queue.is_some(), pipeline.chain().own, &mut loaded);
-                }
-                if want == current {
-                    continue;
-                }
-                match rules::install(&want) {
-                    Ok(()) => {
-                        tracing::info!(
-                            modules_active = want.queue.is_some(),
-                            bypass = want.bypass,
-                            "kernel-path policy rules updated"
-                        );
-                        current = want;
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot update the kernel-path policy rules; retrying"),
-                }
-            }
-        })
+        .spawn(move || follower.run(changes))
         .map_err(NfqError::Socket)?;
     Ok(())
+}
+
+/// How often the rules thread looks at the chain without being woken: the retry period of a
+/// failed install, and what the maps of known services are checked at.
+const RULES_PASS: Duration = Duration::from_millis(250);
+
+/// The rules thread's state: the rules follow the chain (loading the first module starts
+/// queueing, removing the last stops it, the failure policies decide the bypass), and each
+/// pass tells the pipeline which chain is then in force.
+struct RulesFollower {
+    pipeline: Arc<Pipeline>,
+    network: Ipv4Net,
+    queue: u16,
+    queues: u16,
+    known: Option<Known>,
+    loaded: Option<Option<Ipv4Net>>,
+    current: rules::RuleSet,
+}
+
+impl RulesFollower {
+    fn run(mut self, changes: std::sync::mpsc::Receiver<()>) {
+        loop {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = changes.recv_timeout(RULES_PASS) {
+                // Nobody can wake it any more (the pipeline is gone): keep the period.
+                std::thread::sleep(RULES_PASS);
+            }
+            self.pass();
+        }
+    }
+
+    fn pass(&mut self) {
+        let chain = self.pipeline.chain();
+        let want = wanted(&chain, self.network, self.queue, self.queues);
+        if let Some(k) = &self.known {
+            k.follow(want.queue.is_some(), chain.own, &mut self.loaded);
+        }
+        if want != self.current {
+            if let Err(e) = rules::install(&want) {
+                tracing::error!(error = %e, "cannot update the kernel-path policy rules; retrying");
+                self.pipeline.enforcer().failed(e.to_string());
+                return;
+            }
+            tracing::info!(
+                modules_active = want.queue.is_some(),
+                bypass = want.bypass,
+                "kernel-path policy rules updated"
+            );
+            self.current = want;
+        }
+        self.pipeline.enforcer().applied(chain.generation);
+    }
 }
 
 /// The verdict loop of one queue: every packet the kernel handed over in one read is answered

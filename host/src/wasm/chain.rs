@@ -125,6 +125,8 @@ pub struct Pipeline {
     stats: Mutex<HashMap<String, Arc<ModuleStats>>>,
     /// Called with the new generation after every change of the chain.
     listeners: Mutex<Vec<Listener>>,
+    /// How far the chain is in force where the workers do not apply it (the kernel path).
+    enforcer: super::enforcement::Enforcer,
     /// Packets answered from a verdict cache.
     pub cache_hits: AtomicU64,
     /// Packets that needed a decision.
@@ -155,6 +157,7 @@ impl Pipeline {
             leases,
             stats: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
+            enforcer: Default::default(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             wide_hits: AtomicU64::new(0),
@@ -193,6 +196,11 @@ impl Pipeline {
         if let Ok(mut l) = self.listeners.lock() {
             l.push(Box::new(f));
         }
+    }
+
+    /// How far the chain is in force on the kernel path, which reports it here.
+    pub fn enforcer(&self) -> &super::enforcement::Enforcer {
+        &self.enforcer
     }
 
     /// The current chain's generation.

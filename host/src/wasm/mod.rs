@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod chain;
+pub mod enforcement;
 pub mod flow;
 pub mod instance;
 pub mod limit;

@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::spec::{valid_name, FailurePolicy, ModuleSpec, NodeStatus};
+use super::enforcement::Enforcement;
+use super::spec::{valid_name, FailurePolicy, ModuleSpec, ModuleStatus, NodeStatus};
 use super::{check, Pipeline, Runtime, WasmError};
 use crate::lease::{Doc, DocKind, LeaseStore, StoreError};
 
@@ -160,9 +161,10 @@ fn readable_specs(docs: Vec<Doc>) -> Vec<ModuleSpec> {
 
 /// Follows the stored modules forever: watches them (a change is noticed at once, without
 /// polling the store), reloads the chain when they change, and reports what this node runs.
-/// The report is repeated every 30 s as the node's heartbeat. While the store cannot be
-/// watched, the modules are re-read every `fallback`. A store outage keeps the current chain
-/// running. `first` turns true after the first attempt, successful or not.
+/// The report is repeated every 30 s as the node's heartbeat, and again whenever the kernel
+/// path puts a pending chain in force (or fails to). While the store cannot be watched, the
+/// modules are re-read every `fallback`. A store outage keeps the current chain running.
+/// `first` turns true after the first attempt, successful or not.
 pub async fn follow(
     store: Arc<dyn LeaseStore>,
     pipeline: Arc<Pipeline>,
@@ -173,6 +175,8 @@ pub async fn follow(
     let mut seen: Option<Vec<(String, i64)>> = None;
     let mut failing = false;
     let mut reported = std::time::Instant::now();
+    let mut report: Option<Report> = None;
+    let mut enforcement = pipeline.enforcer().subscribe();
     loop {
         // Watch first, then read: a change between the two is then never missed.
         let mut changes = match store.watch_docs(DocKind::Module).await {
@@ -187,11 +191,12 @@ pub async fn follow(
                 seen = None;
             }
             match sync_once(&*store, &pipeline, node, &mut seen).await {
-                Ok(true) => {
+                Ok(Some(r)) => {
                     failing = false;
                     reported = std::time::Instant::now();
+                    report = Some(r);
                 }
-                Ok(false) => failing = false,
+                Ok(None) => failing = false,
                 Err(e) => {
                     if !failing {
                         tracing::warn!(error = %e, "cannot read modules from the store; the current chain keeps running");
@@ -200,54 +205,109 @@ pub async fn follow(
                 }
             }
             let _ = first.send(true);
-            let wait = HEARTBEAT.saturating_sub(reported.elapsed());
-            let Some(w) = changes.as_mut() else {
-                tokio::time::sleep(wait.min(fallback)).await;
-                break;
+            // What sync_once waited for is in its report already.
+            enforcement.mark_unchanged();
+            let wake = loop {
+                let wait = HEARTBEAT.saturating_sub(reported.elapsed());
+                match next_wake(changes.as_mut(), &mut enforcement, wait, fallback).await {
+                    Wake::Enforcement => {
+                        if let Some(r) = &mut report {
+                            if let Err(e) = r.follow(&*store, &pipeline.enforcer().current()).await {
+                                tracing::warn!(error = %e, "cannot report the modules now in force");
+                            }
+                        }
+                    }
+                    w => break w,
+                }
             };
-            tokio::select! {
-                c = w.recv() => match c {
-                    Some(Ok(_)) => while let Ok(Ok(_)) = w.try_recv() {},
-                    // The watch broke: read again and watch anew.
-                    _ => break,
-                },
-                () = tokio::time::sleep(wait) => {}
+            if wake == Wake::Rewatch {
+                break;
             }
         }
     }
 }
 
-async fn sync_once(
-    store: &dyn LeaseStore,
-    pipeline: &Arc<Pipeline>,
-    node: Ipv4Addr,
-    seen: &mut Option<Vec<(String, i64)>>,
-) -> Result<bool, StoreError> {
-    let heads: Vec<(String, i64)> = store
-        .list_docs(DocKind::Module, false)
-        .await?
-        .into_iter()
-        .map(|d| (d.name, d.revision))
-        .collect();
-    if seen.as_ref() == Some(&heads) {
-        return Ok(false);
+/// Why [`follow`] stopped waiting.
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    /// Read the modules again (a change, the heartbeat, the fallback period).
+    Look,
+    /// The watch broke: read again and watch anew.
+    Rewatch,
+    /// The kernel path put a chain in force or failed to.
+    Enforcement,
+}
+
+async fn next_wake(
+    changes: Option<&mut crate::lease::DocWatchStream>,
+    enforcement: &mut tokio::sync::watch::Receiver<super::enforcement::Enforcement>,
+    wait: Duration,
+    fallback: Duration,
+) -> Wake {
+    let Some(w) = changes else {
+        tokio::select! {
+            Ok(()) = enforcement.changed() => return Wake::Enforcement,
+            () = tokio::time::sleep(wait.min(fallback)) => return Wake::Rewatch,
+        }
+    };
+    tokio::select! {
+        c = w.recv() => match c {
+            Some(Ok(_)) => {
+                while let Ok(Ok(_)) = w.try_recv() {}
+                Wake::Look
+            }
+            _ => Wake::Rewatch,
+        },
+        Ok(()) = enforcement.changed() => Wake::Enforcement,
+        () = tokio::time::sleep(wait) => Wake::Look,
     }
-    let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
-    let p = pipeline.clone();
-    // Compiling is CPU work: it runs on the compile pool, never on the runtime's workers.
-    let modules = pipeline
-        .runtime()
-        .pool()
-        .run(LOAD_CAP, move || p.load(specs))
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("cannot load the stored modules: {e}")))?;
+}
+
+/// What this node loaded last, and what it reported of it.
+struct Report {
+    node: Ipv4Addr,
+    /// The chain generation that holds the modules.
+    generation: u64,
+    /// The modules as the chain loaded them.
+    loaded: Vec<ModuleStatus>,
+    /// As last reported (pending while not in force).
+    sent: Vec<ModuleStatus>,
+}
+
+impl Report {
+    /// Reports again if `now` changes what the report says.
+    async fn follow(&mut self, store: &dyn LeaseStore, now: &Enforcement) -> Result<(), StoreError> {
+        let modules = now.report(self.generation, &self.loaded);
+        if modules == self.sent {
+            return Ok(());
+        }
+        put_status(store, self.node, &modules).await?;
+        self.sent = modules;
+        Ok(())
+    }
+}
+
+/// How long a report waits for the kernel path to put a new chain in force (its rules are an
+/// `iptables-restore` away) before it says the modules are pending.
+const IN_FORCE_WAIT: Duration = Duration::from_secs(3);
+
+/// Where the kernel path stands once the chain of `generation` is in force, it has failed, or
+/// [`IN_FORCE_WAIT`] has passed.
+async fn enforcement_of(pipeline: &Pipeline, generation: u64) -> Enforcement {
+    let mut rx = pipeline.enforcer().subscribe();
+    let settled = |e: &Enforcement| e.in_force(generation) || e.error.is_some();
+    let _ = tokio::time::timeout(IN_FORCE_WAIT, rx.wait_for(settled)).await;
+    pipeline.enforcer().current()
+}
+
+async fn put_status(store: &dyn LeaseStore, node: Ipv4Addr, modules: &[ModuleStatus]) -> Result<(), StoreError> {
     let status = NodeStatus {
         node: node.to_string(),
         updated: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        modules,
+        modules: modules.to_vec(),
     };
     store
         .put_doc(
@@ -255,9 +315,45 @@ async fn sync_once(
             &node.to_string(),
             &serde_json::to_vec(&status).unwrap_or_default(),
         )
-        .await?;
+        .await
+}
+
+/// Loads the stored modules if they changed since `seen` and reports them; the report, or none
+/// when nothing changed.
+async fn sync_once(
+    store: &dyn LeaseStore,
+    pipeline: &Arc<Pipeline>,
+    node: Ipv4Addr,
+    seen: &mut Option<Vec<(String, i64)>>,
+) -> Result<Option<Report>, StoreError> {
+    let heads: Vec<(String, i64)> = store
+        .list_docs(DocKind::Module, false)
+        .await?
+        .into_iter()
+        .map(|d| (d.name, d.revision))
+        .collect();
+    if seen.as_ref() == Some(&heads) {
+        return Ok(None);
+    }
+    let specs = readable_specs(store.list_docs(DocKind::Module, true).await?);
+    let p = pipeline.clone();
+    // Compiling is CPU work: it runs on the compile pool, never on the runtime's workers.
+    let loaded = pipeline
+        .runtime()
+        .pool()
+        .run(LOAD_CAP, move || p.load(specs))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot load the stored modules: {e}")))?;
+    let generation = pipeline.generation();
+    let sent = enforcement_of(pipeline, generation).await.report(generation, &loaded);
+    put_status(store, node, &sent).await?;
     *seen = Some(heads);
-    Ok(true)
+    Ok(Some(Report {
+        node,
+        generation,
+        loaded,
+        sent,
+    }))
 }
 
 /// The most loading the stored modules may take (each checked by shape, so each compiles in

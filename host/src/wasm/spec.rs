@@ -125,9 +125,9 @@ pub struct ModuleStatus {
     pub name: String,
     /// sha256 of the code loaded (or that failed to load).
     pub sha256: String,
-    /// `loaded` or `failed`.
+    /// `loaded`, `pending` (loaded, not in force on the kernel path yet) or `failed`.
     pub state: String,
-    /// Why loading failed.
+    /// Why loading failed, or why the module is pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -785,3 +785,118 @@ fn a_call_kept_off_the_cpu_is_not_cut_short() {
         "the call was not kept waiting ({wall:?} for {used:?} of CPU), so this proves nothing"
     );
 }
+
+/// The node's report, as the store holds it: (state, error) per module.
+async fn reported(store: &dyn crate::lease::LeaseStore) -> Vec<(String, Option<String>)> {
+    let (_, nodes) = super::registry::list(store).await.unwrap();
+    nodes
+        .first()
+        .map(|n| n.modules.iter().map(|m| (m.state.clone(), m.error.clone())).collect())
+        .unwrap_or_default()
+}
+
+/// Polls the report for 10 s (a report waits 3 s for the kernel path before it says pending).
+async fn report_is(store: &dyn crate::lease::LeaseStore, state: &str, error_has: &str) -> bool {
+    for _ in 0..500 {
+        let r = reported(store).await;
+        if r.len() == 1 && r[0].0 == state && r[0].1.as_deref().unwrap_or("").contains(error_has) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_reads_loaded_only_once_the_kernel_path_asks_it() {
+    use crate::lease::{DocKind, LeaseStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn LeaseStore> =
+        Arc::new(crate::lease::embedded::EmbeddedStore::open(&dir.path().join("s.db")).unwrap());
+    let p = pipeline(rt());
+    // A kernel path that put the empty chain in force, and that will be slow with the next one.
+    p.enforcer().applied(p.generation());
+    let (first, _) = tokio::sync::watch::channel(false);
+    let follow = tokio::spawn(super::registry::follow(
+        store.clone(),
+        p.clone(),
+        a("198.18.0.1"),
+        std::time::Duration::from_secs(1),
+        first,
+    ));
+    let s = spec("fw", &module(DROP_7777));
+    store.put_doc(DocKind::Module, "fw", &s.to_json()).await.unwrap();
+    assert!(
+        report_is(&*store, "pending", "rules are being installed").await,
+        "{:?}",
+        reported(&*store).await
+    );
+    p.enforcer().applied(p.generation());
+    assert!(report_is(&*store, "loaded", "").await, "{:?}", reported(&*store).await);
+    assert_eq!(reported(&*store).await[0].1, None);
+
+    p.enforcer()
+        .failed("iptables-restore refused the rules: no table".into());
+    assert!(
+        report_is(
+            &*store,
+            "pending",
+            "not in force on the kernel path: iptables-restore refused"
+        )
+        .await,
+        "{:?}",
+        reported(&*store).await
+    );
+    p.enforcer().applied(p.generation());
+    assert!(report_is(&*store, "loaded", "").await, "{:?}", reported(&*store).await);
+    follow.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_path_that_keeps_up_costs_one_report_and_no_pending() {
+    use crate::lease::{DocKind, LeaseStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn LeaseStore> =
+        Arc::new(crate::lease::embedded::EmbeddedStore::open(&dir.path().join("s.db")).unwrap());
+    let p = pipeline(rt());
+    p.enforcer().applied(p.generation());
+    // Like the rules thread: woken by the change, in force 100 ms later.
+    let weak = Arc::downgrade(&p);
+    p.on_change(move |g| {
+        let weak = weak.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if let Some(p) = weak.upgrade() {
+                p.enforcer().applied(g);
+            }
+        });
+    });
+    let (first, _) = tokio::sync::watch::channel(false);
+    let follow = tokio::spawn(super::registry::follow(
+        store.clone(),
+        p.clone(),
+        a("198.18.0.1"),
+        std::time::Duration::from_secs(1),
+        first,
+    ));
+    let started = std::time::Instant::now();
+    store
+        .put_doc(DocKind::Module, "fw", &spec("fw", &module(DROP_7777)).to_json())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while started.elapsed() < std::time::Duration::from_secs(2) {
+        let r = reported(&*store).await;
+        if seen.last() != Some(&r) {
+            seen.push(r);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let loaded = vec![("loaded".to_string(), None)];
+    assert_eq!(seen.last(), Some(&loaded), "{seen:?}");
+    assert!(
+        seen.iter().all(|r| r.is_empty() || *r == loaded),
+        "reported something else on the way: {seen:?}"
+    );
+    follow.abort();
+}
