@@ -59,7 +59,11 @@ impl HostCtx {
 fn on_deadline(mut ctx: wasmtime::StoreContextMut<'_, HostCtx>) -> wasmtime::Result<wasmtime::UpdateDeadline> {
     Ok(match ctx.data_mut().limit.look(thread_cpu()) {
         Look::Interrupt => wasmtime::UpdateDeadline::Interrupt,
-        Look::Again(ticks) => wasmtime::UpdateDeadline::Continue(ticks),
+        Look::Again(ticks) => {
+            // Still running: the ticker must not park before the next look.
+            ctx.data().ticker.wake(crate::clock::ms());
+            wasmtime::UpdateDeadline::Continue(ticks)
+        }
     })
 }
 

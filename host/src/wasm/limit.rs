@@ -41,6 +41,13 @@ pub(super) enum Look {
 /// The epoch deadline a call starts with: its first look takes the reading to count from.
 pub(super) const FIRST_LOOK_TICKS: u64 = 1;
 
+/// The most ticks between two looks of one call. Each look tells the ticker a call still runs
+/// ([`super::ticker::Ticker::wake`]); a ticker that heard of no call for its idle second parks,
+/// and a parked ticker would never bring the next look: a call with a budget past that second
+/// (a slow configure on a busy node, or `--module-deadline-ms` over 1000) would run forever.
+pub(super) const MAX_LOOK_TICKS: u64 = 250;
+const _: () = assert!(MAX_LOOK_TICKS * (TICK.as_millis() as u64) * 2 <= super::ticker::IDLE_MS);
+
 impl Limit {
     /// A call that may use `budget` of CPU is starting; `now` reads its thread's CPU clock,
     /// asked for only when `exact` (the ticker is late), else the first look reads it.
@@ -54,14 +61,14 @@ impl Limit {
     pub fn look(&mut self, cpu: Duration) -> Look {
         let Some(base) = self.base else {
             self.base = Some(cpu);
-            return Look::Again(ticks_at_least(self.budget));
+            return Look::Again(ticks_at_least(self.budget).min(MAX_LOOK_TICKS));
         };
         let used = cpu.saturating_sub(base);
         if used >= self.budget {
             return Look::Interrupt;
         }
         // CPU time runs no faster than the ticks, so the rest cannot be used up sooner.
-        Look::Again(ticks_at_least(self.budget - used))
+        Look::Again(ticks_at_least(self.budget - used).min(MAX_LOOK_TICKS))
     }
 }
 
@@ -92,6 +99,20 @@ mod tests {
         assert_eq!(l.look(102 * MS), Look::Again(3), "2 ms used, 3 left");
         assert_eq!(l.look(104 * MS + MS / 2), Look::Again(1), "half a tick left is a tick");
         assert_eq!(l.look(105 * MS), Look::Interrupt);
+    }
+
+    #[test]
+    fn a_long_budget_is_looked_at_before_the_ticker_could_park() {
+        let mut l = Limit::default();
+        l.start(Duration::from_secs(10), false, || MS);
+        assert_eq!(l.look(MS), Look::Again(MAX_LOOK_TICKS));
+        assert_eq!(
+            l.look(2 * MS),
+            Look::Again(MAX_LOOK_TICKS),
+            "9.999 s left, looked at in 250 ms"
+        );
+        assert_eq!(l.look(10_000 * MS), Look::Again(1));
+        assert_eq!(l.look(10_001 * MS), Look::Interrupt);
     }
 
     #[test]

@@ -786,6 +786,43 @@ fn a_call_kept_off_the_cpu_is_not_cut_short() {
     );
 }
 
+/// A runaway call with a budget longer than the ticker's idle second still ends at its budget:
+/// it keeps the ticker awake by looking. (Before, the ticker parked a second after the call
+/// started, the call's next look never came, and it ran forever: a configure of 500 ms of CPU
+/// on a thread that got less than half a core did the same.)
+#[test]
+fn a_runaway_call_with_a_budget_past_the_tickers_idle_second_ends() {
+    let limits = Limits {
+        call_deadline: Duration::from_millis(1_500),
+        ..Limits::default()
+    };
+    let p = pipeline(Runtime::new(limits).unwrap());
+    let mut s = spec("spin", &module(LOOP_ON_7777));
+    s.failure = FailurePolicy::Open;
+    p.load(vec![s]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let caller = {
+        let p = p.clone();
+        std::thread::spawn(move || {
+            let mut w = WorkerChain::new(p);
+            w.refresh();
+            let started = (Instant::now(), super::limit::thread_cpu());
+            let v = w.decide(Direction::Egress, &egress(7777), w.now_ms());
+            let _ = tx.send((v, started.0.elapsed(), super::limit::thread_cpu() - started.1));
+        })
+    };
+    let (v, wall, cpu) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the runaway call was still running after 30 s: its deadline never fired");
+    caller.join().unwrap();
+    assert_eq!(v, Verdict::PASS, "fail-open");
+    assert_eq!(p.module_stats()[0].1.timeouts.load(Ordering::Relaxed), 1);
+    assert!(
+        cpu >= Duration::from_millis(1_500) && cpu < Duration::from_millis(1_800),
+        "interrupted after {cpu:?} of CPU ({wall:?} of wall time), budget 1.5 s"
+    );
+}
+
 /// The node's report, as the store holds it: (state, error) per module.
 async fn reported(store: &dyn crate::lease::LeaseStore) -> Vec<(String, Option<String>)> {
     let (_, nodes) = super::registry::list(store).await.unwrap();

@@ -13,7 +13,7 @@ use wasmtime::Engine;
 pub const TICK: Duration = Duration::from_millis(1);
 
 /// After this long without a module call the ticker parks: an idle node spends nothing on it.
-const IDLE_MS: u64 = 1_000;
+pub(super) const IDLE_MS: u64 = 1_000;
 
 /// The thread that advances the epoch. It ticks while modules are being called and parks after
 /// an idle second; the next call wakes it. A call costs one load (and a store per millisecond);
