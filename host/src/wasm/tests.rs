@@ -844,14 +844,18 @@ async fn report_is(store: &dyn crate::lease::LeaseStore, state: &str, error_has:
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_module_reads_loaded_only_once_the_kernel_path_asks_it() {
-    use crate::lease::{DocKind, LeaseStore};
+/// A node at 198.18.0.1 following the modules of a fresh embedded store for `p`, whose kernel
+/// path put the empty chain in force: the store, its folder and the follower's task.
+fn following(
+    p: &Arc<Pipeline>,
+) -> (
+    Arc<dyn crate::lease::LeaseStore>,
+    tempfile::TempDir,
+    tokio::task::JoinHandle<()>,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn LeaseStore> =
+    let store: Arc<dyn crate::lease::LeaseStore> =
         Arc::new(crate::lease::embedded::EmbeddedStore::open(&dir.path().join("s.db")).unwrap());
-    let p = pipeline(rt());
-    // A kernel path that put the empty chain in force, and that will be slow with the next one.
     p.enforcer().applied(p.generation());
     let (first, _) = tokio::sync::watch::channel(false);
     let follow = tokio::spawn(super::registry::follow(
@@ -861,6 +865,15 @@ async fn a_module_reads_loaded_only_once_the_kernel_path_asks_it() {
         std::time::Duration::from_secs(1),
         first,
     ));
+    (store, dir, follow)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_reads_loaded_only_once_the_kernel_path_asks_it() {
+    use crate::lease::DocKind;
+    let p = pipeline(rt());
+    // A kernel path that will be slow with the next chain.
+    let (store, _dir, follow) = following(&p);
     let s = spec("fw", &module(DROP_7777));
     store.put_doc(DocKind::Module, "fw", &s.to_json()).await.unwrap();
     assert!(
@@ -891,12 +904,8 @@ async fn a_module_reads_loaded_only_once_the_kernel_path_asks_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_path_that_keeps_up_costs_one_report_and_no_pending() {
-    use crate::lease::{DocKind, LeaseStore};
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn LeaseStore> =
-        Arc::new(crate::lease::embedded::EmbeddedStore::open(&dir.path().join("s.db")).unwrap());
+    use crate::lease::DocKind;
     let p = pipeline(rt());
-    p.enforcer().applied(p.generation());
     // Like the rules thread: woken by the change, in force 100 ms later.
     let weak = Arc::downgrade(&p);
     p.on_change(move |g| {
@@ -908,14 +917,7 @@ async fn a_kernel_path_that_keeps_up_costs_one_report_and_no_pending() {
             }
         });
     });
-    let (first, _) = tokio::sync::watch::channel(false);
-    let follow = tokio::spawn(super::registry::follow(
-        store.clone(),
-        p.clone(),
-        a("198.18.0.1"),
-        std::time::Duration::from_secs(1),
-        first,
-    ));
+    let (store, _dir, follow) = following(&p);
     let started = std::time::Instant::now();
     store
         .put_doc(DocKind::Module, "fw", &spec("fw", &module(DROP_7777)).to_json())
