@@ -205,8 +205,8 @@ pub async fn follow(
                 }
             }
             let _ = first.send(true);
-            // What sync_once waited for is in its report already.
-            enforcement.mark_unchanged();
+            // A change seen during sync_once wakes the loop once more: the report is compared
+            // again (no store access when it stands), so one that came just after it is not missed.
             let wake = loop {
                 let wait = HEARTBEAT.saturating_sub(reported.elapsed());
                 match next_wake(changes.as_mut(), &mut enforcement, wait, fallback).await {
