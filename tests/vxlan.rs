@@ -410,6 +410,14 @@ fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
         .sum()
 }
 
+/// Whether `weft module ls` shows fw loaded on both nodes, none pending or failed.
+fn fw_loaded_on_both(c: &TestCluster) -> bool {
+    c.weft_module(1, &["ls"]).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('('))
+    })
+}
+
 /// Adds the firewall denying tcp/7777 and waits until both nodes report it loaded, which on
 /// the kernel path means in force: both then queue new flows.
 fn add_firewall(c: &TestCluster) {
@@ -417,14 +425,12 @@ fn add_firewall(c: &TestCluster) {
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
     c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
         .expect("add");
-    let loaded = || {
-        c.weft_module(1, &["ls"]).is_ok_and(|t| {
-            t.lines()
-                .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('('))
-        })
-    };
     assert!(
-        eventually_every(Duration::from_secs(20), Duration::from_millis(20), loaded),
+        eventually_every(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || fw_loaded_on_both(c)
+        ),
         "fw never loaded on both nodes: {:?}",
         c.weft_module(1, &["ls"])
     );
@@ -672,9 +678,7 @@ fn a_node_that_cannot_enforce_reports_its_modules_pending_with_the_reason() {
     c.lab.start_agent(2).expect("start");
     c.lab.wait_ready(2, Duration::from_secs(20)).expect("ready");
     assert!(
-        eventually(Duration::from_secs(20), || c.weft_module(1, &["ls"]).is_ok_and(|t| t
-            .lines()
-            .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('(')))),
+        eventually(Duration::from_secs(20), || fw_loaded_on_both(&c)),
         "node 2 never reported fw loaded: {:?}",
         c.weft_module(1, &["ls"])
     );
