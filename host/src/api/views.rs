@@ -128,8 +128,8 @@ impl ModuleStatusView {
             name: m.name.clone(),
             sha256: m.sha256.clone(),
             state: match m.state.as_str() {
-                "loaded" => LoadState::Loaded,
-                crate::wasm::enforcement::PENDING => LoadState::Pending,
+                crate::wasm::spec::LOADED => LoadState::Loaded,
+                crate::wasm::spec::PENDING => LoadState::Pending,
                 _ => LoadState::Failed,
             },
             error: m.error.clone(),

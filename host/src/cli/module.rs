@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{print_json, LimitArgs, Output, ServerArgs, StoreArgs};
+use weft::wasm::spec::{FAILED, LOADED};
 
 #[derive(Args)]
 pub(crate) struct ModuleArgs {
@@ -163,12 +164,12 @@ pub(crate) fn print_modules(views: &[serde_json::Value]) {
     for m in views {
         let nodes = m["nodes"].as_array().cloned().unwrap_or_default();
         let same = |n: &&serde_json::Value| n["sha256"] == m["sha256"];
-        let loaded = nodes.iter().filter(same).filter(|n| n["state"] == "loaded").count();
-        let failed = nodes.iter().filter(same).filter(|n| n["state"] == "failed").count();
+        let loaded = nodes.iter().filter(same).filter(|n| n["state"] == LOADED).count();
+        let failed = nodes.iter().filter(same).filter(|n| n["state"] == FAILED).count();
         let others: Vec<String> = nodes
             .iter()
             .filter(same)
-            .filter(|n| n["state"] != "loaded")
+            .filter(|n| n["state"] != LOADED)
             .map(|n| {
                 format!(
                     "{}: {}",

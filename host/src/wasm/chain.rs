@@ -253,7 +253,12 @@ impl Pipeline {
             .map(|m| ModuleStatus {
                 name: m.name.to_string(),
                 sha256: m.sha256.clone(),
-                state: if m.compiled.is_ok() { "loaded" } else { "failed" }.into(),
+                state: if m.compiled.is_ok() {
+                    super::spec::LOADED
+                } else {
+                    super::spec::FAILED
+                }
+                .into(),
                 error: m.compiled.as_ref().err().map(|e| e.to_string()),
             })
             .collect();

@@ -15,10 +15,7 @@
 
 use tokio::sync::watch;
 
-use super::spec::ModuleStatus;
-
-/// The state a loaded module is reported in until it is in force.
-pub const PENDING: &str = "pending";
+use super::spec::{ModuleStatus, LOADED, PENDING};
 
 /// Where the kernel path stands.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,7 +47,7 @@ impl Enforcement {
         statuses
             .iter()
             .map(|s| match s.state.as_str() {
-                "loaded" => ModuleStatus {
+                LOADED => ModuleStatus {
                     state: PENDING.into(),
                     error: Some(why.clone()),
                     ..s.clone()

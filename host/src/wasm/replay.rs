@@ -451,7 +451,7 @@ impl Bench {
         let pipeline = Pipeline::new(rt, node.ip, Arc::new(arc_swap::ArcSwap::from_pointee(t)))?;
         pipeline.set_own(node.subnet);
         let statuses: Vec<ModuleStatus> = pipeline.load(specs);
-        if let Some(s) = statuses.into_iter().find(|s| s.state != "loaded") {
+        if let Some(s) = statuses.into_iter().find(|s| s.state != super::spec::LOADED) {
             return Err(ReplayError::NotLoaded {
                 name: s.name,
                 error: s.error.unwrap_or_default(),

@@ -132,6 +132,13 @@ pub struct ModuleStatus {
     pub error: Option<String>,
 }
 
+/// A module's state when it decides traffic.
+pub const LOADED: &str = "loaded";
+/// A module's state when it loaded but the kernel path does not ask it yet.
+pub const PENDING: &str = "pending";
+/// A module's state when it could not load (its failure policy stands in).
+pub const FAILED: &str = "failed";
+
 /// A node's report, stored under `<prefix>/module-status/<node>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
