@@ -58,7 +58,12 @@ pub fn policy_wasm(name: &str) -> PathBuf {
 
 /// Tries a TCP handshake from `client_ns` to a listener on `ip:port` in `server_ns`.
 pub fn tcp_connects(client_ns: &str, server_ns: &str, ip: Ipv4Addr, port: u16) -> bool {
-    probe::tcp_connect(server_ns, ip, port, client_ns, Duration::from_secs(2)).is_ok()
+    match probe::tcp_connect(server_ns, ip, port, client_ns, Duration::from_secs(2)) {
+        Ok(()) => true,
+        Err(weft::lab::LabError::Probe(_)) => false,
+        // A listener that cannot start must not read as a blocked port.
+        Err(e) => panic!("cannot probe tcp/{port} in {server_ns}: {e}"),
+    }
 }
 
 /// [`tcp_transfer`] to a fixed server port.

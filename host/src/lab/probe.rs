@@ -67,6 +67,24 @@ fn pattern(i: u64) -> u8 {
     (x >> 56) as u8 ^ (i as u8)
 }
 
+/// How long a fixed port stays taken by a listener this process has already closed.
+const PORT_FREED_WITHIN: Duration = Duration::from_secs(2);
+
+/// A listener on `addr`. A fixed port a probe just released can still read as in use: any
+/// process forked (for `ip`, `nft`, the agent) before the close holds a copy of the listening
+/// socket until it execs, so a bind that meets that window is retried, not failed.
+fn listen(addr: (Ipv4Addr, u16)) -> std::io::Result<TcpListener> {
+    let until = Instant::now() + PORT_FREED_WITHIN;
+    loop {
+        match TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Sends `bytes` over TCP from namespace `client_ns` to `server_ip` in `server_ns` and checks
 /// every byte that arrives; returns the elapsed time.
 pub fn tcp_transfer(
@@ -92,7 +110,7 @@ pub fn tcp_transfer_on(
     let sns = server_ns.to_string();
     let server = std::thread::spawn(move || -> Result<u64, LabError> {
         enter_and_run(&sns, move || -> Result<u64, LabError> {
-            let l = match TcpListener::bind((server_ip, server_port)) {
+            let l = match listen((server_ip, server_port)) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = port_tx.send(Err(e.to_string()));
@@ -174,6 +192,8 @@ pub fn tcp_transfer_on(
 
 /// Tries to open a TCP connection from `client_ns` to `ip:port` in `server_ns`, where a
 /// listener is started for the attempt; Ok when the handshake completes within `timeout`.
+/// Only [`LabError::Probe`] means the connection failed; other errors mean the probe could
+/// not be set up, which says nothing about the path.
 pub fn tcp_connect(
     server_ns: &str,
     ip: Ipv4Addr,
@@ -181,7 +201,7 @@ pub fn tcp_connect(
     client_ns: &str,
     timeout: Duration,
 ) -> Result<(), LabError> {
-    let listener = enter_and_run(server_ns, move || TcpListener::bind((ip, port)))??;
+    let listener = enter_and_run(server_ns, move || listen((ip, port)))??;
     let cns = client_ns.to_string();
     let r = enter_and_run(&cns, move || {
         TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(ip, port)), timeout).map(drop)
@@ -192,7 +212,25 @@ pub fn tcp_connect(
 
 #[cfg(test)]
 mod tests {
-    use super::pattern;
+    use super::{listen, pattern};
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::time::Duration;
+
+    #[test]
+    fn a_port_still_held_for_a_moment_is_waited_for() {
+        let held = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = held.local_addr().expect("addr").port();
+        assert!(
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err(),
+            "the port is held"
+        );
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        assert!(listen((Ipv4Addr::LOCALHOST, port)).is_ok());
+        release.join().expect("release");
+    }
 
     #[test]
     fn pattern_is_not_periodic_in_small_blocks() {
