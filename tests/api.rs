@@ -391,14 +391,21 @@ fn the_command_line_goes_through_the_api() {
         weft_in(&c, 1, &all)
     };
     let fw = policy_wasm("firewall").display().to_string();
-    let out = module(&["add", "fw", &fw, "--config-json", r#"{"rules":[]}"#, "--order", "3"]).expect("add");
+    let out = module(&[
+        "add",
+        "fw",
+        &fw,
+        "--config-json",
+        r#"{"rules":[]}"#,
+        "--order",
+        "3",
+        "--wait",
+    ])
+    .expect("add");
     assert!(out.starts_with("added module fw (sha256 "), "{out}");
-    assert!(
-        eventually(Duration::from_secs(15), || module(&["ls"])
-            .is_ok_and(|t| t.lines().any(|l| l.starts_with("fw ") && l.contains(" 2/0")))),
-        "{:?}",
-        module(&["ls"])
-    );
+    assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
+    let ls = module(&["ls"]).expect("ls");
+    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.contains(" 2/0")), "{ls}");
     let audit = policy_wasm("audit").display().to_string();
     let out = module(&[
         "set",
@@ -409,8 +416,11 @@ fn the_command_line_goes_through_the_api() {
         "{}",
         "--dry-run",
         "true",
+        "--wait",
+        "15",
     ])
     .expect("set");
+    assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
     let ls: serde_json::Value = serde_json::from_str(&module(&["-o", "json", "ls"]).expect("ls json")).expect("JSON");
     assert_eq!(ls[0]["mode"], "dry_run");
     assert!(
@@ -487,6 +497,15 @@ fn live_answers_agree_with_the_openapi_document() {
         ["nodes"]
         .as_array()
         .is_some_and(|n| n.len() == 2)));
+    let sha = json(&up)["sha256"].clone();
+    let in_force = |r: &serde_json::Value| r["nodes"] == 2 && r["loaded"] == 2 && r["sha256"] == sha;
+    assert!(
+        eventually(Duration::from_secs(15), || in_force(&json(
+            &api.get(1, "/modules/fw/rollout")
+        ))),
+        "{}",
+        api.get(1, "/modules/fw/rollout").body
+    );
     let (src, _) = c.pod(1, 1);
     let (dst_ns, dst) = c.pod(2, 1);
     assert!(!tcp_connects(&src, &dst_ns, dst, 7777));
@@ -508,6 +527,8 @@ fn live_answers_agree_with_the_openapi_document() {
         ("/modules".to_string(), "/modules"),
         ("/modules/fw".to_string(), "/modules/{name}"),
         ("/modules/none".to_string(), "/modules/{name}"),
+        ("/modules/fw/rollout".to_string(), "/modules/{name}/rollout"),
+        ("/modules/none/rollout".to_string(), "/modules/{name}/rollout"),
         ("/decisions".to_string(), "/decisions"),
         ("/decisions?limit=0".to_string(), "/decisions"),
     ] {

@@ -351,13 +351,14 @@ fn module_applied_with_kubectl_blocks_a_port_everywhere(c: &TestCluster) {
 /// `weft module` through an agent's REST API writes WasmModule objects kubectl sees.
 fn modules_through_the_rest_api(c: &TestCluster) {
     let tf = c.lab.spec.dir.join("admin-token").display().to_string();
-    let module = |args: &[&str]| {
+    let try_module = |args: &[&str]| {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", c.lab.nodes[0].ns.name()]).arg(weft_bin());
         cmd.args(["module", "--server", "http://127.0.0.1:8286", "--token-file", &tf])
             .args(args);
-        weft::lab::cluster::run_checked(&mut cmd).unwrap_or_else(|e| panic!("weft module {args:?}: {e}"))
+        weft::lab::cluster::run_checked(&mut cmd)
     };
+    let module = |args: &[&str]| try_module(args).unwrap_or_else(|e| panic!("weft module {args:?}: {e}"));
     let fw = policy_wasm("firewall").display().to_string();
     let out = module(&["add", "gate", &fw, "--config-json", r#"{"rules":[]}"#, "--order", "3"]);
     assert!(out.starts_with("added module gate"), "{out}");
@@ -368,7 +369,16 @@ fn modules_through_the_rest_api(c: &TestCluster) {
         (Some(3), Some("enforce")),
         "{o}"
     );
-    module(&["set", "gate", "--dry-run", "true"]);
+    // The flannel node holds a lease but runs no Weft agent: --wait names it, and gives up.
+    let flannel = c.lab.nodes[3].underlay_ip.to_string();
+    let err = try_module(&["set", "gate", "--dry-run", "true", "--wait", "3"])
+        .expect_err("the flannel node never runs gate")
+        .to_string();
+    assert!(
+        err.contains("not in force on every node after 3 s")
+            && err.contains(&format!("no report from a Weft agent: {flannel}")),
+        "{err}"
+    );
     let o: Value = serde_json::from_str(&k.must(&["get", "wm", "gate", "-o", "json"])).expect("JSON");
     assert_eq!(o["spec"]["mode"], "dry-run", "{o}");
     assert_eq!(o["metadata"]["generation"], 2, "a spec change is a new generation: {o}");

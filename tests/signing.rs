@@ -113,6 +113,18 @@ impl Keys {
     /// `weft module add NAME firewall --config deny.json [--signature SIG]`, checked against the
     /// trusted key or not checked at all.
     fn add(&self, c: &TestCluster, name: &str, sig: Option<&str>, check: bool) -> Result<String, String> {
+        self.add_with(c, name, sig, check, &[])
+    }
+
+    /// [`Keys::add`] with more arguments.
+    fn add_with(
+        &self,
+        c: &TestCluster,
+        name: &str,
+        sig: Option<&str>,
+        check: bool,
+        more: &[&str],
+    ) -> Result<String, String> {
         let sig_path = sig.map(|s| self.path(s).display().to_string());
         let mut args: Vec<&str> = Vec::new();
         if check {
@@ -127,6 +139,7 @@ impl Keys {
             // its code ran (its rule would block the port), not that everything is dropped.
             args.extend(["--failure", "open"]);
         }
+        args.extend(more);
         c.weft_module(1, &args)
     }
 
@@ -160,7 +173,18 @@ fn refused_when_added(c: &TestCluster, keys: &Keys) {
 /// Written into the store by a command line that checks nothing: every node refuses to run them.
 fn refused_when_loaded(c: &TestCluster, keys: &Keys, pods: &Pods) {
     assert!(pods.connects(), "blocked before any module");
-    keys.add(c, "plain", None, false).expect("stored unchecked");
+    // Waiting for it ends as soon as a node reports that it cannot load it, with the reason.
+    let started = std::time::Instant::now();
+    let err = keys
+        .add_with(c, "plain", None, false, &["--wait", "30"])
+        .expect_err("no node runs an unsigned module");
+    assert!(
+        err.contains("module plain cannot load on every node: loaded on 0 of 2 node(s); failed on ")
+            && err.contains("unsigned")
+            && started.elapsed() < Duration::from_secs(20),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     keys.add(c, "forged", Some("other-config.sig"), false)
         .expect("stored unchecked");
     for (name, why) in [("plain", "unsigned"), ("forged", "does not match")] {
@@ -180,7 +204,10 @@ fn refused_when_loaded(c: &TestCluster, keys: &Keys, pods: &Pods) {
 
 /// The signed one is added, runs everywhere and shows who signed it.
 fn signed_module_runs(c: &TestCluster, keys: &Keys, pods: &Pods) {
-    keys.add(c, "fw", Some("good.sig"), true).expect("signed module added");
+    let out = keys
+        .add_with(c, "fw", Some("good.sig"), true, &["--wait", "20"])
+        .expect("signed module added");
+    assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
     let id = key_id(&keys.path("ops.key.pub"));
     let good = std::fs::read_to_string(keys.path("good.sig")).expect("sig");
     assert!(good.contains(&id), "{good}");

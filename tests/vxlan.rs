@@ -418,22 +418,16 @@ fn fw_loaded_on_both(c: &TestCluster) -> bool {
     })
 }
 
-/// Adds the firewall denying tcp/7777 and waits until both nodes report it loaded, which on
-/// the kernel path means in force: both then queue new flows.
+/// Adds the firewall denying tcp/7777 with `--wait`, which returns once both nodes report it
+/// loaded, which on the kernel path means in force: both then queue new flows.
 fn add_firewall(c: &TestCluster) {
     let fw = policy_wasm("firewall").display().to_string();
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
-    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
-        .expect("add");
-    assert!(
-        eventually_every(
-            Duration::from_secs(20),
-            Duration::from_millis(20),
-            || fw_loaded_on_both(c)
-        ),
-        "fw never loaded on both nodes: {:?}",
-        c.weft_module(1, &["ls"])
-    );
+    let out = c
+        .weft_module(1, &["add", "fw", &fw, "--config-json", cfg, "--wait", "20"])
+        .expect("add --wait");
+    assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
+    assert!(fw_loaded_on_both(c), "{:?}", c.weft_module(1, &["ls"]));
     for n in 1..=2 {
         assert!(
             policy_rules(c, n).contains("NFQUEUE"),
@@ -511,12 +505,14 @@ fn a_service_decided_once_is_answered_by_the_kernel_until_the_chain_changes() {
     assert!(ingress.contains(&format!("{ip2} . tcp . 7778")), "{ingress}");
     assert!(c.metric(1, "weft_kernel_policy_known_services_total{result=\"added\"}") >= 2.0);
 
-    // 7778 denied from now on: the next connection is refused, not answered from the maps.
+    // 7778 denied from now on: once the nodes report the change in force, the next connection
+    // is refused, not answered from the maps of the chain before.
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":["7777-7778"]}]}"#;
-    c.weft_module(1, &["set", "fw", "--config-json", cfg]).expect("set");
+    c.weft_module(1, &["set", "fw", "--config-json", cfg, "--wait", "20"])
+        .expect("set --wait");
     assert!(
-        eventually(Duration::from_secs(20), || !tcp_connects(&p1, &p2, ip2, 7778)),
-        "tcp/7778 still allowed after the firewall denied it"
+        !tcp_connects(&p1, &p2, ip2, 7778),
+        "tcp/7778 still allowed after the nodes reported the firewall that denies it in force"
     );
     assert!(c.metric(1, "weft_kernel_policy_known_flushes_total") >= 1.0);
     let egress = known_map(&c, 1, "egress");
@@ -648,9 +644,19 @@ fn a_node_that_cannot_enforce_reports_its_modules_pending_with_the_reason() {
 
     let fw = policy_wasm("firewall").display().to_string();
     let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777]}]}"#;
-    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg])
-        .expect("add");
     let node2 = c.lab.nodes[1].underlay_ip.to_string();
+    let started = std::time::Instant::now();
+    let err = c
+        .weft_module(1, &["add", "fw", &fw, "--config-json", cfg, "--wait", "5"])
+        .expect_err("node 2 cannot put fw in force");
+    assert!(
+        err.contains("not in force on every node after 5 s: loaded on 1 of 2 node(s); pending on ")
+            && err.contains(&format!(
+                "{node2} (loaded, but not in force on the kernel path: cannot bind NFQUEUE 8472"
+            ))
+            && started.elapsed() < Duration::from_secs(15),
+        "{err}"
+    );
     let pending = |t: &str| {
         t.lines().any(|l| {
             l.starts_with("fw ")
@@ -683,4 +689,16 @@ fn a_node_that_cannot_enforce_reports_its_modules_pending_with_the_reason() {
         c.weft_module(1, &["ls"])
     );
     assert!(policy_rules(&c, 2).contains("NFQUEUE"));
+    // A change of config alone keeps the code: --wait still waits for the nodes to run it.
+    let cfg = r#"{"rules":[{"action":"deny","protocol":"tcp","ports":[7777,7779]}]}"#;
+    let out = c
+        .weft_module(1, &["set", "fw", "--config-json", cfg, "--wait", "20"])
+        .expect("set --wait");
+    assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
+    let (p1, _) = c.pod(1, 1);
+    let (p2, ip2) = c.pod(2, 1);
+    assert!(
+        !tcp_connects(&p1, &p2, ip2, 7779),
+        "tcp/7779 passed right after set --wait"
+    );
 }

@@ -113,6 +113,7 @@ fn routes_and_doc() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
         .routes(routes!(modules::list, modules::upload))
         .routes(routes!(modules::get, modules::patch, modules::remove))
         .routes(routes!(modules::decisions))
+        .routes(routes!(modules::rollout))
         .split_for_parts()
 }
 

@@ -13,6 +13,7 @@ use super::views::{Mode, ModuleMetrics, ModulePatch, ModuleView};
 use super::ApiState;
 use crate::wasm::chain::clock_ms;
 use crate::wasm::registry::{self, Changes};
+use crate::wasm::rollout::Rollout;
 use crate::wasm::{FailurePolicy, ModuleSpec};
 
 async fn views(s: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
@@ -48,6 +49,22 @@ pub async fn get(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Re
         .await?
         .into_iter()
         .find(|m| m.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no module named {name}")))
+}
+
+/// How far the module's stored code has reached: on how many of the nodes holding a lease it
+/// decides traffic, and which nodes have it pending or failed (with why) or do not run it yet.
+#[utoipa::path(get, path = "/modules/{name}/rollout", tag = "modules", params(("name" = String, Path)),
+    responses((status = 200, body = Rollout), (status = 404, body = ErrorBody)))]
+pub async fn rollout(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<Rollout>, ApiError> {
+    let nodes: Vec<String> = super::leases::all(&s)
+        .await?
+        .iter()
+        .map(|l| l.attrs.public_ip.to_string())
+        .collect();
+    registry::rollout(s.store.as_ref(), &name, &nodes)
+        .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no module named {name}")))
 }

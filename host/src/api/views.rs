@@ -102,6 +102,8 @@ pub struct ModuleStatusView {
     pub name: String,
     /// sha256 of the code loaded.
     pub sha256: String,
+    /// The revision of the code and settings loaded (absent from older agents).
+    pub revision: Option<String>,
     /// Whether it loaded.
     pub state: LoadState,
     /// Why loading failed.
@@ -127,6 +129,7 @@ impl ModuleStatusView {
         ModuleStatusView {
             name: m.name.clone(),
             sha256: m.sha256.clone(),
+            revision: m.revision.clone(),
             state: match m.state.as_str() {
                 crate::wasm::spec::LOADED => LoadState::Loaded,
                 crate::wasm::spec::PENDING => LoadState::Pending,
@@ -189,6 +192,8 @@ pub struct ModuleView {
     pub name: String,
     /// sha256 of the code.
     pub sha256: String,
+    /// Which version of the code and settings this is: nodes report the revision they run.
+    pub revision: String,
     /// Size of the code in bytes.
     pub size: usize,
     /// Place in the chain (lower first).
@@ -213,6 +218,7 @@ impl ModuleView {
         ModuleView {
             name: s.name.clone(),
             sha256: s.sha256.clone(),
+            revision: s.revision(),
             size: s.wasm.len() / 4 * 3,
             order: s.order,
             mode: Mode::of(s.dry_run),

@@ -13,6 +13,7 @@ use weft::store::StoreOptions;
 
 mod module;
 mod replay;
+mod rollout;
 use module::{module_command, print_modules, ModuleArgs};
 
 #[derive(Parser)]

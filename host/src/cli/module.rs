@@ -119,6 +119,10 @@ enum StoredAction {
         /// The module's signature (`weft module sign`), for nodes that only run signed modules.
         #[arg(long)]
         signature: Option<PathBuf>,
+        /// Wait until every node holding a lease runs this in force, up to SECS (60 when given
+        /// bare); fail with the nodes' reasons if one cannot load it or time runs out.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60")]
+        wait: Option<u64>,
     },
     /// Change a stored module: its code, config or settings.
     Set {
@@ -142,6 +146,10 @@ enum StoredAction {
         /// leaves the module unsigned.
         #[arg(long)]
         signature: Option<PathBuf>,
+        /// Wait until every node holding a lease runs this in force, up to SECS (60 when given
+        /// bare); fail with the nodes' reasons if one cannot load it or time runs out.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60")]
+        wait: Option<u64>,
     },
     /// Remove a module from every node.
     Rm {
@@ -198,6 +206,22 @@ pub(crate) fn print_modules(views: &[serde_json::Value]) {
     }
 }
 
+impl StoredAction {
+    /// How long to wait for the change to be in force (`--wait`), if at all.
+    fn wait(&self) -> Option<u64> {
+        match self {
+            StoredAction::Add { wait, .. } | StoredAction::Set { wait, .. } => *wait,
+            StoredAction::Rm { .. } | StoredAction::Ls => None,
+        }
+    }
+}
+
+/// A module the store took: its name and the revision nodes will report.
+struct Written {
+    name: String,
+    revision: String,
+}
+
 /// A module command with its files read: what both the store path and the API path carry out.
 enum ModuleOp {
     Add(weft::wasm::ModuleSpec),
@@ -229,6 +253,7 @@ impl ModuleOp {
                 failure,
                 dry_run,
                 signature,
+                ..
             } => {
                 let mut spec =
                     weft::wasm::ModuleSpec::new(&name, &read_wasm(&wasm)?, config.read()?.unwrap_or_default());
@@ -246,6 +271,7 @@ impl ModuleOp {
                 failure,
                 dry_run,
                 signature,
+                ..
             } => ModuleOp::Set(
                 name,
                 weft::wasm::registry::Changes {
@@ -317,9 +343,15 @@ fn sign(wasm: &PathBuf, config: &ConfigArg, key: &PathBuf, out: Option<PathBuf>)
 }
 
 async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action: StoredAction) -> Result<()> {
+    let wait = action.wait();
     let op = ModuleOp::read(action)?;
     if let Some(client) = server.client(None)? {
-        return module_via_api(&client, op, server.output).await;
+        let written = module_via_api(&client, op, server.output).await?;
+        if let (Some(secs), Some(w)) = (wait, written) {
+            let look = async || super::rollout::from_api(&client, &w.name).await;
+            super::rollout::wait_in_force(&w.name, &w.revision, secs, look).await?;
+        }
+        return Ok(());
     }
     use weft::wasm::registry;
     // Adding a module may create the embedded store (modules stored before the first agent
@@ -331,19 +363,25 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
     }
     .context("opening the lease store")?;
     let rt = weft::wasm::Runtime::new(limits.limits()?)?;
-    match op {
+    let written = match op {
         ModuleOp::Add(spec) => {
-            let (name, sha) = (spec.name.clone(), spec.sha256.clone());
+            let (name, sha, revision) = (spec.name.clone(), spec.sha256.clone(), spec.revision());
             registry::add(store.as_ref(), &rt, spec).await?;
             println!("added module {name} (sha256 {sha})");
+            Written { name, revision }
         }
         ModuleOp::Set(name, changes) => {
             let spec = registry::set(store.as_ref(), &rt, &name, changes).await?;
             println!("updated module {name} (sha256 {})", spec.sha256);
+            Written {
+                name,
+                revision: spec.revision(),
+            }
         }
         ModuleOp::Rm(name) => {
             registry::remove(store.as_ref(), &name).await?;
             println!("removed module {name}");
+            return Ok(());
         }
         ModuleOp::Ls => {
             let (specs, nodes) = registry::list(store.as_ref()).await?;
@@ -358,7 +396,12 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
                 Output::Json => print_json(&views)?,
                 Output::Table => print_modules(&views),
             }
+            return Ok(());
         }
+    };
+    if let Some(secs) = wait {
+        let look = async || super::rollout::from_store(store.as_ref(), &written.name).await;
+        super::rollout::wait_in_force(&written.name, &written.revision, secs, look).await?;
     }
     Ok(())
 }
@@ -378,7 +421,8 @@ fn mode_name(dry_run: bool) -> &'static str {
     }
 }
 
-async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) -> Result<()> {
+/// Carries out `op` through an agent's API; what the store took, for an add or a set.
+async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) -> Result<Option<Written>> {
     use weft::client::{multipart, Field};
     type V = serde_json::Value;
     match op {
@@ -413,6 +457,7 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
                 spec.name,
                 v["sha256"].as_str().unwrap_or("?")
             );
+            Ok(Some(written_view(&v)))
         }
         ModuleOp::Set(name, changes) => {
             use base64::Engine as _;
@@ -442,10 +487,12 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
             let path = format!("/modules/{name}");
             let v: V = c.call("PATCH", &path, Some("application/json"), &body).await?;
             println!("updated module {name} (sha256 {})", v["sha256"].as_str().unwrap_or("?"));
+            Ok(Some(written_view(&v)))
         }
         ModuleOp::Rm(name) => {
             let _: V = c.call("DELETE", &format!("/modules/{name}"), None, b"").await?;
             println!("removed module {name}");
+            Ok(None)
         }
         ModuleOp::Ls => {
             let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
@@ -453,7 +500,15 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
                 Output::Json => print_json(&views)?,
                 Output::Table => print_modules(&views),
             }
+            Ok(None)
         }
     }
-    Ok(())
+}
+
+/// What the store took, from the module view an upload or a change answers with.
+fn written_view(v: &serde_json::Value) -> Written {
+    Written {
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        revision: v["revision"].as_str().unwrap_or_default().to_string(),
+    }
 }

@@ -185,7 +185,13 @@ enum Msg {
     /// The chain changed, or the table was reloaded: look now.
     Look,
     Reloaded,
+    /// Look now and answer whether the maps hold no verdict of an older chain.
+    Settle(SyncSender<Result<(), String>>),
 }
+
+/// How long the rules thread waits for the maps to be emptied before it reports the chain as
+/// not in force (an answer normally takes one netlink round trip).
+const SETTLE_WAIT: Duration = Duration::from_secs(1);
 
 /// The verdict loops' handle on the kernel's memory of services.
 #[derive(Clone)]
@@ -218,6 +224,22 @@ impl Known {
         }
         if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Offer(o)) {
             self.stats.known.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns once the maps hold no verdict of a chain older than the current one, so a
+    /// chain reported in force is not overruled by what the kernel remembers of the last.
+    pub fn settle(&self) -> Result<(), String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        // Blocks only while a full backlog of offers is worked through.
+        self.tx
+            .send(Msg::Settle(tx))
+            .map_err(|_| "the writer of the kernel's maps of known services is gone".to_string())?;
+        match rx.recv_timeout(SETTLE_WAIT) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the kernel's maps of known services were not emptied within {SETTLE_WAIT:?}"
+            )),
         }
     }
 
@@ -299,17 +321,22 @@ impl Writer {
                 }
             };
             let mut offers = Vec::new();
+            let mut settles = Vec::new();
             for m in msg.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match m {
                     Msg::Offer(o) => offers.push(o),
                     Msg::Look => {}
                     Msg::Reloaded => self.forget(),
+                    Msg::Settle(answer) => settles.push(answer),
                 }
                 if offers.len() == BATCH {
                     break;
                 }
             }
-            self.look();
+            let looked = self.look();
+            for answer in settles {
+                let _ = answer.try_send(looked.clone());
+            }
             self.write(&offers);
         }
     }
@@ -325,17 +352,18 @@ impl Writer {
         self.full_until = None;
     }
 
-    /// Empties the maps if the chain or the lease table moved on since they were written.
-    fn look(&mut self) {
+    /// Empties the maps if the chain or the lease table moved on since they were written; Ok
+    /// when they then hold no verdict of an older epoch.
+    fn look(&mut self) -> Result<(), String> {
         let now = (self.pipeline.generation(), self.pipeline.lease_generation());
         if now == self.epoch {
-            return;
+            return Ok(());
         }
-        self.epoch = now;
         if !self.remembers(Instant::now()) {
             // Nothing written is left to take back.
+            self.epoch = now;
             self.forget();
-            return;
+            return Ok(());
         }
         let mut b = Batch::new(TABLE, self.seq);
         for m in MAPS {
@@ -343,12 +371,16 @@ impl Writer {
         }
         match self.send(b) {
             Ok(()) => {
+                self.epoch = now;
                 self.stats.known.flushes.fetch_add(1, Ordering::Relaxed);
                 self.forget();
+                Ok(())
             }
-            // The verdicts can no longer be taken back; at least they lapse on their own.
+            // The epoch stays: the next look tries again (offers of the new chain are not
+            // written until it succeeds), while the old verdicts at least lapse on their own.
             Err(e) => {
-                tracing::error!(error = %e, table = TABLE, "cannot empty the kernel's maps of known services after a change")
+                tracing::error!(error = %e, table = TABLE, "cannot empty the kernel's maps of known services after a change");
+                Err(format!("cannot empty the kernel's maps of known services: {e}"))
             }
         }
     }

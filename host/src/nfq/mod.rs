@@ -187,6 +187,7 @@ pub fn start(
         known,
         loaded,
         current: first,
+        settled: chain.generation,
     };
     std::thread::Builder::new()
         .name("weft-nfq-rules".into())
@@ -210,6 +211,8 @@ struct RulesFollower {
     known: Option<Known>,
     loaded: Option<Option<Ipv4Net>>,
     current: rules::RuleSet,
+    /// The chain generation the maps of known services were last emptied for.
+    settled: u64,
 }
 
 impl RulesFollower {
@@ -241,6 +244,14 @@ impl RulesFollower {
                 "kernel-path policy rules updated"
             );
             self.current = want;
+        }
+        // Verdicts the kernel remembers of the last chain would answer for this one.
+        if chain.generation != self.settled {
+            if let Some(Err(e)) = self.known.as_ref().map(Known::settle) {
+                self.pipeline.enforcer().failed(e);
+                return;
+            }
+            self.settled = chain.generation;
         }
         self.pipeline.enforcer().applied(chain.generation);
     }

@@ -61,6 +61,8 @@ pub struct LoadedModule {
     pub order: i32,
     /// The signature stored with it.
     pub signature: Option<super::signature::Signature>,
+    /// The spec's revision, reported with the module's state.
+    pub revision: String,
     /// The trusted key its signature verified with (none when this node trusts no keys).
     pub signed_by: Option<String>,
     /// The compiled code, or why there is none.
@@ -253,6 +255,7 @@ impl Pipeline {
             .map(|m| ModuleStatus {
                 name: m.name.to_string(),
                 sha256: m.sha256.clone(),
+                revision: Some(m.revision.clone()),
                 state: if m.compiled.is_ok() {
                     super::spec::LOADED
                 } else {
@@ -327,6 +330,7 @@ impl Pipeline {
             dry_run: s.dry_run,
             order: s.order,
             signature: s.signature.clone(),
+            revision: s.revision(),
             signed_by,
             compiled,
             stats,

@@ -110,6 +110,7 @@ mod tests {
         ModuleStatus {
             name: name.into(),
             sha256: "ab".into(),
+            revision: None,
             state: "loaded".into(),
             error: None,
         }

@@ -13,6 +13,7 @@ pub mod limit;
 pub mod pool;
 pub mod registry;
 pub mod replay;
+pub mod rollout;
 pub mod runtime;
 pub mod shape;
 pub mod signature;

@@ -143,6 +143,20 @@ pub async fn list(store: &dyn LeaseStore) -> Result<(Vec<ModuleSpec>, Vec<NodeSt
     Ok((specs, nodes))
 }
 
+/// How far module `name`'s stored code has reached on `nodes` (the leases' PublicIPs); `None`
+/// when no such module is stored.
+pub async fn rollout(
+    store: &dyn LeaseStore,
+    name: &str,
+    nodes: &[String],
+) -> Result<Option<super::rollout::Rollout>, RegistryError> {
+    let (specs, reports) = list(store).await?;
+    Ok(specs
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| super::rollout::Rollout::of(s, nodes, &reports)))
+}
+
 fn readable_specs(docs: Vec<Doc>) -> Vec<ModuleSpec> {
     docs.into_iter()
         .filter_map(|d| match ModuleSpec::from_json(&d.value) {

@@ -86,6 +86,23 @@ impl ModuleSpec {
         }
     }
 
+    /// Which version of the whole spec this is: a digest of the code's sha256 and every setting
+    /// a node runs it with. A change of config alone keeps the code's sha256, so a node's report
+    /// carries this too, to say it runs the new config and not only the same code.
+    pub fn revision(&self) -> String {
+        let settings = serde_json::json!({
+            "sha256": self.sha256,
+            "config": self.config,
+            "order": self.order,
+            "failure": self.failure,
+            "dry_run": self.dry_run,
+            "signature": self.signature,
+        });
+        let mut d = hex(&sha256(settings.to_string().as_bytes()));
+        d.truncate(16);
+        d
+    }
+
     /// Replaces the code.
     pub fn set_wasm(&mut self, wasm: &[u8]) {
         self.sha256 = hex(&sha256(wasm));
@@ -125,6 +142,9 @@ pub struct ModuleStatus {
     pub name: String,
     /// sha256 of the code loaded (or that failed to load).
     pub sha256: String,
+    /// The spec's [`ModuleSpec::revision`] (absent from agents older than it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// `loaded`, `pending` (loaded, not in force on the kernel path yet) or `failed`.
     pub state: String,
     /// Why loading failed, or why the module is pending.
@@ -153,6 +173,33 @@ pub struct NodeStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revision_changes_with_every_setting_and_only_with_them() {
+        let s = ModuleSpec::new("fw", b"\0asm\x01\0\0\0", "{}".into());
+        let r = s.revision();
+        assert_eq!(r.len(), 16);
+        assert_eq!(ModuleSpec::from_json(&s.to_json()).unwrap().revision(), r);
+        let changed = [
+            ModuleSpec {
+                config: "{ }".into(),
+                ..s.clone()
+            },
+            ModuleSpec { order: 1, ..s.clone() },
+            ModuleSpec {
+                failure: FailurePolicy::Open,
+                ..s.clone()
+            },
+            ModuleSpec {
+                dry_run: true,
+                ..s.clone()
+            },
+            ModuleSpec::new("fw", b"\0asm\x01\0\0\0\0", "{}".into()),
+        ];
+        for c in changed {
+            assert_ne!(c.revision(), r, "{c:?}");
+        }
+    }
 
     #[test]
     fn specs_round_trip_and_catch_tampered_code() {

@@ -106,6 +106,7 @@ fn entry_of(module: &Value, updated: &Value) -> Value {
     json!({
         "state": module["state"],
         "sha256": module["sha256"],
+        "revision": module.get("revision").cloned().unwrap_or(Value::Null),
         "error": module.get("error").cloned().unwrap_or(Value::Null),
         "updated": updated,
     })
@@ -125,7 +126,9 @@ pub fn report_patches(objects: &BTreeMap<String, DynamicObject>, node: &str, rep
         let Some(o) = objects.get(module) else { continue };
         let want = entry_of(m, &updated);
         let have = &o.data["status"]["nodes"][node];
-        let same = ["state", "sha256", "error"].iter().all(|k| have[*k] == want[*k]);
+        let same = ["state", "sha256", "revision", "error"]
+            .iter()
+            .all(|k| have[*k] == want[*k]);
         if !same {
             out.push((module.to_string(), json!({ "status": { "nodes": { node: want } } })));
         }
@@ -151,8 +154,10 @@ pub fn report_docs(objects: &BTreeMap<String, DynamicObject>) -> Vec<Doc> {
             let slot = by_node.entry(node.clone()).or_default();
             slot.0 = slot.0.max(e["updated"].as_u64().unwrap_or(0));
             let mut m = json!({ "name": module, "sha256": e["sha256"], "state": e["state"] });
-            if let Some(err) = e["error"].as_str() {
-                m["error"] = json!(err);
+            for k in ["error", "revision"] {
+                if let Some(v) = e[k].as_str() {
+                    m[k] = json!(v);
+                }
             }
             slot.1.push(m);
         }
@@ -205,5 +210,23 @@ mod tests {
         assert_eq!(v["modules"][0], json!({"name":"fw","sha256":"ab","state":"loaded"}));
         assert_eq!(forget_patches(&objects, "198.18.0.2").len(), 1);
         assert!(forget_patches(&objects, "198.18.0.3").is_empty());
+    }
+
+    #[test]
+    fn a_new_revision_of_the_same_code_is_written_and_read_back() {
+        let mut objects = BTreeMap::new();
+        objects.insert("fw".to_string(), object_of("fw", &spec_json()).unwrap());
+        let report = |rev: &str| {
+            format!(
+                r#"{{"node":"n","updated":1,"modules":[{{"name":"fw","sha256":"ab","revision":"{rev}","state":"loaded"}}]}}"#
+            )
+        };
+        let patches = report_patches(&objects, "n", report("r1").as_bytes());
+        objects.get_mut("fw").unwrap().data["status"] = patches[0].1["status"].clone();
+        let patches = report_patches(&objects, "n", report("r2").as_bytes());
+        assert_eq!(patches.len(), 1, "a config change alone is news");
+        objects.get_mut("fw").unwrap().data["status"] = patches[0].1["status"].clone();
+        let v: Value = serde_json::from_slice(&report_docs(&objects)[0].value).unwrap();
+        assert_eq!(v["modules"][0]["revision"], "r2");
     }
 }
