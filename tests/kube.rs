@@ -290,6 +290,14 @@ fn flannel_node_moves_to_weft(c: &mut TestCluster, f: usize) {
         let (ok, out) = ping_output(&src, dst);
         assert!(ok, "node {a} -> node {b} after the move:\n{out}");
     }
+    // Every node now runs Weft: a module added through the Kubernetes store with --wait is in
+    // force on all three (the moved node, which ran no module, reports it once it loads it).
+    let fw = policy_wasm("firewall").display().to_string();
+    let out = c
+        .weft_module(1, &["add", "moved", &fw, "--config-json", r#"{"rules":[]}"#, "--wait", "30"])
+        .expect("add --wait");
+    assert!(out.contains("module moved in force on all 3 node(s)"), "{out}");
+    c.weft_module(1, &["rm", "moved"]).expect("rm");
 }
 
 /// A module applied with kubectl is enforced on every Weft node (and on traffic from the
