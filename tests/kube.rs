@@ -294,7 +294,10 @@ fn flannel_node_moves_to_weft(c: &mut TestCluster, f: usize) {
     // force on all three (the moved node, which ran no module, reports it once it loads it).
     let fw = policy_wasm("firewall").display().to_string();
     let out = c
-        .weft_module(1, &["add", "moved", &fw, "--config-json", r#"{"rules":[]}"#, "--wait", "30"])
+        .weft_module(
+            1,
+            &["add", "moved", &fw, "--config-json", r#"{"rules":[]}"#, "--wait", "30"],
+        )
         .expect("add --wait");
     assert!(out.contains("module moved in force on all 3 node(s)"), "{out}");
     c.weft_module(1, &["rm", "moved"]).expect("rm");
