@@ -440,18 +440,58 @@ fn the_command_line_goes_through_the_api() {
 }
 
 /// `schema` with every object that lists its properties closed to others: an answer carrying a
-/// field the document does not name disagrees with it as much as a wrong type does.
+/// field the document does not name disagrees with it as much as a wrong type does. An `allOf`
+/// (a struct flattened into another) is closed as a whole (`unevaluatedProperties`), its parts
+/// left open: each part closed alone would refuse the other parts' fields.
 fn closed(schema: &mut serde_json::Value) {
+    let mut parts = Vec::new();
+    all_of_refs(schema, &mut parts);
+    for r in parts {
+        if let Some(name) = r.strip_prefix("#/components/schemas/") {
+            if let Some(part) = schema["components"]["schemas"].get_mut(name) {
+                part[OPEN_PART] = true.into();
+            }
+        }
+    }
+    close(schema);
+}
+
+/// Marks a schema that is part of an `allOf`, for [`close`] (validators ignore it).
+const OPEN_PART: &str = "x-open-part";
+
+/// The `$ref`s named as parts of an `allOf` anywhere in `v`.
+fn all_of_refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            let parts = m.get("allOf").and_then(|a| a.as_array()).into_iter().flatten();
+            out.extend(parts.filter_map(|p| p["$ref"].as_str().map(str::to_string)));
+            m.values().for_each(|x| all_of_refs(x, out));
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| all_of_refs(x, out)),
+        _ => {}
+    }
+}
+
+fn close(schema: &mut serde_json::Value) {
     match schema {
         serde_json::Value::Object(m) => {
-            if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+            if let Some(serde_json::Value::Array(parts)) = m.get_mut("allOf") {
+                parts
+                    .iter_mut()
+                    .filter(|p| p.is_object())
+                    .for_each(|p| p[OPEN_PART] = true.into());
+                m.insert("unevaluatedProperties".into(), false.into());
+            } else if m.contains_key("properties")
+                && !m.contains_key("additionalProperties")
+                && !m.contains_key(OPEN_PART)
+            {
                 m.insert("additionalProperties".into(), false.into());
             }
             for v in m.values_mut() {
-                closed(v);
+                close(v);
             }
         }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(closed),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(close),
         _ => {}
     }
 }
@@ -498,7 +538,13 @@ fn live_answers_agree_with_the_openapi_document() {
         .as_array()
         .is_some_and(|n| n.len() == 2)));
     let sha = json(&up)["sha256"].clone();
-    let in_force = |r: &serde_json::Value| r["nodes"] == 2 && r["loaded"] == 2 && r["sha256"] == sha;
+    let in_force = |r: &serde_json::Value| {
+        r["nodes"] == 2
+            && r["loaded"] == 2
+            && r["sha256"] == sha
+            && r["complete"] == true
+            && r["summary"] == "loaded on 2 of 2 node(s)"
+    };
     assert!(
         eventually(Duration::from_secs(15), || in_force(&json(
             &api.get(1, "/modules/fw/rollout")
@@ -570,4 +616,20 @@ fn live_answers_agree_with_the_openapi_document() {
         schema["Mode"]
     );
     assert_eq!(schema["FailurePolicy"]["enum"], serde_json::json!(["closed", "open"]));
+}
+
+#[test]
+fn a_closed_all_of_takes_its_parts_fields_and_refuses_others() {
+    let mut root = serde_json::json!({
+        "allOf": [
+            {"$ref": "#/components/schemas/Part"},
+            {"type": "object", "properties": {"extra": {"type": "boolean"}}}
+        ],
+        "components": {"schemas": {"Part": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
+    });
+    closed(&mut root);
+    let v = jsonschema::validator_for(&root).expect("schema");
+    assert!(v.is_valid(&serde_json::json!({"n": 1, "extra": true})));
+    assert!(!v.is_valid(&serde_json::json!({"n": 1, "extra": true, "stray": 0})));
+    assert!(!v.is_valid(&serde_json::json!({"n": "one", "extra": true})));
 }

@@ -65,6 +65,16 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         "return document.querySelector('#live').textContent === 'live'",
         Duration::from_secs(10)
     ));
+    // Node 3's agent is frozen while the module is added: its lease stays, and its catching up
+    // later writes no lease, so only the page's own polling can see it (other nodes' reports
+    // raise no event on this node).
+    let node3 = c.lab.nodes[2].underlay_ip.to_string();
+    let pid3 = c.lab.nodes[2].agent.as_ref().expect("node 3's agent").pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, pid3.as_str()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid3}");
+    };
+    signal("-STOP");
     one.type_into("#token", &token);
     one.type_into("#upload input[name=name]", "audit");
     one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
@@ -109,6 +119,37 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         two.wait_for(listed, Duration::from_secs(15)),
         "node 2's dashboard never showed the module"
     );
+    // The page shows the rollout as the API words it: in force on 2 of the 3 nodes holding a
+    // lease, and which node holds it up.
+    let rollout = "const c = document.querySelector('#modules tbody tr[data-module=audit] td.rollout'); \
+                   return c ? c.textContent : ''";
+    let held_up = format!(
+        "const c = document.querySelector('#modules tbody tr[data-module=audit] td.rollout'); \
+         return !!c && c.textContent.startsWith('2 of 3') && c.textContent.includes('{node3}')"
+    );
+    assert!(
+        two.wait_for(&held_up, Duration::from_secs(15)),
+        "rollout cell: {}",
+        two.eval(rollout, json!([]))
+    );
+    assert_eq!(
+        two.eval(
+            "return document.querySelector('#modules tbody tr[data-module=audit] td.rollout .pill').className",
+            json!([])
+        ),
+        json!("pill wait")
+    );
+    // Node 3 wakes and loads it: both pages follow without a reload.
+    signal("-CONT");
+    let in_force = "const c = document.querySelector('#modules tbody tr[data-module=audit] td.rollout'); \
+                    return !!c && c.textContent === '3 of 3' && c.querySelector('.pill').className === 'pill on'";
+    for (b, which) in [(&one, "node 1"), (&two, "node 2")] {
+        assert!(
+            b.wait_for(in_force, Duration::from_secs(30)),
+            "{which}'s rollout cell: {}",
+            b.eval(rollout, json!([]))
+        );
+    }
     let row = two.eval(
         "return document.querySelector('#modules tbody tr[data-module=audit]').textContent",
         json!([]),

@@ -3,7 +3,7 @@
 
 const api = "/api/v1";
 const $ = (s) => document.querySelector(s);
-const state = { config: null, leases: [], byNet: new Map(), modules: [], nodes: [], stats: null, hover: -1 };
+const state = { config: null, leases: [], byNet: new Map(), modules: [], rollouts: new Map(), nodes: [], stats: null, hover: -1 };
 const COLORS = { free: "#e5e8ee", leased: "#3b82f6", own: "#10b981", expiring: "#f59e0b", reserved: "#9ca3af" };
 const EXPIRING_SECS = 3600;
 
@@ -177,9 +177,8 @@ function renderModules() {
   for (const m of state.modules) {
     const tr = document.createElement("tr");
     tr.dataset.module = m.name;
-    const loaded = m.nodes.filter((n) => n.state === "loaded").length;
     const v = Object.entries(m.metrics.verdicts).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`).join(", ");
-    tr.append(td(String(m.order)), td(m.name, true), td(m.mode), td(m.failure), td(`${loaded}/${m.nodes.length}`),
+    tr.append(td(String(m.order)), td(m.name, true), td(m.mode), td(m.failure), rolloutCell(state.rollouts.get(m.name)),
       td(m.signed_by || "unsigned"), td(String(m.metrics.calls)), td(v || "-"));
     const actions = document.createElement("td");
     const btn = (label, fn) => { const b = document.createElement("button"); b.textContent = label; b.onclick = fn; actions.appendChild(b); };
@@ -189,6 +188,26 @@ function renderModules() {
     tr.appendChild(actions);
     body.appendChild(tr);
   }
+}
+
+// On how many of the nodes holding a lease the module's current revision decides traffic and,
+// while that is not every node, the API's one line on what holds it up (the line `weft module
+// add --wait` prints).
+function rolloutCell(r) {
+  const cell = document.createElement("td");
+  cell.className = "rollout";
+  if (!r) { cell.textContent = "-"; return cell; }
+  const count = document.createElement("span");
+  count.className = "pill " + (r.complete ? "on" : r.failed.length ? "off" : "wait");
+  count.textContent = `${r.loaded} of ${r.nodes}`;
+  cell.append(count);
+  if (!r.complete) {
+    const why = document.createElement("div");
+    why.className = "why muted";
+    why.textContent = r.summary;
+    cell.append(why);
+  }
+  return cell;
 }
 
 async function act(method, name, body) {
@@ -218,7 +237,27 @@ async function loadLeases() {
   drawMap();
   renderNodes();
 }
-async function loadModules() { state.modules = await call("GET", "/modules"); renderModules(); }
+// Other nodes' reports raise no event on this node, so a rollout in progress is read again
+// until it completes: every 2 s while it moves, backing off to 30 s while it stands still (a
+// node that never runs Weft keeps a rollout incomplete for good).
+const ROLLOUT_POLL_MS = [2000, 30000];
+const rolloutPoll = { timer: null, ms: ROLLOUT_POLL_MS[0], last: "" };
+// An event says something moved: the next read counts as a change and polling starts fast.
+function rolloutsMayMove() { rolloutPoll.last = ""; rolloutPoll.ms = ROLLOUT_POLL_MS[0]; }
+async function loadModules() {
+  const modules = await call("GET", "/modules");
+  const rollouts = await Promise.all(modules.map((m) =>
+    call("GET", "/modules/" + encodeURIComponent(m.name) + "/rollout").catch(() => null)));
+  state.modules = modules;
+  state.rollouts = new Map(modules.map((m, i) => [m.name, rollouts[i]]));
+  renderModules();
+  clearTimeout(rolloutPoll.timer);
+  if (!rollouts.some((r) => r && !r.complete)) { rolloutPoll.ms = ROLLOUT_POLL_MS[0]; return; }
+  const seen = JSON.stringify(rollouts);
+  rolloutPoll.ms = seen === rolloutPoll.last ? Math.min(rolloutPoll.ms * 2, ROLLOUT_POLL_MS[1]) : ROLLOUT_POLL_MS[0];
+  rolloutPoll.last = seen;
+  rolloutPoll.timer = setTimeout(() => loadModules().catch(() => {}), rolloutPoll.ms);
+}
 
 async function loadDecisions() {
   const rows = await call("GET", "/decisions?limit=20");
@@ -246,8 +285,9 @@ function live() {
   const es = new EventSource(api + "/events");
   const pill = $("#live");
   es.addEventListener("hello", () => { pill.textContent = "live"; pill.className = "pill on"; });
-  es.addEventListener("lease", () => soon(loadLeases));
-  es.addEventListener("modules", () => loadModules());
+  // A lease that comes or goes changes every rollout's count of nodes too.
+  es.addEventListener("lease", () => { rolloutsMayMove(); soon(() => Promise.all([loadLeases(), loadModules()]).catch(() => {})); });
+  es.addEventListener("modules", () => { rolloutsMayMove(); loadModules().catch(() => {}); });
   es.addEventListener("resync", () => loadAll());
   let ticks = 0;
   es.addEventListener("stats", (e) => {

@@ -9,11 +9,10 @@ use axum::Json;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::views::{Mode, ModuleMetrics, ModulePatch, ModuleView};
+use super::views::{Mode, ModuleMetrics, ModulePatch, ModuleView, RolloutView};
 use super::ApiState;
 use crate::wasm::chain::clock_ms;
 use crate::wasm::registry::{self, Changes};
-use crate::wasm::rollout::Rollout;
 use crate::wasm::{FailurePolicy, ModuleSpec};
 
 async fn views(s: &ApiState) -> Result<Vec<ModuleView>, ApiError> {
@@ -56,8 +55,8 @@ pub async fn get(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Re
 /// How far the module's stored code has reached: on how many of the nodes holding a lease it
 /// decides traffic, and which nodes have it pending or failed (with why) or do not run it yet.
 #[utoipa::path(get, path = "/modules/{name}/rollout", tag = "modules", params(("name" = String, Path)),
-    responses((status = 200, body = Rollout), (status = 404, body = ErrorBody)))]
-pub async fn rollout(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<Rollout>, ApiError> {
+    responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody)))]
+pub async fn rollout(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Json<RolloutView>, ApiError> {
     let nodes: Vec<String> = super::leases::all(&s)
         .await?
         .iter()
@@ -65,7 +64,7 @@ pub async fn rollout(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -
         .collect();
     registry::rollout(s.store.as_ref(), &name, &nodes)
         .await?
-        .map(Json)
+        .map(|r| Json(r.into()))
         .ok_or_else(|| ApiError::NotFound(format!("no module named {name}")))
 }
 

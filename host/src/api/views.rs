@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::lease::Lease;
+use crate::wasm::rollout::Rollout;
 use crate::wasm::signature::Signature;
 use crate::wasm::spec::{FailurePolicy, ModuleSpec, ModuleStatus, NodeStatus};
 use crate::wasm::stats::{ModuleStats, VerdictKind};
@@ -235,6 +236,28 @@ impl ModuleView {
                 })
                 .collect(),
             metrics,
+        }
+    }
+}
+
+/// A module's rollout as the API answers it: the counts and lists, and the verdict and the one
+/// line `weft module add --wait` prints, so every client words a rollout the same way.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    /// Every node holding a lease runs this revision in force.
+    pub complete: bool,
+    /// How far it is and what holds it up, in one line (a few nodes named per list).
+    pub summary: String,
+}
+
+impl From<Rollout> for RolloutView {
+    fn from(rollout: Rollout) -> Self {
+        RolloutView {
+            complete: rollout.complete(),
+            summary: rollout.summary(),
+            rollout,
         }
     }
 }
