@@ -436,7 +436,13 @@ fn the_command_line_goes_through_the_api() {
     let err = weft_in(&c, 1, &["status", "--server", "http://127.0.0.1:1"]).expect_err("nobody there");
     assert!(err.contains("cannot reach the agent at http://127.0.0.1:1"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(module(&["rm", "fw"]).expect("rm").contains("removed module fw"));
+    let out = module(&["rm", "fw", "--wait", "15"]).expect("rm");
+    assert!(out.contains("removed module fw"), "{out}");
+    assert!(out.contains("module fw removed from all 2 node(s)"), "{out}");
+    for n in 1..=2 {
+        let (_, nodes) = c.lab.http_get(n, "/api/v1/nodes").expect("nodes");
+        assert!(!nodes.contains("\"name\":\"fw\""), "node {n} still lists fw: {nodes}");
+    }
 }
 
 /// `schema` with every object that lists its properties closed to others: an answer carrying a

@@ -20,7 +20,11 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         b.goto("http://127.0.0.1:8286/");
         assert!(
             b.wait_for(RENDERED, Duration::from_secs(20)),
-            "the dashboard never rendered"
+            "the dashboard never rendered: {}",
+            b.eval(
+                "return document.readyState + ', ' + document.querySelector('#map-summary').textContent",
+                json!([])
+            )
         );
     }
 

@@ -66,7 +66,33 @@ fn host_gw_routes_traffic_and_keeps_its_routes_right() {
     );
     assert!(tcp_connects(&p1, &p3ns, p3, 7778), "other ports pass");
     assert!(c.metric(1, "weft_kernel_policy_packets_total{verdict=\"deny\"}") >= 1.0);
-    c.weft_module(1, &["rm", "fw"]).expect("rm");
+    // `rm --wait` returns once no node runs it: the port it denied connects at once.
+    let out = c.weft_module(1, &["rm", "fw", "--wait", "20"]).expect("rm --wait");
+    assert!(out.contains("module fw removed from all 3 node(s)"), "{out}");
+    assert!(tcp_connects(&p1, &p3ns, p3, 7777), "tcp/7777 refused after rm --wait");
+
+    // A node whose agent is frozen still runs it (its rules stay in its kernel): the wait
+    // names it, and the node drops the rules once it wakes.
+    c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg, "--wait", "20"])
+        .expect("add again");
+    assert!(!tcp_connects(&p1, &p3ns, p3, 7777));
+    let pid3 = c.lab.nodes[2].agent.as_ref().expect("node 3's agent").pid().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, pid3.as_str()]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid3}");
+    };
+    signal("-STOP");
+    let err = c.weft_module(1, &["rm", "fw", "--wait", "2"]);
+    signal("-CONT");
+    let err = err.expect_err("node 3 cannot remove it while frozen");
+    let node3 = c.lab.nodes[2].underlay_ip.to_string();
+    assert!(
+        err.contains(&format!(
+            "module fw still runs after 2 s: removed from 2 of 3 node(s); still running it: {node3}"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(eventually(Duration::from_secs(20), || tcp_connects(
         &p1, &p3ns, p3, 7777
     )));

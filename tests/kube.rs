@@ -300,6 +300,19 @@ fn flannel_node_moves_to_weft(c: &mut TestCluster, f: usize) {
         )
         .expect("add --wait");
     assert!(out.contains("module moved in force on all 3 node(s)"), "{out}");
+    // A node's report of a module lives in its WasmModule's status, which removal deletes:
+    // `rm --wait` says so, in one line, before it removes anything.
+    let err = c
+        .weft_module(1, &["rm", "moved", "--wait", "30"])
+        .expect_err("rm --wait on kube");
+    assert!(
+        err.contains("rm --wait cannot follow a removal on the Kubernetes store")
+            && err.contains("nothing was removed"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let ls = c.weft_module(1, &["ls"]).expect("ls");
+    assert!(ls.lines().any(|l| l.starts_with("moved ")), "{ls}");
     c.weft_module(1, &["rm", "moved"]).expect("rm");
 }
 
@@ -393,6 +406,14 @@ fn modules_through_the_rest_api(c: &TestCluster) {
     let o: Value = serde_json::from_str(&k.must(&["get", "wm", "gate", "-o", "json"])).expect("JSON");
     assert_eq!(o["spec"]["mode"], "dry-run", "{o}");
     assert_eq!(o["metadata"]["generation"], 2, "a spec change is a new generation: {o}");
+    let err = try_module(&["rm", "gate", "--wait"])
+        .expect_err("rm --wait through the API on kube")
+        .to_string();
+    assert!(
+        err.contains("rm --wait cannot follow a removal on the Kubernetes store"),
+        "{err}"
+    );
+    k.must(&["get", "wm", "gate"]);
     module(&["rm", "gate"]);
     let gone = k.kubectl(&["get", "wm", "gate"]).expect_err("deleted");
     assert!(gone.contains("not found"), "{gone}");

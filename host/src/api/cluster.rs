@@ -31,6 +31,7 @@ pub async fn config(State(s): State<Arc<ApiState>>) -> Result<Json<ConfigView>, 
         subnet_max: c.subnet_max.to_string(),
         backend: c.backend.kind.clone(),
         raw,
+        removal_reported: s.store.reports_outlive_modules(),
     }))
 }
 

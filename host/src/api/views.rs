@@ -81,6 +81,9 @@ pub struct ConfigView {
     /// The config exactly as stored.
     #[schema(value_type = Object)]
     pub raw: serde_json::Value,
+    /// Whether the nodes' reports show a removed module leaving them (false on Kubernetes,
+    /// where a module's reports are deleted with it), which `weft module rm --wait` needs.
+    pub removal_reported: bool,
 }
 
 /// A node: its lease and what it last reported.

@@ -4,9 +4,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use super::rollout::{wait_for, Source, Written};
 use super::{print_json, LimitArgs, Output, ServerArgs, StoreArgs};
 use weft::wasm::spec::{FAILED, LOADED};
 
@@ -155,6 +156,10 @@ enum StoredAction {
     Rm {
         /// Module name.
         name: String,
+        /// Wait until no node holding a lease runs it any more, up to SECS (60 when given
+        /// bare); fail naming the nodes that still do when time runs out.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60")]
+        wait: Option<u64>,
     },
     /// List modules and which code each node has loaded.
     Ls,
@@ -210,16 +215,10 @@ impl StoredAction {
     /// How long to wait for the change to be in force (`--wait`), if at all.
     fn wait(&self) -> Option<u64> {
         match self {
-            StoredAction::Add { wait, .. } | StoredAction::Set { wait, .. } => *wait,
-            StoredAction::Rm { .. } | StoredAction::Ls => None,
+            StoredAction::Add { wait, .. } | StoredAction::Set { wait, .. } | StoredAction::Rm { wait, .. } => *wait,
+            StoredAction::Ls => None,
         }
     }
-}
-
-/// A module the store took: its name and the revision nodes will report.
-struct Written {
-    name: String,
-    revision: String,
 }
 
 /// A module command with its files read: what both the store path and the API path carry out.
@@ -283,7 +282,7 @@ impl ModuleOp {
                     signature: read_signature(&signature)?,
                 },
             ),
-            StoredAction::Rm { name } => ModuleOp::Rm(name),
+            StoredAction::Rm { name, .. } => ModuleOp::Rm(name),
             StoredAction::Ls => ModuleOp::Ls,
         })
     }
@@ -342,14 +341,25 @@ fn sign(wasm: &PathBuf, config: &ConfigArg, key: &PathBuf, out: Option<PathBuf>)
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Why `rm --wait` is refused, before anything is removed, where reports do not outlive it.
+const REMOVAL_UNSEEN: &str = "rm --wait cannot follow a removal on the Kubernetes store: a node's report of a \
+     module lives in its WasmModule's status, which removing the module deletes; nothing was removed \
+     (remove it without --wait)";
+
 async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action: StoredAction) -> Result<()> {
     let wait = action.wait();
     let op = ModuleOp::read(action)?;
+    let follow_removal = matches!(op, ModuleOp::Rm(_)) && wait.is_some();
     if let Some(client) = server.client(None)? {
+        if follow_removal {
+            let c: serde_json::Value = client.call("GET", "/config", None, b"").await?;
+            if c["removal_reported"] == false {
+                bail!("{REMOVAL_UNSEEN}");
+            }
+        }
         let written = module_via_api(&client, op, server.output).await?;
         if let (Some(secs), Some(w)) = (wait, written) {
-            let look = async || super::rollout::from_api(&client, &w.name).await;
-            super::rollout::wait_in_force(&w.name, &w.revision, secs, look).await?;
+            wait_for(&w, secs, Source::Api(&client)).await?;
         }
         return Ok(());
     }
@@ -362,18 +372,21 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
         _ => opts.open_existing().await,
     }
     .context("opening the lease store")?;
+    if follow_removal && !store.reports_outlive_modules() {
+        bail!("{REMOVAL_UNSEEN}");
+    }
     let rt = weft::wasm::Runtime::new(limits.limits()?)?;
     let written = match op {
         ModuleOp::Add(spec) => {
             let (name, sha, revision) = (spec.name.clone(), spec.sha256.clone(), spec.revision());
             registry::add(store.as_ref(), &rt, spec).await?;
             println!("added module {name} (sha256 {sha})");
-            Written { name, revision }
+            Written::Revision { name, revision }
         }
         ModuleOp::Set(name, changes) => {
             let spec = registry::set(store.as_ref(), &rt, &name, changes).await?;
             println!("updated module {name} (sha256 {})", spec.sha256);
-            Written {
+            Written::Revision {
                 name,
                 revision: spec.revision(),
             }
@@ -381,7 +394,7 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
         ModuleOp::Rm(name) => {
             registry::remove(store.as_ref(), &name).await?;
             println!("removed module {name}");
-            return Ok(());
+            Written::Removed(name)
         }
         ModuleOp::Ls => {
             let (specs, nodes) = registry::list(store.as_ref()).await?;
@@ -400,8 +413,7 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
         }
     };
     if let Some(secs) = wait {
-        let look = async || super::rollout::from_store(store.as_ref(), &written.name).await;
-        super::rollout::wait_in_force(&written.name, &written.revision, secs, look).await?;
+        wait_for(&written, secs, Source::Store(store.as_ref())).await?;
     }
     Ok(())
 }
@@ -492,7 +504,7 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
         ModuleOp::Rm(name) => {
             let _: V = c.call("DELETE", &format!("/modules/{name}"), None, b"").await?;
             println!("removed module {name}");
-            Ok(None)
+            Ok(Some(Written::Removed(name)))
         }
         ModuleOp::Ls => {
             let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
@@ -507,7 +519,7 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
 
 /// What the store took, from the module view an upload or a change answers with.
 fn written_view(v: &serde_json::Value) -> Written {
-    Written {
+    Written::Revision {
         name: v["name"].as_str().unwrap_or_default().to_string(),
         revision: v["revision"].as_str().unwrap_or_default().to_string(),
     }

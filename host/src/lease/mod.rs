@@ -162,6 +162,13 @@ pub trait LeaseStore: Send + Sync {
     /// Human-readable description of the store, for logs.
     fn describe(&self) -> String;
 
+    /// Whether a node's report of the modules it runs outlives a module's removal, so that
+    /// the removal can be followed to the nodes (`weft module rm --wait`). On Kubernetes a
+    /// node's report of a module lives in that WasmModule's status and is deleted with it.
+    fn reports_outlive_modules(&self) -> bool {
+        true
+    }
+
     /// The raw network config JSON, if the store has one.
     async fn network_config(&self) -> Result<Option<String>, StoreError>;
 

@@ -2,8 +2,9 @@
 //! lease it decides traffic, where it is pending or failed (and why), and where older code or
 //! none still runs. `weft module add --wait` and `GET /modules/{name}/rollout` both answer from
 //! this, over the leases and the nodes' stored reports, so one rule says when a change is in
-//! force everywhere. Leases, not report ages, say which nodes count: on Kubernetes a report
-//! entry is rewritten only when it changes, so its age says nothing about the node.
+//! force everywhere; `weft module rm --wait` asks [`Removal`] where a removed one still runs.
+//! Leases, not report ages, say which nodes count: on Kubernetes a report entry is rewritten
+//! only when it changes, so its age says nothing about the node.
 
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,52 @@ impl Rollout {
     }
 }
 
+/// Where a removed module still has effect, among the nodes holding a lease: those whose last
+/// report still lists it, in any state (a module that failed there still decides by its failure
+/// policy). A node reports the chain without it once that chain is in force, so a node that
+/// no longer lists it no longer runs it. A node that never reported runs nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// Nodes holding a lease.
+    pub nodes: usize,
+    /// Nodes still listing the module.
+    pub still: Vec<String>,
+}
+
+impl Removal {
+    /// The removal of module `name` on `nodes` (the PublicIPs of the leases), from the nodes'
+    /// last reports.
+    pub fn of(name: &str, nodes: &[String], reports: &[NodeStatus]) -> Self {
+        let lists_it = |node: &String| {
+            reports
+                .iter()
+                .any(|r| r.node == *node && r.modules.iter().any(|m| m.name == name))
+        };
+        Removal {
+            nodes: nodes.len(),
+            still: nodes.iter().filter(|n| lists_it(n)).cloned().collect(),
+        }
+    }
+
+    /// No node holding a lease runs it any more.
+    pub fn complete(&self) -> bool {
+        self.still.is_empty()
+    }
+
+    /// One line: how far the removal is, and where it still runs.
+    pub fn summary(&self) -> String {
+        let done = format!(
+            "removed from {} of {} node(s)",
+            self.nodes - self.still.len(),
+            self.nodes
+        );
+        match self.still.is_empty() {
+            true => done,
+            false => format!("{done}; still running it: {}", named(&self.still)),
+        }
+    }
+}
+
 /// The first few of `items`, and how many more: a summary of 5,000 nodes stays one line.
 fn named(items: &[String]) -> String {
     let shown = items[..items.len().min(NAMED)].join(", ");
@@ -144,6 +191,34 @@ mod tests {
 
     fn nodes(ips: &[&str]) -> Vec<String> {
         ips.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_removal_waits_for_every_node_that_still_lists_the_module_in_any_state() {
+        let fw = spec(b"fw", "{}");
+        let other = ModuleSpec::new("other", b"x", "{}".into());
+        let reports = [
+            report("10.0.0.1", vec![runs(&other, LOADED, None)]),
+            report("10.0.0.2", vec![runs(&fw, LOADED, None)]),
+            report("10.0.0.3", vec![runs(&fw, FAILED, Some("untrusted key"))]),
+            report("10.0.0.9", vec![runs(&fw, LOADED, None)]),
+        ];
+        let ips = nodes(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        let r = Removal::of("fw", &ips, &reports);
+        assert_eq!(
+            r.still,
+            ["10.0.0.2", "10.0.0.3"],
+            "10.0.0.9 holds no lease; 10.0.0.4 never reported"
+        );
+        assert!(!r.complete());
+        assert_eq!(
+            r.summary(),
+            "removed from 2 of 4 node(s); still running it: 10.0.0.2, 10.0.0.3"
+        );
+        let gone = [report("10.0.0.2", vec![runs(&other, LOADED, None)])];
+        let r = Removal::of("fw", &ips, &gone);
+        assert!(r.complete());
+        assert_eq!(r.summary(), "removed from 4 of 4 node(s)");
     }
 
     #[test]

@@ -387,6 +387,10 @@ impl KubeStore {
 
 #[async_trait]
 impl LeaseStore for KubeStore {
+    fn reports_outlive_modules(&self) -> bool {
+        false
+    }
+
     fn describe(&self) -> String {
         format!(
             "kubernetes {} (annotations {}/)",
