@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use serde_json::json;
 use weft_tests::webdriver::Browser;
 use weft_tests::*;
@@ -73,12 +74,7 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     // later writes no lease, so only the page's own polling can see it (other nodes' reports
     // raise no event on this node).
     let node3 = c.lab.nodes[2].underlay_ip.to_string();
-    let pid3 = c.lab.nodes[2].agent.as_ref().expect("node 3's agent").pid().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill").args([sig, pid3.as_str()]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid3}");
-    };
-    signal("-STOP");
+    c.lab.signal_agent(3, Signal::SIGSTOP).expect("freeze node 3");
     one.type_into("#token", &token);
     one.type_into("#upload input[name=name]", "audit");
     one.type_into("#upload input[name=wasm]", &policy_wasm("audit").display().to_string());
@@ -144,7 +140,7 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         json!("pill wait")
     );
     // Node 3 wakes and loads it: both pages follow without a reload.
-    signal("-CONT");
+    c.lab.signal_agent(3, Signal::SIGCONT).expect("wake node 3");
     let in_force = "const c = document.querySelector('#modules tbody tr[data-module=audit] td.rollout'); \
                     return !!c && c.textContent === '3 of 3' && c.querySelector('.pill').className === 'pill on'";
     for (b, which) in [(&one, "node 1"), (&two, "node 2")] {

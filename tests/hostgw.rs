@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use weft_tests::*;
 
 const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw","RouteCheckSecs":1}}"#;
@@ -76,14 +77,9 @@ fn host_gw_routes_traffic_and_keeps_its_routes_right() {
     c.weft_module(1, &["add", "fw", &fw, "--config-json", cfg, "--wait", "20"])
         .expect("add again");
     assert!(!tcp_connects(&p1, &p3ns, p3, 7777));
-    let pid3 = c.lab.nodes[2].agent.as_ref().expect("node 3's agent").pid().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill").args([sig, pid3.as_str()]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid3}");
-    };
-    signal("-STOP");
+    c.lab.signal_agent(3, Signal::SIGSTOP).expect("freeze node 3");
     let err = c.weft_module(1, &["rm", "fw", "--wait", "2"]);
-    signal("-CONT");
+    c.lab.signal_agent(3, Signal::SIGCONT).expect("wake node 3");
     let err = err.expect_err("node 3 cannot remove it while frozen");
     let node3 = c.lab.nodes[2].underlay_ip.to_string();
     assert!(

@@ -28,18 +28,28 @@ pub(crate) enum Source<'a> {
 
 /// Waits up to `secs` for what the store took to be in force on every node.
 pub(crate) async fn wait_for(written: &Written, secs: u64, from: Source<'_>) -> Result<()> {
-    match (written, from) {
-        (Written::Revision { name, revision }, Source::Store(s)) => {
-            wait_in_force(name, revision, secs, async || from_store(s, name).await).await
+    match written {
+        Written::Revision { name, revision } => {
+            wait_in_force(name, revision, secs, async || from.rollout(name).await).await
         }
-        (Written::Revision { name, revision }, Source::Api(c)) => {
-            wait_in_force(name, revision, secs, async || from_api(c, name).await).await
+        Written::Removed(name) => wait_removed(name, secs, async || from.removal(name).await).await,
+    }
+}
+
+impl Source<'_> {
+    /// The rollout of module `name`; none when it is not stored.
+    async fn rollout(&self, name: &str) -> Result<Option<Rollout>> {
+        match self {
+            Source::Store(s) => from_store(*s, name).await,
+            Source::Api(c) => from_api(c, name).await,
         }
-        (Written::Removed(name), Source::Store(s)) => {
-            wait_removed(name, secs, async || removal_from_store(s, name).await).await
-        }
-        (Written::Removed(name), Source::Api(c)) => {
-            wait_removed(name, secs, async || removal_from_api(c, name).await).await
+    }
+
+    /// Where the removed module `name` still runs.
+    async fn removal(&self, name: &str) -> Result<Removal> {
+        match self {
+            Source::Store(s) => removal_from_store(*s, name).await,
+            Source::Api(c) => removal_from_api(c, name).await,
         }
     }
 }

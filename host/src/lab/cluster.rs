@@ -338,6 +338,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends `signal` to node `i`'s agent: SIGSTOP and SIGCONT freeze and wake it, as a node
+    /// that hangs (its lease, report and kernel state stay as they were).
+    pub fn signal_agent(&self, i: usize, signal: nix::sys::signal::Signal) -> Result<(), LabError> {
+        let n = self.node(i)?;
+        let a = n
+            .agent
+            .as_ref()
+            .ok_or_else(|| LabError::Probe(format!("node {i} runs no agent")))?;
+        let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+        nix::sys::signal::kill(pid, signal)
+            .map_err(|e| LabError::Probe(format!("signal {signal} to node {i}'s agent: {e}")))
+    }
+
     /// Stops node `i`'s agent: gracefully (SIGTERM) or by SIGKILL.
     pub fn stop_agent(&mut self, i: usize, graceful: bool) -> Result<Option<std::process::ExitStatus>, LabError> {
         let n = self.node_mut(i)?;
