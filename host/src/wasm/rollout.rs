@@ -6,6 +6,8 @@
 //! Leases, not report ages, say which nodes count: on Kubernetes a report entry is rewritten
 //! only when it changes, so its age says nothing about the node.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::{Deserialize, Serialize};
 
 use super::spec::{ModuleSpec, ModuleStatus, NodeStatus, FAILED, LOADED};
@@ -60,8 +62,11 @@ impl Rollout {
             nodes: nodes.len(),
             ..Rollout::default()
         };
+        // One pass over the reports, then one lookup per node: 5,000 nodes cost 5,000 steps,
+        // not 25 million comparisons.
+        let by_node: HashMap<&str, &NodeStatus> = reports.iter().map(|r| (r.node.as_str(), r)).collect();
         for node in nodes {
-            let Some(report) = reports.iter().find(|n| n.node == *node) else {
+            let Some(report) = by_node.get(node.as_str()) else {
                 r.unreported.push(node.clone());
                 continue;
             };
@@ -122,14 +127,14 @@ impl Removal {
     /// The removal of module `name` on `nodes` (the PublicIPs of the leases), from the nodes'
     /// last reports.
     pub fn of(name: &str, nodes: &[String], reports: &[NodeStatus]) -> Self {
-        let lists_it = |node: &String| {
-            reports
-                .iter()
-                .any(|r| r.node == *node && r.modules.iter().any(|m| m.name == name))
-        };
+        let listing: HashSet<&str> = reports
+            .iter()
+            .filter(|r| r.modules.iter().any(|m| m.name == name))
+            .map(|r| r.node.as_str())
+            .collect();
         Removal {
             nodes: nodes.len(),
-            still: nodes.iter().filter(|n| lists_it(n)).cloned().collect(),
+            still: nodes.iter().filter(|n| listing.contains(n.as_str())).cloned().collect(),
         }
     }
 
