@@ -608,6 +608,101 @@ fn firewall_on_the_kernel_path_queues_only_first_packets() {
     )));
 }
 
+/// Packets waiting on NFQUEUE `queue` in node `n` for a verdict (`queue_total`).
+fn waiting(c: &TestCluster, n: usize, queue: u16) -> u64 {
+    let text = in_node(c, n, &["cat", "/proc/net/netfilter/nfnetlink_queue"]);
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.first() == Some(&queue.to_string().as_str()))
+        .filter_map(|f| f.get(2).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
+/// A backlog of new flows (node 1's agent frozen while they queue, allowed and denied ones
+/// interleaved) is answered in batches when the agent wakes, and each flow as the firewall
+/// decides: every allowed datagram arrives, no denied one does.
+#[test]
+fn a_backlog_of_new_flows_is_answered_in_batches_each_as_decided() {
+    use nix::sys::signal::Signal;
+    use std::net::UdpSocket;
+    use weft::lab::netns::enter_and_run;
+
+    let mut c = TestCluster::with_config("vb", StoreKind::Embedded, 2, VXLAN, &[]);
+    c.up(1);
+    let fw = policy_wasm("firewall").display().to_string();
+    let cfg = r#"{"per_flow":true,"rules":[{"action":"deny","protocol":"udp","ports":["30000-30099"]}]}"#;
+    let out = c
+        .weft_module(1, &["add", "fw", &fw, "--config-json", cfg, "--wait", "20"])
+        .expect("add --wait");
+    assert!(out.contains("in force on all 2 node(s)"), "{out}");
+    let ((p1, _), (p2, ip2)) = (c.pod(1, 1), c.pod(2, 1));
+    // Allowed and denied ports in turn, so every burst the agent reads mixes both.
+    let ports: Vec<u16> = (0..100).flat_map(|i| [31000 + i, 30000 + i]).collect();
+    let bound = ports.clone();
+    let receivers = enter_and_run(&p2, move || {
+        bound
+            .iter()
+            .map(|&p| UdpSocket::bind((ip2, p)))
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .expect("pod 2")
+    .expect("bind the receivers");
+
+    c.lab.signal_agent(1, Signal::SIGSTOP).expect("freeze node 1's agent");
+    let sent = ports.clone();
+    let send = enter_and_run(&p1, move || -> std::io::Result<()> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        sent.iter()
+            .try_for_each(|&p| s.send_to(&p.to_be_bytes(), (ip2, p)).map(drop))
+    });
+    let queued_all = eventually(Duration::from_secs(10), || waiting(&c, 1, 8472) >= 200);
+    let held = waiting(&c, 1, 8472);
+    c.lab.signal_agent(1, Signal::SIGCONT).expect("wake node 1's agent");
+    send.expect("pod 1").expect("send");
+    assert!(queued_all, "only {held} of 200 new flows waited on node 1's queue");
+
+    let mut got = vec![false; ports.len()];
+    let delivered = |got: &mut Vec<bool>| {
+        let mut b = [0u8; 16];
+        for (k, r) in receivers.iter().enumerate() {
+            r.set_nonblocking(true).expect("nonblocking");
+            while r.recv(&mut b).is_ok() {
+                got[k] = true;
+            }
+        }
+        (0..ports.len()).step_by(2).all(|k| got[k])
+    };
+    let all_allowed = eventually(Duration::from_secs(10), || delivered(&mut got));
+    std::thread::sleep(Duration::from_millis(500));
+    delivered(&mut got);
+    let missing: Vec<u16> = (0..ports.len())
+        .step_by(2)
+        .filter(|&k| !got[k])
+        .map(|k| ports[k])
+        .collect();
+    let leaked: Vec<u16> = (1..ports.len())
+        .step_by(2)
+        .filter(|&k| got[k])
+        .map(|k| ports[k])
+        .collect();
+    assert!(
+        all_allowed && missing.is_empty(),
+        "allowed flows never arrived: {missing:?}"
+    );
+    assert!(leaked.is_empty(), "denied flows arrived: {leaked:?}");
+    assert_eq!(waiting(&c, 1, 8472), 0, "packets left waiting for a verdict");
+    let batches = c.metric(1, "weft_kernel_policy_verdicts_total{kind=\"batch\"}");
+    let singles = c.metric(1, "weft_kernel_policy_verdicts_total{kind=\"packet\"}");
+    assert!(
+        batches >= 1.0,
+        "no batch verdict for a backlog of 200 ({singles} single verdicts)"
+    );
+    assert!(
+        c.metric(1, "weft_kernel_policy_packets_total{verdict=\"deny\"}") >= 100.0,
+        "node 1 did not deny the 100 denied flows"
+    );
+}
+
 /// Another program's socket bound to NFQUEUE `queue` in node `n`'s namespace, held until dropped
 /// (as an IDS listening on the queue Weft was told to use would).
 fn hold_queue(c: &TestCluster, n: usize, queue: u16) -> weft::nfq::socket::Socket {

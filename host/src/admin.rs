@@ -394,6 +394,14 @@ fn kernel(f: &mut Family, s: &AgentState) -> std::fmt::Result {
         ],
     )?;
     f.counter(
+        "weft_kernel_policy_verdicts",
+        "Verdict messages sent to the kernel: on one packet, or on every allowed packet of a burst at once (batch).",
+        [
+            (vec![("kind", "packet".to_string())], load(&k.single_verdicts)),
+            (vec![("kind", "batch".to_string())], load(&k.batch_verdicts)),
+        ],
+    )?;
+    f.counter(
         "weft_kernel_policy_errors",
         "Queue messages that did not parse and verdicts that could not be sent.",
         one(load(&k.errors)),

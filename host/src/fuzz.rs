@@ -125,8 +125,57 @@ proptest! {
 
     #[test]
     fn nfqueue_verdicts_read_back(queue in any::<u16>(), id in any::<u32>(), verdict in 0u32..5, mark in proptest::option::of(any::<u32>())) {
-        let msg = crate::nfq::msg::verdict(queue, id, verdict, mark);
+        let mut msg = Vec::new();
+        crate::nfq::msg::verdict(&mut msg, queue, id, verdict, mark);
+        crate::nfq::msg::verdict_batch(&mut msg, queue, id, verdict, mark);
         prop_assert!(crate::nfq::msg::parse(&msg).is_ok());
+    }
+
+    /// Whatever the bursts, gaps and lost reads, the kernel (modelled: a verdict answers its
+    /// packet, a batch every waiting packet up to its id) ends with each packet answered as
+    /// decided, and a packet whose message was lost answered by nothing.
+    #[test]
+    fn planned_verdicts_answer_each_packet_as_decided(
+        bursts in proptest::collection::vec((proptest::collection::vec(any::<bool>(), 0..8), any::<bool>(), 0u8..8), 1..20)
+    ) {
+        use std::collections::BTreeMap;
+        let mut planner = crate::nfq::verdicts::Planner::bound(3, 0x10_0000);
+        let (mut next, mut waiting, mut answered) = (1u32, BTreeMap::new(), BTreeMap::new());
+        let mut unseen = Vec::new();
+        for (allows, gap, lost) in bursts {
+            next += u32::from(gap); // a packet the kernel never queued
+            if lost == 0 {
+                waiting.insert(next, ());
+                unseen.push(next);
+                planner.lost();
+                next += 1;
+            }
+            let burst: Vec<_> = allows.iter().enumerate()
+                .map(|(k, &allow)| crate::nfq::verdicts::Decided { id: next + k as u32, allow })
+                .collect();
+            next += allows.len() as u32;
+            for d in &burst {
+                waiting.insert(d.id, ());
+            }
+            let mut out = Vec::new();
+            planner.plan(&burst, &mut out);
+            for (kind, verdict, id, _) in crate::nfq::msg::read_verdicts(&out) {
+                let hit: Vec<u32> = match kind {
+                    1 => waiting.contains_key(&id).then_some(id).into_iter().collect(),
+                    _ => waiting.range(..=id).map(|(w, _)| *w).collect(),
+                };
+                for w in hit {
+                    waiting.remove(&w);
+                    answered.insert(w, verdict == crate::nfq::msg::NF_REPEAT);
+                }
+            }
+            for d in &burst {
+                prop_assert_eq!(answered.get(&d.id), Some(&d.allow), "packet {}", d.id);
+            }
+            for u in &unseen {
+                prop_assert!(!answered.contains_key(u), "packet {} answered unseen", u);
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 #   Weft udp with the firewall    vs Weft udp without modules (every row)
 # Rows: TCP 1 and 4 streams, UDP 64 B, idle ping RTT (300 pings 5 ms apart), sockperf ping-pong
 # latency (64 B), 1,000 concurrent UDP flows of 64 B, and of sizes 64-1,400 B changing from one
-# datagram to the next (GSO/GRO cannot coalesce them), new connections per second, and the
+# datagram to the next (GSO/GRO cannot coalesce them), new connections per second (one client,
+# and 8 at once, where the agent answers a burst of first packets together), and the
 # agents' CPU at idle and under a TCP stream.
 #
 #   sudo tests/bench/dataplane.sh            # 3 rounds of 10 s per test (the recorded numbers)
@@ -68,10 +69,11 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
   setup_weft vxub '{"Type":"vxlan","Userspace":true}'
   setup_weft udpfwb udp "'$WEFT' module --store '$TMP/udpfwb.db' add fw '$FWB' --config-json '$CFG' >/dev/null"
   setup_weft vxpb '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpb.db' add fw '$FWB' --config-json '$CFG' >/dev/null"
-  WEFT=$NOW; PATHS+=" udpb udpfwb vxub vxpb"; USERSPACE+=" udpb udpfwb vxub"; CONN+=" vxpb"
+  setup_weft vxpfb '{"Type":"vxlan"}' "'$WEFT' module --store '$TMP/vxpfb.db' add fw '$FWB' --config-json '$CFG_FLOW' >/dev/null"
+  WEFT=$NOW; PATHS+=" udpb udpfwb vxub vxpb vxpfb"; USERSPACE+=" udpb udpfwb vxub"; CONN+=" vxpb vxpfb"
 fi
 # MODES="tcp" (or "tcp conn", ...) measures only those; the setup stays the same.
-MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows mixed conn cpu}
+MODES=${MODES:-tcp tcp4 udp64 ping sockperf flows mixed conn conn8 cpu}
 command -v sockperf >/dev/null || MODES=${MODES//sockperf/}
 [[ -x "$UDPFLOWS" ]] || { MODES=${MODES//flows/}; MODES=${MODES//mixed/}; }
 for t in $PATHS; do
@@ -88,13 +90,14 @@ ip netns exec "$P-vxp-n1" iptables -S WEFT-POLICY | grep -q NFQUEUE \
 # queued <tag>: packets node 1 of a path has queued to its agent so far (id_sequence).
 queued() { ip netns exec "$P-$1-n1" awk '$1 >= 8472 && $1 < 8480 {s += $8} END {print s+0}' /proc/net/netfilter/nfnetlink_queue; }
 
-# connrate <tag> <server ip>: new TCP connections per second, one client, back to back.
+# connrate <tag> <server ip> [clients]: new TCP connections per second, one client (or that
+# many at once), each opening connections back to back.
 connrate() {
-  local t=$1 ip=$2
+  local t=$1 ip=$2 clients=${3:-1}
   ip netns exec "$P-$t-p2" python3 "$ROOT/tests/bench/connrate.py" serve "$ip" 9000 &
   local spid=$!
   sleep 0.5
-  ip netns exec "$P-$t-p1" python3 "$ROOT/tests/bench/connrate.py" run "$ip" 9000 "$CONN_SECS"
+  ip netns exec "$P-$t-p1" python3 "$ROOT/tests/bench/connrate.py" run "$ip" 9000 "$CONN_SECS" "$clients"
   kill $spid 2>/dev/null; wait $spid 2>/dev/null || true
 }
 
@@ -109,7 +112,7 @@ cpu() {
 
 declare -A R
 q0=$(queued vxp); f0=$(queued vxpf)
-for mode in tcp tcp4 udp64 ping sockperf flows mixed conn cpu; do
+for mode in tcp tcp4 udp64 ping sockperf flows mixed conn conn8 cpu; do
   for t in $PATHS; do R[$t-$mode]=""; done
   [[ " $MODES " == *" $mode "* ]] || continue
   for _ in $(seq "$ROUNDS"); do
@@ -122,6 +125,7 @@ for mode in tcp tcp4 udp64 ping sockperf flows mixed conn cpu; do
       flows) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}")"; done ;;
       mixed) for t in $USERSPACE kvx; do R[$t-$mode]+=" $(udpflows $t "${POD2[$t]}" 64-1400)"; done ;;
       conn) for t in $CONN; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}")"; done ;;
+      conn8) for t in $CONN; do R[$t-$mode]+=" $(connrate $t "${POD2[$t]}" 8)"; done ;;
       cpu) for t in $USERSPACE; do [[ $t == udpfw* ]] || R[$t-$mode]+=" $(cpu $t)"; done ;;
     esac
   done
@@ -163,10 +167,13 @@ row "udp+firewall / udp, mixed sizes (kpps)" udpfw udp mixed
 row "vxlan+NFQUEUE / vxlan, TCP (Gbit/s)" vxp vx tcp
 row "vxlan+NFQUEUE / vxlan, conn/s" vxp vx conn
 row "same, every flow asked, conn/s" vxpf vx conn
+row "vxlan+NFQUEUE / vxlan, conn/s, 8 clients" vxp vx conn8
+row "same, every flow asked, 8 clients" vxpf vx conn8
 row "same, nodes with --ip-masq, TCP (Gbit/s)" vxpm vxm tcp
 row "same, nodes with --ip-masq, conn/s" vxpm vxm conn
 row "host-gw / plain routes, TCP (Gbit/s)" hg plain tcp
 row "vxlan / kernel VXLAN, conn/s" vx kvx conn
+row "vxlan / kernel VXLAN, conn/s, 8 clients" vx kvx conn8
 if [[ -n "${WEFT_BEFORE:-}" ]]; then
   for m in "tcp TCP (Gbit/s)" "tcp4 TCP 4 streams (Gbit/s)" "udp64 UDP 64 B (kpps)" "ping idle ping RTT (ms)" \
     "sockperf sockperf pp 64 B (us)" "flows 1,000 UDP flows (kpps)" "mixed mixed sizes (kpps)"; do
@@ -175,6 +182,8 @@ if [[ -n "${WEFT_BEFORE:-}" ]]; then
     row "udp+firewall / before, ${m#* }" udpfw udpfwb "${m%% *}"
   done
   row "vxlan+NFQUEUE / before, conn/s" vxp vxpb conn
+  row "every flow asked / before, conn/s" vxpf vxpfb conn
+  row "every flow asked / before, 8 clients" vxpf vxpfb conn8
 fi
 for t in $USERSPACE; do
   [[ $t == udpfw* ]] && continue

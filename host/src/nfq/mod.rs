@@ -20,6 +20,7 @@ pub mod nft;
 pub mod nl;
 pub mod rules;
 pub mod socket;
+pub mod verdicts;
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +53,10 @@ pub struct PolicyStats {
     pub allowed: AtomicU64,
     /// Packets dropped by a verdict.
     pub denied: AtomicU64,
+    /// Verdict messages sent on one packet each.
+    pub single_verdicts: AtomicU64,
+    /// Batch verdicts sent, each on every allowed packet of a burst.
+    pub batch_verdicts: AtomicU64,
     /// Messages that did not parse or verdicts that could not be sent.
     pub errors: AtomicU64,
     /// What the kernel was told of services decided for more than one flow.
@@ -257,116 +262,190 @@ impl RulesFollower {
     }
 }
 
-/// The verdict loop of one queue: every packet the kernel handed over in one read is answered
-/// (from the chain's cache or its modules), the verdicts leave in one send, and the thread
-/// polls a moment longer before it sleeps.
+/// Bytes read per queued packet: its message holds [`COPY_RANGE`] bytes of the packet and
+/// about a hundred of attributes, so a slot this size never cuts one.
+const SLOT: usize = 2048;
+
+/// The verdict loop of one queue: every packet waiting is read in one `recvmmsg` (up to
+/// [`socket::MAX_READS`]), decided (from the chain's cache or its modules) and answered in one
+/// send, its allowed packets by one batch verdict ([`verdicts`]); the thread polls a moment
+/// longer before it sleeps.
 fn serve(socket: QueueSocket, pipeline: Arc<Pipeline>, stats: Arc<PolicyStats>, known: Option<Known>) {
-    let mut chain = WorkerChain::new(pipeline.clone());
-    let mut buf = vec![0u8; 1 << 16];
-    let mut replies: Vec<u8> = Vec::with_capacity(8192);
-    let mut failures = 0u32;
-    let mut spin = crate::tunnel::spin::Spin::new(SPIN);
-    loop {
-        let n = match socket.sock.recv(&mut buf, true) {
-            Ok(n) => {
-                failures = 0;
-                n
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if spin.keep_spinning(std::time::Instant::now()) {
-                    // Polite: whatever else wants this core runs first.
-                    std::thread::yield_now();
-                } else {
-                    socket.sock.wait();
+    let planner = verdicts::Planner::bound(socket.queue, rules::ALLOW);
+    Server {
+        chain: WorkerChain::new(pipeline.clone()),
+        socket,
+        pipeline,
+        stats,
+        known,
+        planner,
+        buf: vec![0u8; SLOT * socket::MAX_READS],
+        lens: [None; socket::MAX_READS],
+        burst: Vec::with_capacity(socket::MAX_READS),
+        replies: Vec::with_capacity(64 * socket::MAX_READS),
+    }
+    .run()
+}
+
+/// One queue's verdict loop and what it reuses from burst to burst.
+struct Server {
+    socket: QueueSocket,
+    pipeline: Arc<Pipeline>,
+    stats: Arc<PolicyStats>,
+    known: Option<Known>,
+    chain: WorkerChain,
+    planner: verdicts::Planner,
+    buf: Vec<u8>,
+    lens: [Option<usize>; socket::MAX_READS],
+    burst: Vec<verdicts::Decided>,
+    replies: Vec<u8>,
+}
+
+impl Server {
+    fn run(mut self) {
+        let mut failures = 0u32;
+        let mut spin = crate::tunnel::spin::Spin::new(SPIN);
+        loop {
+            let n = match self.socket.sock.recv_many(&mut self.buf, SLOT, &mut self.lens) {
+                Ok(n) => {
+                    failures = 0;
+                    n
                 }
-                continue;
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if spin.keep_spinning(std::time::Instant::now()) {
+                        // Polite: whatever else wants this core runs first.
+                        std::thread::yield_now();
+                    } else {
+                        self.socket.sock.wait();
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    failures += 1;
+                    if self.gives_up(&e, failures) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            spin.traffic(std::time::Instant::now());
+            self.decide(n);
+            self.reply();
+        }
+    }
+
+    /// Counts a failed receive; true once the socket has failed too often to go on.
+    fn gives_up(&self, e: &std::io::Error, failures: u32) -> bool {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if failures == 1 {
+            tracing::warn!(error = %e, "NFQUEUE receive failed");
+        }
+        if failures > 10_000 {
+            self.stats.available.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "NFQUEUE socket keeps failing; kernel-path policy stopped");
+            return true;
+        }
+        false
+    }
+
+    /// Decides every packet of the `n` messages just read, in order, into `burst`.
+    fn decide(&mut self, n: usize) {
+        self.burst.clear();
+        self.chain.refresh();
+        let now = self.chain.now_ms();
+        let own = self.pipeline.chain().own;
+        for k in 0..n {
+            let read = self.lens[k].map(|len| &self.buf[k * SLOT..k * SLOT + len]);
+            let msgs = match read.map(msg::parse) {
+                Some(Ok(msgs)) => msgs,
+                Some(Err(e)) => {
+                    unusable(&self.stats, &mut self.planner, &e.to_string());
+                    continue;
+                }
+                None => {
+                    unusable(&self.stats, &mut self.planner, "a message longer than the read");
+                    continue;
+                }
+            };
+            for m in msgs {
+                if let msg::Message::Packet { id, payload, .. } = m {
+                    let allow = decide_packet(&mut self.chain, self.known.as_ref(), own, payload, now);
+                    self.burst.push(verdicts::Decided { id, allow });
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        }
+        self.chain.flush_stats();
+    }
+
+    /// Sends the verdicts on the burst just decided, in one message batch.
+    fn reply(&mut self) {
+        let allowed = self.burst.iter().filter(|d| d.allow).count() as u64;
+        let stats = &self.stats;
+        stats.queued.fetch_add(self.burst.len() as u64, Ordering::Relaxed);
+        stats.allowed.fetch_add(allowed, Ordering::Relaxed);
+        stats
+            .denied
+            .fetch_add(self.burst.len() as u64 - allowed, Ordering::Relaxed);
+        self.replies.clear();
+        let planned = self.planner.plan(&self.burst, &mut self.replies);
+        if self.replies.is_empty() {
+            return;
+        }
+        match self.socket.sock.send(&self.replies) {
+            Ok(()) => {
+                stats
+                    .single_verdicts
+                    .fetch_add(u64::from(planned.single), Ordering::Relaxed);
+                stats
+                    .batch_verdicts
+                    .fetch_add(u64::from(planned.batches), Ordering::Relaxed);
+            }
             Err(e) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
-                failures += 1;
-                if failures == 1 {
-                    tracing::warn!(error = %e, "NFQUEUE receive failed");
-                }
-                if failures > 10_000 {
-                    stats.available.store(false, Ordering::Relaxed);
-                    tracing::error!(error = %e, "NFQUEUE socket keeps failing; kernel-path policy stopped");
-                    return;
-                }
-                continue;
-            }
-        };
-        spin.traffic(std::time::Instant::now());
-        replies.clear();
-        answer(
-            &socket,
-            &buf[..n],
-            &mut chain,
-            &pipeline,
-            &stats,
-            known.as_ref(),
-            &mut replies,
-        );
-        if !replies.is_empty() {
-            if let Err(e) = socket.sock.send(&replies) {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "NFQUEUE verdicts failed");
+                if self.planner.lost() {
+                    tracing::warn!(error = %e, "NFQUEUE verdicts could not be sent; their packets wait unanswered, and verdicts go one packet at a time from now on");
+                }
             }
         }
     }
 }
 
-/// Decides every packet of one read and appends each verdict message to `replies`.
-fn answer(
-    socket: &QueueSocket,
-    read: &[u8],
-    chain: &mut WorkerChain,
-    pipeline: &Pipeline,
-    stats: &PolicyStats,
-    known: Option<&Known>,
-    replies: &mut Vec<u8>,
-) {
-    let msgs = match msg::parse(read) {
-        Ok(m) => m,
-        Err(e) => {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "unreadable NFQUEUE message");
-            return;
-        }
-    };
-    chain.refresh();
-    let now = chain.now_ms();
-    let own = pipeline.chain().own;
-    for m in msgs {
-        let msg::Message::Packet { id, payload, .. } = m else {
-            continue;
-        };
-        stats.queued.fetch_add(1, Ordering::Relaxed);
-        // One parse answers both the direction and the decision.
-        let verdict = match crate::packet::parse_ipv4(payload) {
-            Ok(meta) => {
-                let dir = direction(own, meta.src);
-                let d = chain.decide_flow(dir, &meta, payload, now);
-                if let (Some(k), Some((scope, ttl))) = (known, d.wide) {
-                    if let Some(key) = known::ServiceKey::of(&meta, dir, scope) {
-                        let (epoch, allow) = (chain.epoch(), !d.verdict.drop);
-                        k.offer(known::Offer { epoch, key, allow, ttl });
-                    }
-                }
-                d.verdict
-            }
-            Err(_) => chain.decide(Direction::Ingress, payload, now),
-        };
-        let reply = if verdict.drop {
-            stats.denied.fetch_add(1, Ordering::Relaxed);
-            msg::verdict(socket.queue, id, msg::NF_DROP, None)
-        } else {
-            stats.allowed.fetch_add(1, Ordering::Relaxed);
-            msg::verdict(socket.queue, id, msg::NF_REPEAT, Some(rules::ALLOW))
-        };
-        replies.extend_from_slice(&reply);
+/// A message read from the queue that could not be used: its packet waits unanswered.
+fn unusable(stats: &PolicyStats, planner: &mut verdicts::Planner, why: &str) {
+    stats.errors.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(error = why, "unreadable NFQUEUE message");
+    if planner.lost() {
+        tracing::warn!(error = why, "an NFQUEUE message could not be read; its packet waits unanswered, and verdicts go one packet at a time from now on");
     }
-    chain.flush_stats();
+}
+
+/// The chain's verdict on one queued packet: whether it may pass. A verdict for a whole
+/// service is offered to the kernel's maps of known services.
+fn decide_packet(
+    chain: &mut WorkerChain,
+    known: Option<&Known>,
+    own: Option<Ipv4Net>,
+    payload: &[u8],
+    now: u64,
+) -> bool {
+    // One parse answers both the direction and the decision.
+    let verdict = match crate::packet::parse_ipv4(payload) {
+        Ok(meta) => {
+            let dir = direction(own, meta.src);
+            let d = chain.decide_flow(dir, &meta, payload, now);
+            if let (Some(k), Some((scope, ttl))) = (known, d.wide) {
+                if let Some(key) = known::ServiceKey::of(&meta, dir, scope) {
+                    let (epoch, allow) = (chain.epoch(), !d.verdict.drop);
+                    k.offer(known::Offer { epoch, key, allow, ttl });
+                }
+            }
+            d.verdict
+        }
+        Err(_) => chain.decide(Direction::Ingress, payload, now),
+    };
+    !verdict.drop
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_PACKET: u16 = 0;
 const NFQNL_MSG_VERDICT: u16 = 1;
 const NFQNL_MSG_CONFIG: u16 = 2;
+const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 
 const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
@@ -61,18 +62,27 @@ pub fn bind(queue: u16, seq: u32, copy_range: u32, flags: u32, max_len: u32) -> 
     b
 }
 
-/// A verdict on packet `id` of `queue`, setting the packet mark to `mark` when given.
-pub fn verdict(queue: u16, id: u32, verdict: u32, mark: Option<u32>) -> Vec<u8> {
-    let mut b = Vec::with_capacity(48);
-    let mut w = header(&mut b, NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, queue);
-    let mut hdr = verdict.to_be_bytes().to_vec();
-    hdr.extend_from_slice(&id.to_be_bytes());
+/// Appends a verdict on packet `id` of `queue`, setting the packet mark to `mark` when given.
+pub fn verdict(out: &mut Vec<u8>, queue: u16, id: u32, verdict: u32, mark: Option<u32>) {
+    verdict_message(out, NFQNL_MSG_VERDICT, queue, id, verdict, mark);
+}
+
+/// Appends one verdict on every packet of `queue` still waiting whose id is `id` or earlier
+/// (`NFQNL_MSG_VERDICT_BATCH`): the kernel walks its queue and answers them all alike.
+pub fn verdict_batch(out: &mut Vec<u8>, queue: u16, id: u32, verdict: u32, mark: Option<u32>) {
+    verdict_message(out, NFQNL_MSG_VERDICT_BATCH, queue, id, verdict, mark);
+}
+
+fn verdict_message(out: &mut Vec<u8>, kind: u16, queue: u16, id: u32, verdict: u32, mark: Option<u32>) {
+    let mut w = header(out, kind, NLM_F_REQUEST, 0, queue);
+    let mut hdr = [0u8; 8];
+    hdr[..4].copy_from_slice(&verdict.to_be_bytes());
+    hdr[4..].copy_from_slice(&id.to_be_bytes());
     w.attr(NFQA_VERDICT_HDR, &hdr);
     if let Some(m) = mark {
         w.attr(NFQA_MARK, &m.to_be_bytes());
     }
     w.finish();
-    b
 }
 
 /// One message read from the socket.
@@ -119,6 +129,31 @@ fn packet(body: &[u8]) -> Result<Message<'_>, Malformed> {
     })
 }
 
+/// Verdict messages read back as the kernel reads them: (message type, verdict, packet id,
+/// mark), for tests of what is sent.
+#[cfg(test)]
+pub(crate) fn read_verdicts(buf: &[u8]) -> Vec<(u16, u32, u32, Option<u32>)> {
+    let be = |d: &[u8], at: usize| {
+        d.get(at..at + 4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    nl::split(buf)
+        .expect("verdicts split")
+        .into_iter()
+        .map(|m| {
+            let (mut verdict, mut id, mut mark) = (0, 0, None);
+            for (kind, data) in nl::attrs(&m.body[NFGEN_LEN..]).expect("verdict attributes") {
+                match kind {
+                    NFQA_VERDICT_HDR => (verdict, id) = (be(data, 0), be(data, 4)),
+                    NFQA_MARK => mark = Some(be(data, 0)),
+                    _ => {}
+                }
+            }
+            (m.kind & 0xff, verdict, id, mark)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,13 +189,28 @@ mod tests {
 
     #[test]
     fn verdicts_and_binds_have_the_kernels_layout() {
-        let v = verdict(7, 0x0102_0304, NF_REPEAT, Some(0x10_0000));
+        let mut v = Vec::new();
+        verdict(&mut v, 7, 0x0102_0304, NF_REPEAT, Some(0x10_0000));
         assert_eq!(u32::from_ne_bytes(v[..4].try_into().unwrap()) as usize, v.len());
         assert_eq!(u16::from_ne_bytes([v[4], v[5]]), 0x0301, "queue subsystem, verdict");
         assert_eq!(&v[18..20], &7u16.to_be_bytes(), "queue number, big-endian");
         assert_eq!(&v[24..28], &NF_REPEAT.to_be_bytes());
         assert_eq!(&v[28..32], &0x0102_0304u32.to_be_bytes());
         assert_eq!(&v[36..40], &0x10_0000u32.to_be_bytes());
+        let mut both = v.clone();
+        verdict_batch(&mut both, 7, 9, NF_DROP, None);
+        let b = &both[v.len()..];
+        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u16::from_ne_bytes([b[4], b[5]]),
+            0x0303,
+            "queue subsystem, verdict batch"
+        );
+        assert_eq!(
+            (&b[24..28], &b[28..32]),
+            (&NF_DROP.to_be_bytes()[..], &9u32.to_be_bytes()[..])
+        );
+        assert_eq!(b.len(), 32, "no mark attribute when none is set");
         let b = bind(7, 9, 128, CFG_F_FAIL_OPEN, 4096);
         assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, b.len());
         assert_eq!(b.len() % 4, 0);

@@ -6,6 +6,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::msg::NETLINK_NETFILTER;
 
+/// Most messages one [`Socket::recv_many`] takes.
+pub const MAX_READS: usize = 32;
+
 /// An open, bound netfilter netlink socket.
 pub struct Socket {
     fd: OwnedFd,
@@ -89,6 +92,35 @@ impl Socket {
             return Err(std::io::Error::last_os_error());
         }
         Ok(r as usize)
+    }
+
+    /// Receives up to `lens.len()` messages (at most [`MAX_READS`]) with one `recvmmsg`,
+    /// without waiting: the k-th into `buf`'s k-th `slot` bytes, its length in `lens[k]`, or
+    /// `None` when it did not fit. How many; `WouldBlock` when none waits.
+    pub fn recv_many(&self, buf: &mut [u8], slot: usize, lens: &mut [Option<usize>]) -> std::io::Result<usize> {
+        let count = lens.len().min(MAX_READS).min(buf.len() / slot.max(1));
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_READS];
+        // SAFETY: a plain C struct for which all-zero is valid (null pointers, zero lengths).
+        let mut hdrs: [libc::mmsghdr; MAX_READS] = unsafe { std::mem::zeroed() };
+        for (k, chunk) in buf.chunks_exact_mut(slot.max(1)).take(count).enumerate() {
+            iovs[k] = libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            };
+            hdrs[k].msg_hdr.msg_iov = &mut iovs[k];
+            hdrs[k].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the first `count` headers each point at one iovec over a distinct, writable
+        // slot of `buf`; all of them outlive the call, which writes only inside them.
+        let n = unsafe { crate::tunnel::sock::recv_messages(self.fd.as_raw_fd(), &mut hdrs[..count]) }?;
+        for (len, h) in lens.iter_mut().zip(&hdrs).take(n) {
+            let whole = h.msg_hdr.msg_flags & libc::MSG_TRUNC == 0;
+            *len = whole.then_some(h.msg_len as usize);
+        }
+        Ok(n)
     }
 
     /// Waits until a read would return something.

@@ -228,19 +228,7 @@ impl UnderlaySocket {
         }
         // SAFETY: the first `count` headers point at live, writable buffers, addresses and
         // control buffers of the lengths given; they outlive the call.
-        let r = unsafe {
-            libc::recvmmsg(
-                self.fd(),
-                hdrs.as_mut_ptr(),
-                count as libc::c_uint,
-                libc::MSG_DONTWAIT as _,
-                std::ptr::null_mut(),
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let n = r as usize;
+        let n = unsafe { recv_messages(self.fd(), &mut hdrs[..count]) }?;
         for k in 0..n {
             let bytes = (hdrs[k].msg_len as usize).min(bufs[k].len());
             let segment = gro_segment(&hdrs[k].msg_hdr).unwrap_or(bytes).max(1);
@@ -253,6 +241,30 @@ impl UnderlaySocket {
         }
         Ok(n)
     }
+}
+
+/// One `recvmmsg` into `hdrs`, without waiting: how many messages it filled; `WouldBlock` when
+/// none waits. Shared by every socket that reads bursts (the underlay here, NFQUEUE's netlink).
+///
+/// # Safety
+/// Every header in `hdrs` must point at live buffers (iovecs, and any name or control buffer)
+/// of the lengths it gives, writable for the whole call.
+pub unsafe fn recv_messages(fd: std::os::fd::RawFd, hdrs: &mut [libc::mmsghdr]) -> std::io::Result<usize> {
+    let count = libc::c_uint::try_from(hdrs.len()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the caller vouches for what the headers point at; `count` is within `hdrs`.
+    let r = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            count,
+            libc::MSG_DONTWAIT as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as usize)
 }
 
 /// One run of [`UnderlaySocket::send_runs`]: datagrams `first..end` of the call's slices, for
