@@ -405,7 +405,12 @@ fn the_command_line_goes_through_the_api() {
     assert!(out.starts_with("added module fw (sha256 "), "{out}");
     assert!(out.contains("module fw in force on all 2 node(s)"), "{out}");
     let ls = module(&["ls"]).expect("ls");
-    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.contains(" 2/0")), "{ls}");
+    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.ends_with(" 2/2")), "{ls}");
+    let status = weft_in(&c, 1, &["status", "--token-file", &tf]).expect("status");
+    assert!(
+        status.lines().any(|l| l.starts_with("fw ") && l.ends_with(" 2/2")),
+        "status shows the module in force on both nodes: {status}"
+    );
     let audit = policy_wasm("audit").display().to_string();
     let out = module(&[
         "set",

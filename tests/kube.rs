@@ -343,8 +343,14 @@ fn module_applied_with_kubectl_blocks_a_port_everywhere(c: &TestCluster) {
         table.contains("ORDER") && table.lines().any(|l| l.starts_with("fw ") && l.contains("enforce")),
         "{table}"
     );
+    // In force on the three Weft nodes; the flannel node's lease counts, and ls says why it is
+    // not in force there.
     let ls = c.weft_module(1, &["ls"]).expect("weft module ls");
-    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.contains(" 3/0")), "{ls}");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("fw ") && l.contains(" 3/4 (no report from a Weft agent: ")),
+        "{ls}"
+    );
     // "loaded" means in force: on the kernel path the queue rules are in, no waiting for them.
     for n in 1..=3 {
         assert!(

@@ -89,7 +89,7 @@ fn firewall_added_on_one_node_blocks_a_port_on_every_node() {
         .expect("get status");
     assert_eq!(status.matches(&sha).count(), 3, "{status}");
     let ls = c.weft_module(1, &["ls"]).expect("ls");
-    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.contains(" 3/0")), "{ls}");
+    assert!(ls.lines().any(|l| l.starts_with("fw ") && l.ends_with(" 3/3")), "{ls}");
 
     c.weft_module(3, &["rm", "fw"]).expect("rm");
     let (src, _) = c.pod(1, 1);

@@ -412,10 +412,8 @@ fn queued(c: &TestCluster, n: usize, queue: u16) -> u64 {
 
 /// Whether `weft module ls` shows fw loaded on both nodes, none pending or failed.
 fn fw_loaded_on_both(c: &TestCluster) -> bool {
-    c.weft_module(1, &["ls"]).is_ok_and(|t| {
-        t.lines()
-            .any(|l| l.starts_with("fw ") && l.contains(" 2/0") && !l.contains('('))
-    })
+    c.weft_module(1, &["ls"])
+        .is_ok_and(|t| t.lines().any(|l| l.starts_with("fw ") && l.ends_with(" 2/2")))
 }
 
 /// Adds the firewall denying tcp/7777 with `--wait`, which returns once both nodes report it
@@ -755,8 +753,8 @@ fn a_node_that_cannot_enforce_reports_its_modules_pending_with_the_reason() {
     let pending = |t: &str| {
         t.lines().any(|l| {
             l.starts_with("fw ")
-                && l.contains(" 1/0 ")
-                && l.contains(&format!("{node2}: loaded, but not in force on the kernel path"))
+                && l.contains(" 1/2 (pending on ")
+                && l.contains(&format!("{node2} (loaded, but not in force on the kernel path"))
                 && l.contains("cannot bind NFQUEUE 8472: another program already listens on this queue")
         })
     };

@@ -14,7 +14,7 @@ use weft::store::StoreOptions;
 mod module;
 mod replay;
 mod rollout;
-use module::{module_command, print_modules, ModuleArgs};
+use module::{api_rollouts, module_command, print_modules, ModuleArgs};
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "Weft: an overlay network for container clusters")]
@@ -412,7 +412,7 @@ async fn status_command(a: StatusArgs) -> Result<()> {
         );
     }
     println!();
-    print_modules(&modules);
+    print_modules(&modules, &api_rollouts(&c, &modules).await);
     println!(
         "\nthis node: tx {} packets / {} bytes, rx {} packets / {} bytes, {} routes, flow cache {} hits / {} misses",
         stats["tx_packets"],

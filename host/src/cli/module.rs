@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::rollout::{wait_for, Source, Written};
 use super::{print_json, LimitArgs, Output, ServerArgs, StoreArgs};
-use weft::wasm::spec::{FAILED, LOADED};
+use weft::wasm::rollout::Rollout;
 
 #[derive(Args)]
 pub(crate) struct ModuleArgs {
@@ -169,46 +169,41 @@ fn read_wasm(p: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(p).with_context(|| format!("reading {}", p.display()))
 }
 
-pub(crate) fn print_modules(views: &[serde_json::Value]) {
+/// The module table: each module's settings and its rollout, on how many of the nodes holding
+/// a lease its current revision is in force and, until it is everywhere, what holds it up (as
+/// `--wait` words it). `rollouts` are the modules' in the same order (none: not readable).
+pub(crate) fn print_modules(views: &[serde_json::Value], rollouts: &[Option<Rollout>]) {
     println!(
-        "{:<16} {:>6} {:<8} {:<7} {:<14} {:<16} NODES (loaded/failed)",
+        "{:<16} {:>6} {:<8} {:<7} {:<14} {:<16} IN FORCE (nodes)",
         "NAME", "ORDER", "MODE", "FAILURE", "SHA256", "SIGNED BY"
     );
-    for m in views {
-        let nodes = m["nodes"].as_array().cloned().unwrap_or_default();
-        let same = |n: &&serde_json::Value| n["sha256"] == m["sha256"];
-        let loaded = nodes.iter().filter(same).filter(|n| n["state"] == LOADED).count();
-        let failed = nodes.iter().filter(same).filter(|n| n["state"] == FAILED).count();
-        let others: Vec<String> = nodes
-            .iter()
-            .filter(same)
-            .filter(|n| n["state"] != LOADED)
-            .map(|n| {
-                format!(
-                    "{}: {}",
-                    n["name"].as_str().unwrap_or("?"),
-                    n["error"].as_str().unwrap_or("failed")
-                )
-            })
-            .collect();
+    for (k, m) in views.iter().enumerate() {
         let sha = m["sha256"].as_str().unwrap_or("");
+        let in_force = match rollouts.get(k).and_then(Option::as_ref) {
+            Some(r) if r.holdups().is_empty() => format!("{}/{}", r.loaded, r.nodes),
+            Some(r) => format!("{}/{} ({})", r.loaded, r.nodes, r.holdups().join("; ")),
+            None => "?".to_string(),
+        };
         println!(
-            "{:<16} {:>6} {:<8} {:<7} {:<14} {:<16} {}/{}{}",
+            "{:<16} {:>6} {:<8} {:<7} {:<14} {:<16} {in_force}",
             m["name"].as_str().unwrap_or(""),
             m["order"],
             m["mode"].as_str().unwrap_or(""),
             m["failure"].as_str().unwrap_or(""),
             &sha[..sha.len().min(12)],
             m["signed_by"].as_str().unwrap_or("-"),
-            loaded,
-            failed,
-            if others.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", others.join("; "))
-            }
         );
     }
+}
+
+/// Each listed module's rollout as an agent's API answers it, in the order of `views`.
+pub(crate) async fn api_rollouts(c: &weft::client::Client, views: &[serde_json::Value]) -> Vec<Option<Rollout>> {
+    let mut out = Vec::with_capacity(views.len());
+    for v in views {
+        let name = v["name"].as_str().unwrap_or("");
+        out.push(super::rollout::from_api(c, name).await.ok().flatten());
+    }
+    out
 }
 
 impl StoredAction {
@@ -397,17 +392,21 @@ async fn stored(store: StoreArgs, server: ServerArgs, limits: LimitArgs, action:
             Written::Removed(name)
         }
         ModuleOp::Ls => {
-            let (specs, nodes) = registry::list(store.as_ref()).await?;
+            let (specs, reports) = registry::list(store.as_ref()).await?;
             let views: Vec<serde_json::Value> = specs
                 .iter()
                 .map(|s| {
-                    let v = weft::api::views::ModuleView::of(s, &nodes, Default::default());
+                    let v = weft::api::views::ModuleView::of(s, &reports, Default::default());
                     serde_json::to_value(v).unwrap_or_default()
                 })
                 .collect();
             match server.output {
                 Output::Json => print_json(&views)?,
-                Output::Table => print_modules(&views),
+                Output::Table => {
+                    let nodes = super::rollout::lease_nodes(store.as_ref()).await?;
+                    let rollouts: Vec<_> = specs.iter().map(|s| Some(Rollout::of(s, &nodes, &reports))).collect();
+                    print_modules(&views, &rollouts)
+                }
             }
             return Ok(());
         }
@@ -510,7 +509,7 @@ async fn module_via_api(c: &weft::client::Client, op: ModuleOp, output: Output) 
             let views: Vec<V> = c.call("GET", "/modules", None, b"").await?;
             match output {
                 Output::Json => print_json(&views)?,
-                Output::Table => print_modules(&views),
+                Output::Table => print_modules(&views, &api_rollouts(c, &views).await),
             }
             Ok(None)
         }

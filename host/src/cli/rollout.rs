@@ -116,7 +116,7 @@ async fn wait_removed(name: &str, secs: u64, mut look: impl AsyncFnMut() -> Resu
 }
 
 /// The PublicIPs of the nodes holding a lease: the nodes that count.
-async fn lease_nodes(store: &dyn LeaseStore) -> Result<Vec<String>> {
+pub(crate) async fn lease_nodes(store: &dyn LeaseStore) -> Result<Vec<String>> {
     let leases = store.list_leases().await?.leases;
     Ok(leases.iter().map(|l| l.attrs.public_ip.to_string()).collect())
 }
@@ -158,7 +158,7 @@ async fn removal_from_api(c: &Client, name: &str) -> Result<Removal> {
 }
 
 /// The rollout of module `name` as an agent's API answers it.
-async fn from_api(c: &Client, name: &str) -> Result<Option<Rollout>> {
+pub(crate) async fn from_api(c: &Client, name: &str) -> Result<Option<Rollout>> {
     match c.call("GET", &format!("/modules/{name}/rollout"), None, b"").await {
         Ok(r) => Ok(Some(r)),
         Err(weft::client::ClientError::Api { status: 404, .. }) => Ok(None),

@@ -95,19 +95,25 @@ impl Rollout {
     /// One line saying how far the rollout is and what holds it up.
     pub fn summary(&self) -> String {
         let mut parts = vec![format!("loaded on {} of {} node(s)", self.loaded, self.nodes)];
+        parts.extend(self.holdups());
+        parts.join("; ")
+    }
+
+    /// What holds the rollout up, one phrase per kind of node (failed, pending, behind, no
+    /// report), each naming its first few nodes; empty when nothing does.
+    pub fn holdups(&self) -> Vec<String> {
         let why =
             |v: &[NodeReason]| -> Vec<String> { v.iter().map(|n| format!("{} ({})", n.node, n.reason)).collect() };
-        for (label, nodes) in [
+        [
             ("failed on", why(&self.failed)),
             ("pending on", why(&self.pending)),
             ("not running it yet:", self.behind.clone()),
             ("no report from a Weft agent:", self.unreported.clone()),
-        ] {
-            if !nodes.is_empty() {
-                parts.push(format!("{label} {}", named(&nodes)));
-            }
-        }
-        parts.join("; ")
+        ]
+        .into_iter()
+        .filter(|(_, nodes)| !nodes.is_empty())
+        .map(|(label, nodes)| format!("{label} {}", named(&nodes)))
+        .collect()
     }
 }
 
@@ -253,6 +259,7 @@ mod tests {
         assert!(s.contains("pending on 10.0.0.2 (cannot bind NFQUEUE 8472)"), "{s}");
         assert!(s.contains("not running it yet: 10.0.0.4, 10.0.0.5;"), "{s}");
         assert!(s.contains("no report from a Weft agent: 10.0.0.6"), "{s}");
+        assert_eq!(r.holdups().len(), 4, "one phrase per kind of node: {:?}", r.holdups());
     }
 
     #[test]
@@ -287,6 +294,7 @@ mod tests {
         reports[1] = report("10.0.0.2", vec![runs(&new, LOADED, None)]);
         let r = Rollout::of(&new, &ips, &reports);
         assert!(r.complete(), "{}", r.summary());
+        assert!(r.holdups().is_empty(), "nothing holds up a complete rollout");
         assert!(!Rollout::of(&new, &[], &[]).complete(), "no node runs it");
     }
 
