@@ -28,10 +28,10 @@ CFG='{"default":"allow","rules":[
  {"action":"allow","protocol":"icmp"}]}'
 ip netns exec "$P-fw-n1" "$WEFT" module --store "$TMP/fw.db" add fw "$FW" --config-json "$CFG"
 for _ in $(seq 100); do
-  ip netns exec "$P-fw-n1" "$WEFT" module --store "$TMP/fw.db" ls | grep -q '^fw .* 2/0' && break
+  ip netns exec "$P-fw-n1" "$WEFT" module --store "$TMP/fw.db" ls | grep -q '^fw .* 2/2$' && break
   sleep 0.1
 done
-ip netns exec "$P-fw-n1" "$WEFT" module --store "$TMP/fw.db" ls | grep -q '^fw .* 2/0' \
+ip netns exec "$P-fw-n1" "$WEFT" module --store "$TMP/fw.db" ls | grep -q '^fw .* 2/2$' \
   || { echo "firewall not loaded on both nodes"; cat "$TMP"/fw-agent*.log; exit 1; }
 for t in none fw; do
   ip netns exec "$P-$t-p1" ping -c 2 -W 2 "${POD2[$t]}" >/dev/null || { echo "$t path broken"; cat "$TMP"/$t-agent*.log; exit 1; }

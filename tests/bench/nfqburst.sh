@@ -6,6 +6,7 @@
 # agent is woken and the time until the queue is empty gives packets answered per second.
 #
 #   sudo tests/bench/nfqburst.sh                      # 5 rounds of 4,000 packets
+#   sudo tests/bench/nfqburst.sh --quick              # 1 round of 1,000 (CI smoke run)
 #   sudo WEFT_BEFORE=/path/to/old/weft tests/bench/nfqburst.sh   # that build, same rounds
 #
 # Topology: lib.sh's two node namespaces on a veth pair, a pod behind a bridge on each.
@@ -13,6 +14,7 @@
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}; COUNT=${COUNT:-4000}
+if [[ "${1:-}" == "--quick" ]]; then ROUNDS=1; COUNT=1000; fi
 source "$(dirname "$0")/lib.sh"
 FW=${WEFT_POLICY_DIR:-$ROOT/target/policies}/firewall.wasm
 [[ -f "$FW" ]] || { echo "no $FW: run scripts/build-policies" >&2; exit 1; }
