@@ -179,11 +179,13 @@ pub(crate) fn print_modules(views: &[serde_json::Value], rollouts: &[Option<Roll
     );
     for (k, m) in views.iter().enumerate() {
         let sha = m["sha256"].as_str().unwrap_or("");
-        let in_force = match rollouts.get(k).and_then(Option::as_ref) {
-            Some(r) if r.holdups().is_empty() => format!("{}/{}", r.loaded, r.nodes),
-            Some(r) => format!("{}/{} ({})", r.loaded, r.nodes, r.holdups().join("; ")),
-            None => "?".to_string(),
-        };
+        let in_force = rollouts.get(k).and_then(Option::as_ref).map_or("?".to_string(), |r| {
+            let count = format!("{}/{}", r.loaded, r.nodes);
+            match r.holdups() {
+                h if h.is_empty() => count,
+                h => format!("{count} ({})", h.join("; ")),
+            }
+        });
         println!(
             "{:<16} {:>6} {:<8} {:<7} {:<14} {:<16} {in_force}",
             m["name"].as_str().unwrap_or(""),

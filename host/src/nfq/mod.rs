@@ -356,15 +356,14 @@ impl Server {
         let now = self.chain.now_ms();
         let own = self.pipeline.chain().own;
         for k in 0..n {
-            let read = self.lens[k].map(|len| &self.buf[k * SLOT..k * SLOT + len]);
-            let msgs = match read.map(msg::parse) {
-                Some(Ok(msgs)) => msgs,
-                Some(Err(e)) => {
-                    unusable(&self.stats, &mut self.planner, &e.to_string());
-                    continue;
-                }
-                None => {
-                    unusable(&self.stats, &mut self.planner, "a message longer than the read");
+            let parsed = match self.lens[k] {
+                Some(len) => msg::parse(&self.buf[k * SLOT..k * SLOT + len]).map_err(|e| e.to_string()),
+                None => Err("a message longer than the read".to_string()),
+            };
+            let msgs = match parsed {
+                Ok(msgs) => msgs,
+                Err(why) => {
+                    unusable(&self.stats, &mut self.planner, &why);
                     continue;
                 }
             };
