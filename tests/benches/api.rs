@@ -1,8 +1,11 @@
-//! The admin API and dashboard with 5,000 leases in the store: p50/p99 latency and requests/s
-//! of the lease list and of one lease lookup under `wrk` (Debian's), and the dashboard's time to
+//! The admin API and dashboard with 5,000 leases in the store, each node with a report of the
+//! modules it runs: p50/p99 latency and requests/s of the lease list, one lease lookup and the
+//! node list (leases joined with reports) under `wrk` (Debian's), and the dashboard's time to
 //! first render of the map (a /8 split into /24s: 65,536 slots) in headless Chromium.
 //!
 //! As root: `cargo bench -p weft-tests --bench api` (`-- --quick` for a short smoke run).
+//! `WEFT_BEFORE=<an older weft>` adds rounds in which the agent runs that binary on the same
+//! store, taking turns with this build, and prints its node list beside this one's.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use weft::lease::embedded::EmbeddedStore;
-use weft::lease::{LeaseAttrs, LeaseStore};
+use weft::lease::{DocKind, LeaseAttrs, LeaseStore};
 use weft_tests::webdriver::Browser;
 use weft_tests::{StoreKind, TestCluster};
 
@@ -35,6 +38,15 @@ fn fill(path: &std::path::Path) {
                 .await
                 .expect("lease")
                 .expect("free");
+            // Every node reports the chain it runs, as agents do (the module itself need not
+            // exist: /nodes shows reports as they are).
+            let report = json!({"node": ip.to_string(), "updated": 1_700_000_000u64 + u64::from(i), "modules": [
+                {"name": "fw", "sha256": format!("{i:064x}"), "state": "loaded"}]});
+            let name = ip.to_string();
+            store
+                .put_doc(DocKind::ModuleStatus, &name, report.to_string().as_bytes())
+                .await
+                .expect("report");
         }
     });
 }
@@ -111,10 +123,15 @@ fn main() {
             ("GET /api/v1/leases (5,001 leases)", "/api/v1/leases"),
             ("GET /api/v1/leases?limit=500 (a page)", "/api/v1/leases?limit=500"),
             ("GET /api/v1/leases/10.0.77.0-24", "/api/v1/leases/10.0.77.0-24"),
+            ("GET /api/v1/nodes (5,001 nodes, 5,000 reports)", "/api/v1/nodes"),
         ] {
             let (rps, p50, p99) = wrk(&ns, &format!("http://127.0.0.1:8286{path}"), secs, conns);
             println!("{label:<42} {rps:>10.1} {p50:>9.2} {p99:>9.2} {:>9.3}x", rps / ref_rps);
         }
+    }
+
+    if let Ok(before) = std::env::var("WEFT_BEFORE") {
+        before_and_after(&mut c, &ns, std::path::PathBuf::from(before), secs);
     }
 
     let browser = Browser::start(&ns, 9517);
@@ -133,4 +150,44 @@ fn main() {
         renders[renders.len() / 2],
         slots.as_str().unwrap_or("")
     );
+}
+
+/// `/api/v1/nodes` served by this build and by `before` in turns on the same store (the agent
+/// restarted with each binary), one client, each against `/healthz` of the same agent.
+fn before_and_after(c: &mut TestCluster, ns: &str, before: std::path::PathBuf, secs: u32) {
+    let now = c.lab.spec.weft_bin.clone();
+    let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for round in 0..3 {
+        for (label, bin) in [("this build", &now), ("before", &before)] {
+            c.lab.stop_agent(1, true).expect("stop agent");
+            c.lab.spec.weft_bin = bin.clone();
+            c.lab.start_agent(1).expect("start agent");
+            c.lab.wait_ready(1, Duration::from_secs(60)).expect("agent ready");
+            let (ref_rps, _, _) = wrk(ns, "http://127.0.0.1:8286/healthz", secs, 1);
+            let (rps, p50, _) = wrk(ns, "http://127.0.0.1:8286/api/v1/nodes", secs, 1);
+            println!("round {round}, {label}: /nodes {rps:.1} req/s, p50 {p50:.2} ms; /healthz {ref_rps:.0} req/s");
+            match rows.iter_mut().find(|r| r.0 == label) {
+                Some(r) => {
+                    r.1.push(p50);
+                    r.2.push(rps / ref_rps);
+                }
+                None => rows.push((label.to_string(), vec![p50], vec![rps / ref_rps])),
+            }
+        }
+    }
+    c.lab.stop_agent(1, true).expect("stop agent");
+    c.lab.spec.weft_bin = now;
+    c.lab.start_agent(1).expect("start agent");
+    c.lab.wait_ready(1, Duration::from_secs(60)).expect("agent ready");
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (label, p50s, ratios) in &mut rows {
+        println!(
+            "GET /api/v1/nodes, {label:<10} (median of 3): p50 {:.2} ms, {:.4}x the requests/s of /healthz",
+            median(p50s),
+            median(ratios)
+        );
+    }
 }

@@ -1,16 +1,18 @@
 //! `/config`, `/nodes` and `/stats`: the network config, every node with what it reported, and
 //! the answering node's data path counters.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::Json;
+use ipnet::Ipv4Net;
 
 use super::error::ApiError;
 use super::views::{ConfigView, LeaseView, ModuleStatusView, NodeView, PeerView, StatsView};
 use super::ApiState;
-use crate::lease::DocKind;
+use crate::lease::{DocKind, Lease};
 use crate::stats::DropReason;
 use crate::wasm::spec::NodeStatus;
 
@@ -50,23 +52,28 @@ pub async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Json<Vec<NodeView>>
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let v: Vec<NodeView> = super::leases::all(&s)
-        .await?
+    Ok(Json(node_views(&super::leases::all(&s).await?, &reports, own, now)))
+}
+
+/// Joins the leases with the nodes' reports (by PublicIP), indexing the reports once: the
+/// answer grows with the nodes, not with their square (5,000 nodes, each with a report).
+fn node_views(leases: &[Lease], reports: &[NodeStatus], own: Option<Ipv4Net>, now: u64) -> Vec<NodeView> {
+    let by_node: HashMap<&str, &NodeStatus> = reports.iter().map(|r| (r.node.as_str(), r)).collect();
+    leases
         .iter()
         .map(|l| {
             let ip = l.attrs.public_ip.to_string();
-            let report = reports.iter().find(|r| r.node == ip);
+            let report = by_node.get(ip.as_str());
             NodeView {
-                public_ip: ip,
                 lease: LeaseView::of(l, Some(l.subnet) == own),
                 last_seen_secs: report.map(|r| now.saturating_sub(r.updated)),
                 modules: report
                     .map(|r| r.modules.iter().map(ModuleStatusView::of).collect())
                     .unwrap_or_default(),
+                public_ip: ip,
             }
         })
-        .collect();
-    Ok(Json(v))
+        .collect()
 }
 
 /// This node's data path counters.
@@ -111,4 +118,57 @@ pub fn stats_view(s: &ApiState) -> StatsView {
 #[utoipa::path(get, path = "/stats", tag = "cluster", responses((status = 200, body = StatsView)))]
 pub async fn stats(State(s): State<Arc<ApiState>>) -> Json<StatsView> {
     Json(stats_view(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::lease::LeaseAttrs;
+    use crate::wasm::spec::{ModuleStatus, LOADED};
+
+    fn lease(i: u8) -> Lease {
+        Lease {
+            subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+            attrs: LeaseAttrs::new(Ipv4Addr::new(198, 18, 0, i), "udp", serde_json::Value::Null),
+            expiration: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+            revision: 1,
+            ttl_handle: 0,
+        }
+    }
+
+    fn report(i: u8, updated: u64) -> NodeStatus {
+        NodeStatus {
+            node: Ipv4Addr::new(198, 18, 0, i).to_string(),
+            updated,
+            modules: vec![ModuleStatus {
+                name: format!("m{i}"),
+                sha256: "ab".into(),
+                revision: None,
+                state: LOADED.into(),
+                error: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn each_node_gets_its_own_report_whatever_order_they_come_in() {
+        let leases = [lease(1), lease(2), lease(3)];
+        // Node 3 has not reported; 9 reported but holds no lease; the reports come in reverse.
+        let reports = [report(9, 10), report(2, 950), report(1, 900)];
+        let own = Some(leases[1].subnet);
+        let v = node_views(&leases, &reports, own, 1_000);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].public_ip, "198.18.0.1");
+        assert_eq!(v[0].last_seen_secs, Some(100));
+        assert_eq!(v[0].modules.len(), 1);
+        assert_eq!(v[0].modules[0].name, "m1");
+        assert_eq!(v[1].last_seen_secs, Some(50));
+        assert_eq!(v[1].modules[0].name, "m2");
+        assert!(v[1].lease.own && !v[0].lease.own);
+        assert_eq!(v[2].last_seen_secs, None);
+        assert!(v[2].modules.is_empty());
+    }
 }
