@@ -56,6 +56,7 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
     assert!(summary.as_str().unwrap_or("").starts_with("3 of "), "{summary}");
     let rows = one.eval("return document.querySelectorAll('#nodes tbody tr').length", json!([]));
     assert_eq!(rows, json!(3));
+    traffic_column_follows_the_stats_events(&c, &one);
     let png = one.screenshot("#map-section");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard-map.png");
@@ -169,4 +170,39 @@ fn the_map_shows_the_leases_and_an_upload_reaches_another_nodes_dashboard() {
         "return document.querySelector('#upload-result').textContent.includes('already exists')",
         Duration::from_secs(10)
     ));
+}
+
+/// Node 2's row on node 1's page shows the traffic with node 2 as each second's stats event
+/// brings it, updating its cell in place (the table is not rebuilt every second).
+fn traffic_column_follows_the_stats_events(c: &TestCluster, one: &Browser) {
+    let ip2 = json!(c.lab.nodes[1].underlay_ip.to_string());
+    let cell = format!(
+        "const row = [...document.querySelectorAll('#nodes tbody tr')] \
+         .find((r) => r.children[1].textContent === {ip2}); return row.children[5]"
+    );
+    let text = format!("{cell}.textContent");
+    one.eval(&format!("{cell}.dataset.probe = 'same cell'"), json!([]));
+    let before = one.eval(&text, json!([]));
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2ip) = c.pod(2, 1);
+    assert!(
+        eventually(Duration::from_secs(10), || ping(&p1, p2ip)),
+        "pod 1 -> pod 2"
+    );
+    // Bytes both ways: the echo went out to node 2 and its reply came back.
+    assert!(
+        one.wait_for(
+            &format!(
+                "const t = (() => {{ {text} }})(); return t !== {before} && /↑ [1-9]/.test(t) && /↓ [1-9]/.test(t)"
+            ),
+            Duration::from_secs(10)
+        ),
+        "node 2's traffic cell stayed {before} (now {})",
+        one.eval(&text, json!([]))
+    );
+    assert_eq!(
+        one.eval(&format!("{cell}.dataset.probe"), json!([])),
+        json!("same cell"),
+        "the traffic cell was rebuilt, not updated"
+    );
 }

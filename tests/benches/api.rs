@@ -130,11 +130,11 @@ fn main() {
         }
     }
 
+    let browser = Browser::start(&ns, 9517);
     if let Ok(before) = std::env::var("WEFT_BEFORE") {
-        before_and_after(&mut c, &ns, std::path::PathBuf::from(before), secs);
+        before_and_after(&mut c, &ns, &browser, std::path::PathBuf::from(before), secs);
     }
 
-    let browser = Browser::start(&ns, 9517);
     let mut renders = Vec::new();
     for _ in 0..if quick { 1 } else { 5 } {
         browser.goto("http://127.0.0.1:8286/");
@@ -143,6 +143,7 @@ fn main() {
         renders.push(ms.as_f64().expect("render time"));
     }
     let slots = browser.eval("return document.querySelector('#map-summary').textContent", json!([]));
+    stats_tick(&browser);
     renders.sort_by(f64::total_cmp);
     println!(
         "\ndashboard first render of the map (navigation start to map drawn), median of {}: {:.0} ms ({renders:?}); {}",
@@ -153,10 +154,11 @@ fn main() {
 }
 
 /// `/api/v1/nodes` served by this build and by `before` in turns on the same store (the agent
-/// restarted with each binary), one client, each against `/healthz` of the same agent.
-fn before_and_after(c: &mut TestCluster, ns: &str, before: std::path::PathBuf, secs: u32) {
+/// restarted with each binary), one client, each against `/healthz` of the same agent; and the
+/// time each one's dashboard takes to show a stats event.
+fn before_and_after(c: &mut TestCluster, ns: &str, browser: &Browser, before: std::path::PathBuf, secs: u32) {
     let now = c.lab.spec.weft_bin.clone();
-    let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut rows: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
     for round in 0..3 {
         for (label, bin) in [("this build", &now), ("before", &before)] {
             c.lab.stop_agent(1, true).expect("stop agent");
@@ -165,13 +167,19 @@ fn before_and_after(c: &mut TestCluster, ns: &str, before: std::path::PathBuf, s
             c.lab.wait_ready(1, Duration::from_secs(60)).expect("agent ready");
             let (ref_rps, _, _) = wrk(ns, "http://127.0.0.1:8286/healthz", secs, 1);
             let (rps, p50, _) = wrk(ns, "http://127.0.0.1:8286/api/v1/nodes", secs, 1);
-            println!("round {round}, {label}: /nodes {rps:.1} req/s, p50 {p50:.2} ms; /healthz {ref_rps:.0} req/s");
+            browser.goto("http://127.0.0.1:8286/");
+            assert!(browser.wait_for("return document.body.dataset.rendered === '1'", Duration::from_secs(60)));
+            let (_, _, tick) = stats_tick(browser);
+            println!(
+                "round {round}, {label}: /nodes {rps:.1} req/s, p50 {p50:.2} ms; /healthz {ref_rps:.0} req/s; stats event shown in {tick:.2} ms"
+            );
             match rows.iter_mut().find(|r| r.0 == label) {
                 Some(r) => {
                     r.1.push(p50);
                     r.2.push(rps / ref_rps);
+                    r.3.push(tick);
                 }
-                None => rows.push((label.to_string(), vec![p50], vec![rps / ref_rps])),
+                None => rows.push((label.to_string(), vec![p50], vec![rps / ref_rps], vec![tick])),
             }
         }
     }
@@ -183,11 +191,34 @@ fn before_and_after(c: &mut TestCluster, ns: &str, before: std::path::PathBuf, s
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    for (label, p50s, ratios) in &mut rows {
+    for (label, p50s, ratios, ticks) in &mut rows {
         println!(
-            "GET /api/v1/nodes, {label:<10} (median of 3): p50 {:.2} ms, {:.4}x the requests/s of /healthz",
+            "GET /api/v1/nodes, {label:<10} (median of 3): p50 {:.2} ms, {:.4}x the requests/s of /healthz; stats event shown in {:.2} ms",
             median(p50s),
-            median(ratios)
+            median(ratios),
+            median(ticks)
         );
     }
+}
+
+/// What each second's `stats` event costs the open dashboard at this size: the event's JSON and
+/// the time to show it (the stats grid and the node table's traffic column), median of 21:
+/// (bytes, peers, ms).
+fn stats_tick(browser: &Browser) -> (u64, u64, f64) {
+    assert!(
+        browser.wait_for("return !!state.stats", Duration::from_secs(30)),
+        "no stats event"
+    );
+    let v = browser.eval(
+        "const times = []; for (let i = 0; i < 21; i++) { const t = performance.now(); \
+         showStats(state.stats); times.push(performance.now() - t); } \
+         times.sort((a, b) => a - b); \
+         return [JSON.stringify(state.stats).length, state.stats.peers.length, times[10]];",
+        json!([]),
+    );
+    (
+        v[0].as_u64().unwrap_or(0),
+        v[1].as_u64().unwrap_or(0),
+        v[2].as_f64().unwrap_or(f64::NAN),
+    )
 }
