@@ -153,14 +153,30 @@ fn main() {
     );
 }
 
+/// One binary's measurements over the rounds of [`before_and_after`].
+#[derive(Default)]
+struct Runs {
+    /// `/nodes` p50, ms.
+    p50: Vec<f64>,
+    /// `/nodes` requests/s over `/healthz`'s.
+    ratio: Vec<f64>,
+    /// A stats event shown, ms.
+    tick: Vec<f64>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// `/api/v1/nodes` served by this build and by `before` in turns on the same store (the agent
 /// restarted with each binary), one client, each against `/healthz` of the same agent; and the
 /// time each one's dashboard takes to show a stats event.
 fn before_and_after(c: &mut TestCluster, ns: &str, browser: &Browser, before: std::path::PathBuf, secs: u32) {
     let now = c.lab.spec.weft_bin.clone();
-    let mut rows: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut runs = [Runs::default(), Runs::default()];
     for round in 0..3 {
-        for (label, bin) in [("this build", &now), ("before", &before)] {
+        for (k, (label, bin)) in [("this build", &now), ("before", &before)].into_iter().enumerate() {
             c.lab.stop_agent(1, true).expect("stop agent");
             c.lab.spec.weft_bin = bin.clone();
             c.lab.start_agent(1).expect("start agent");
@@ -173,30 +189,21 @@ fn before_and_after(c: &mut TestCluster, ns: &str, browser: &Browser, before: st
             println!(
                 "round {round}, {label}: /nodes {rps:.1} req/s, p50 {p50:.2} ms; /healthz {ref_rps:.0} req/s; stats event shown in {tick:.2} ms"
             );
-            match rows.iter_mut().find(|r| r.0 == label) {
-                Some(r) => {
-                    r.1.push(p50);
-                    r.2.push(rps / ref_rps);
-                    r.3.push(tick);
-                }
-                None => rows.push((label.to_string(), vec![p50], vec![rps / ref_rps], vec![tick])),
-            }
+            runs[k].p50.push(p50);
+            runs[k].ratio.push(rps / ref_rps);
+            runs[k].tick.push(tick);
         }
     }
     c.lab.stop_agent(1, true).expect("stop agent");
     c.lab.spec.weft_bin = now;
     c.lab.start_agent(1).expect("start agent");
     c.lab.wait_ready(1, Duration::from_secs(60)).expect("agent ready");
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    for (label, p50s, ratios, ticks) in &mut rows {
+    for (label, r) in ["this build", "before"].iter().zip(&mut runs) {
         println!(
             "GET /api/v1/nodes, {label:<10} (median of 3): p50 {:.2} ms, {:.4}x the requests/s of /healthz; stats event shown in {:.2} ms",
-            median(p50s),
-            median(ratios),
-            median(ticks)
+            median(&mut r.p50),
+            median(&mut r.ratio),
+            median(&mut r.tick)
         );
     }
 }
