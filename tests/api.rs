@@ -285,31 +285,10 @@ fn the_event_stream_carries_lease_module_and_counter_events() {
     let mut c = TestCluster::new("sse", StoreKind::Embedded, 2);
     c.up(1);
     let token = c.lab.admin_token().expect("token");
-    let ns = c.lab.nodes[0].ns.name().to_string();
-    let reader = std::thread::spawn(move || {
-        weft::lab::netns::enter_and_run(&ns, || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", 8286)).expect("connect");
-            s.write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
-                .expect("request");
-            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-            let mut text = String::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let mut buf = [0u8; 8192];
-            while std::time::Instant::now() < deadline {
-                if let Ok(n) = s.read(&mut buf) {
-                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-                if ["event: hello", "event: stats", "event: modules", "lease_removed"]
-                    .iter()
-                    .all(|k| text.contains(k))
-                {
-                    break;
-                }
-            }
-            text
-        })
-        .expect("enter namespace")
+    let reader = read_events(&c, Duration::from_secs(20), |text| {
+        ["event: hello", "event: stats", "event: modules", "lease_removed"]
+            .iter()
+            .all(|k| text.contains(k))
     });
     std::thread::sleep(Duration::from_secs(2));
     let fw = std::fs::read(policy_wasm("audit")).expect("audit.wasm");
@@ -343,6 +322,89 @@ fn the_event_stream_carries_lease_module_and_counter_events() {
     for k in ["event: hello", "event: stats", "event: modules", "lease_removed"] {
         assert!(text.contains(k), "no {k:?} in the stream:\n{text:.2000}");
     }
+}
+
+/// Reads node 1's event stream on a thread until `done` says so of what came or `secs` pass;
+/// joined, the thread gives the raw text.
+fn read_events(c: &TestCluster, secs: Duration, done: fn(&str) -> bool) -> std::thread::JoinHandle<String> {
+    let ns = c.lab.nodes[0].ns.name().to_string();
+    std::thread::spawn(move || {
+        weft::lab::netns::enter_and_run(&ns, move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 8286)).expect("connect");
+            s.write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+                .expect("request");
+            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            let mut text = String::new();
+            let deadline = std::time::Instant::now() + secs;
+            let mut buf = [0u8; 8192];
+            while std::time::Instant::now() < deadline && !done(&text) {
+                if let Ok(n) = s.read(&mut buf) {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+            text
+        })
+        .expect("enter namespace")
+    })
+}
+
+/// The `data` of every `stats` event in an event stream's text, in order.
+fn stats_events(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n\n")
+        .filter(|e| e.lines().any(|l| l == "event: stats"))
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).expect("stats event JSON"))
+        .collect()
+}
+
+#[test]
+fn stats_events_carry_every_peer_first_then_only_those_that_moved() {
+    let mut c = TestCluster::new("ssep", StoreKind::Embedded, 2);
+    c.up(1);
+    let ip2 = c.lab.nodes[1].underlay_ip.to_string();
+    let reader = read_events(&c, Duration::from_secs(7), |_| false);
+    // Two idle seconds, then traffic with node 2.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (p1, _) = c.pod(1, 1);
+    let (_, p2ip) = c.pod(2, 1);
+    assert!(eventually(Duration::from_secs(3), || ping(&p1, p2ip)), "pod 1 -> pod 2");
+    let events = stats_events(&reader.join().expect("reader"));
+    assert!(events.len() >= 4, "{events:?}");
+    let peers = |e: &serde_json::Value| -> Vec<String> {
+        e["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["public_ip"].as_str().map(String::from))
+            .collect()
+    };
+    let first = &events[0];
+    assert_eq!(first["all_peers"], true, "{first}");
+    assert_eq!(first["route_count"], 1, "{first}");
+    assert!(first.get("routes").is_none(), "routes are counted, not listed: {first}");
+    let tx_of = |e: &serde_json::Value| {
+        e["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["public_ip"] == ip2.as_str())
+            .and_then(|p| p["tx_packets"].as_u64())
+    };
+    let sent_first = tx_of(first).unwrap_or(0);
+    // An idle second carries no peer at all; the traffic shows up with node 2 alone.
+    assert!(
+        events[1..]
+            .iter()
+            .any(|e| e["all_peers"] == false && peers(e).is_empty()),
+        "no idle event without peers: {events:?}"
+    );
+    assert!(
+        events[1..]
+            .iter()
+            .any(|e| peers(e) == [ip2.clone()] && tx_of(e).is_some_and(|n| n > sent_first)),
+        "no event carrying the traffic with {ip2}: {events:?}"
+    );
 }
 
 /// Runs `weft <args>` in node `n`'s namespace: Ok(stdout) or Err(stderr).

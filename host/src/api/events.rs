@@ -11,7 +11,7 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::cluster::stats_view;
+use super::cluster::stats_event;
 use super::views::LeaseView;
 use super::ApiState;
 
@@ -69,7 +69,7 @@ fn sse(kind: &str, body: &impl Serialize) -> Event {
 /// The event stream.
 #[utoipa::path(get, path = "/events", tag = "cluster",
     responses((status = 200, content_type = "text/event-stream",
-        description = "events `lease` (lease_upserted / lease_removed), `modules` (chain generation), `stats` (counters)")))]
+        description = "events `lease` (lease_upserted / lease_removed), `modules` (chain generation), `stats` (every second: the counters of /stats with `route_count` for `routes`, and in `peers` only the peers whose counters moved since the stream's previous `stats` event; all of them in its first, which says `all_peers`)")))]
 pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     struct St {
         s: Arc<ApiState>,
@@ -77,6 +77,9 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
         tick: tokio::time::Interval,
         generation: u64,
         first: bool,
+        /// What the stream's last `stats` event said of each peer (empty before the first).
+        sent: std::collections::HashMap<String, [u64; 4]>,
+        stats_sent: bool,
     }
     let rx = s.events.subscribe();
     let st = St {
@@ -85,6 +88,8 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
         tick: tokio::time::interval(Duration::from_millis(1000)),
         generation: 0,
         first: true,
+        sent: std::collections::HashMap::new(),
+        stats_sent: false,
     };
     let stream = futures::stream::unfold(st, |mut st| async move {
         if st.first {
@@ -106,7 +111,8 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
                     st.generation = g;
                     sse("modules", &serde_json::json!({"generation": g}))
                 } else {
-                    sse("stats", &stats_view(&st.s))
+                    let all = !std::mem::replace(&mut st.stats_sent, true);
+                    sse("stats", &stats_event(&st.s, all, &mut st.sent))
                 }
             }
         };
