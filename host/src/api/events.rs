@@ -1,5 +1,6 @@
 //! `/events`: a Server-Sent Events stream for the dashboard. Lease changes arrive as they are
-//! watched, module-chain changes within a second, and the data path counters every two seconds.
+//! watched, module-chain changes within a second, and the data path counters every second, each
+//! stream sent only the peers whose counters moved since its previous `stats` event.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -79,6 +80,7 @@ pub async fn events(State(s): State<Arc<ApiState>>) -> Sse<impl Stream<Item = Re
         first: bool,
         /// What the stream's last `stats` event said of each peer (empty before the first).
         sent: std::collections::HashMap<String, [u64; 4]>,
+        /// Whether the stream has had its first `stats` event, the one with every peer.
         stats_sent: bool,
     }
     let rx = s.events.subscribe();
